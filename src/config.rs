@@ -1,0 +1,315 @@
+//! The validated configuration: every raw flag from `cli.rs` turned, once, into
+//! the value the rest of qsem works with. Nothing after this file sees `"+2"` or
+//! `"1s"`; everything here is checked, and a bad value is a [`UsageError`] that
+//! names it.
+
+use crate::cli::Cli;
+use crate::id::Id;
+use crate::{duration, jobs};
+use anyhow::{Context, Result};
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Bad usage: main prints it with the usage hint and exits 2.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn usage(msg: impl fmt::Display) -> anyhow::Error {
+    UsageError(msg.to_string()).into()
+}
+
+/// How long to wait for a slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Until a slot frees, however long that takes.
+    Forever,
+    /// At most this long; zero means one attempt.
+    For(Duration),
+}
+
+/// What to do when the wait for a slot expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnTimeout {
+    /// Exit with this status, silently.
+    Exit(u8),
+    /// Run the command anyway, without a slot (GNU sem's positive `--st`).
+    RunAnyway,
+}
+
+/// The program to run and how to show it in report lines.
+#[derive(Debug, Clone)]
+pub struct Command {
+    /// What to execute: a name looked up in PATH, or a path.
+    pub program: OsString,
+    /// Its arguments, not including argv[0].
+    pub args: Vec<OsString>,
+}
+
+impl Command {
+    /// The command as one line, shell-quoted where needed, for humans.
+    pub fn display(&self) -> String {
+        std::iter::once(&self.program)
+            .chain(&self.args)
+            .map(|w| shell_quote(w))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// Quotes a word the way a POSIX shell would read it back.
+pub fn shell_quote(word: &OsStr) -> String {
+    let s = word.to_string_lossy();
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"@%+=:,./_-".contains(&b));
+    if plain {
+        s.into_owned()
+    } else {
+        let escaped: String = s
+            .chars()
+            .map(|c| match c {
+                '\'' => "'\\''".to_string(),
+                c if c.is_control() => c.escape_default().to_string(),
+                c => c.to_string(),
+            })
+            .collect();
+        format!("'{escaped}'")
+    }
+}
+
+/// Everything a run of qsem needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The semaphore's name.
+    pub id: Id,
+    /// Slots of the id this invocation may count on (its admission limit).
+    pub jobs: u32,
+    /// How long to wait for a slot.
+    pub wait: Wait,
+    /// What happens when the wait expires.
+    pub on_timeout: OnTimeout,
+    /// The lock directory.
+    pub dir: PathBuf,
+    /// No report line for a failed command.
+    pub quiet: bool,
+    /// Progress lines on stderr.
+    pub verbose: bool,
+    /// The slot stays with qsem; the command does not inherit it.
+    pub close: bool,
+    /// What to do.
+    pub mode: Mode,
+}
+
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Run a command under a slot.
+    Run(Command),
+    /// Print holders and waiters, of one id or of all.
+    Status { only: Option<Id>, json: bool },
+}
+
+impl Config {
+    pub fn from_cli(cli: Cli) -> Result<Config> {
+        let id = Id::new(cli.id.as_deref().unwrap_or(OsStr::new("default"))).map_err(usage)?;
+        let jobs = match &cli.jobs {
+            Some(j) => jobs::parse(j, jobs::online_cpus()).map_err(usage)?,
+            None => 1,
+        };
+        let conflict = match &cli.conflict_exit_code {
+            Some(e) => parse_exit_code(e)?,
+            None => 0,
+        };
+        let (wait, on_timeout) = match (&cli.wait, &cli.semaphore_timeout) {
+            (Some(w), _) => (
+                Wait::For(duration::parse(w).map_err(usage)?),
+                OnTimeout::Exit(conflict),
+            ),
+            (None, Some(st)) => parse_semaphore_timeout(st, conflict)?,
+            (None, None) => (Wait::Forever, OnTimeout::Exit(conflict)),
+        };
+        let mode = if cli.status {
+            Mode::Status {
+                only: cli.id.is_some().then(|| id.clone()),
+                json: cli.json,
+            }
+        } else if let Some(script) = cli.shell_command {
+            Mode::Run(Command {
+                program: "/bin/sh".into(),
+                args: vec!["-c".into(), script],
+            })
+        } else {
+            let mut words = cli.command.into_iter();
+            let program = words
+                .next()
+                .ok_or_else(|| usage("no command given (use -- COMMAND [ARG...] or -c STRING)"))?;
+            if program.is_empty() {
+                return Err(usage("the command is an empty string"));
+            }
+            Mode::Run(Command {
+                program,
+                args: words.collect(),
+            })
+        };
+        let dir = match cli.dir {
+            Some(d) if d.as_os_str().is_empty() => return Err(usage("--dir / QSEM_DIR is empty")),
+            Some(d) => d,
+            None => default_dir()?,
+        };
+        Ok(Config {
+            id,
+            jobs,
+            wait,
+            on_timeout,
+            dir,
+            quiet: cli.quiet,
+            verbose: cli.verbose,
+            close: cli.close,
+            mode,
+        })
+    }
+}
+
+fn parse_exit_code(s: &str) -> Result<u8> {
+    s.trim().parse::<u8>().map_err(|_| {
+        usage(format!(
+            "invalid conflict exit code '{s}': expected 0 to 255"
+        ))
+    })
+}
+
+/// GNU sem's `--st SECS`: negative gives up after SECS, positive runs anyway.
+fn parse_semaphore_timeout(s: &str, conflict: u8) -> Result<(Wait, OnTimeout)> {
+    let t = s.trim();
+    let (give_up, magnitude) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t.strip_prefix('+').unwrap_or(t)),
+    };
+    let d = duration::parse(magnitude)
+        .map_err(|e| usage(format!("invalid --semaphore-timeout '{s}': {e}")))?;
+    Ok(if give_up {
+        (Wait::For(d), OnTimeout::Exit(conflict))
+    } else {
+        (Wait::For(d), OnTimeout::RunAnyway)
+    })
+}
+
+/// `$XDG_STATE_HOME/qsem`, else `$HOME/.local/state/qsem`: the same for a user's
+/// cron jobs and shells.
+fn default_dir() -> Result<PathBuf> {
+    if let Some(state) = std::env::var_os("XDG_STATE_HOME").map(PathBuf::from)
+        && state.is_absolute()
+    {
+        return Ok(state.join("qsem"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .or_else(home_from_passwd)
+        .context("cannot find a lock directory: set QSEM_DIR, or HOME")?;
+    Ok(home.join(".local/state/qsem"))
+}
+
+fn home_from_passwd() -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: passwd is plain data; getpwuid_r writes only within `buf`, and
+    // `pw_dir` points into it while `buf` lives.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut out = std::ptr::null_mut();
+        let rc = libc::getpwuid_r(
+            libc::geteuid(),
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut out,
+        );
+        if rc != 0 || out.is_null() || pwd.pw_dir.is_null() {
+            return None;
+        }
+        let dir = std::ffi::CStr::from_ptr(pwd.pw_dir).to_bytes().to_vec();
+        (!dir.is_empty()).then(|| PathBuf::from(OsString::from_vec(dir)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn config(args: &[&str]) -> Result<Config> {
+        let mut argv = vec!["qsem", "--dir", "/tmp/qsem-test"];
+        argv.extend_from_slice(args);
+        Config::from_cli(Cli::try_parse_from(argv).unwrap())
+    }
+
+    fn usage_message(args: &[&str]) -> String {
+        let err = config(args).expect_err("should be rejected");
+        assert!(err.downcast_ref::<UsageError>().is_some(), "{err:#}");
+        err.to_string()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = config(&["true"]).unwrap();
+        assert_eq!(c.jobs, 1);
+        assert_eq!(c.wait, Wait::Forever);
+        assert_eq!(c.on_timeout, OnTimeout::Exit(0));
+        assert_eq!(c.id.as_bytes(), b"default");
+    }
+
+    #[test]
+    fn bad_values_name_themselves() {
+        for (args, needle) in [
+            (&["-j", "0", "true"][..], "'0'"),
+            (&["-j", "2000000", "true"], "'2000000'"),
+            (&["-j", "abc", "true"], "'abc'"),
+            (&["--wait", "1x", "true"], "'1x'"),
+            (&["--wait", "-3", "true"], "'-3'"),
+            (&["--wait", "99999999999999999999999h", "true"], "too large"),
+            (&["--id", "", "true"], "empty"),
+            (&["-E", "300", "true"], "'300'"),
+            (&["-E", "-1", "true"], "'-1'"),
+            (&["--st", "x", "true"], "'x'"),
+            (&[][..], "no command"),
+        ] {
+            let msg = usage_message(args);
+            assert!(msg.contains(needle), "{args:?}: {msg}");
+        }
+    }
+
+    #[test]
+    fn semaphore_timeout_both_ways() {
+        let c = config(&["--st", "-5", "true"]).unwrap();
+        assert_eq!(c.wait, Wait::For(Duration::from_secs(5)));
+        assert_eq!(c.on_timeout, OnTimeout::Exit(0));
+        let c = config(&["--st", "5", "true"]).unwrap();
+        assert_eq!(c.on_timeout, OnTimeout::RunAnyway);
+    }
+
+    #[test]
+    fn shell_command() {
+        let c = config(&["-c", "echo hi | wc"]).unwrap();
+        let Mode::Run(cmd) = c.mode else { panic!() };
+        assert_eq!(cmd.program, "/bin/sh");
+        assert_eq!(cmd.display(), "/bin/sh -c 'echo hi | wc'");
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote(OsStr::new("plain-1.txt")), "plain-1.txt");
+        assert_eq!(shell_quote(OsStr::new("it's")), "'it'\\''s'");
+        assert_eq!(shell_quote(OsStr::new("")), "''");
+        assert_eq!(shell_quote(OsStr::new("a\nb")), "'a\\nb'");
+    }
+}

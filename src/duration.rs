@@ -1,0 +1,153 @@
+//! Durations as people type them: `250ms`, `1s`, `1.5s`, `2m`, `1h`, or a bare
+//! number of seconds (`0`, `0.5`, `30`).
+//!
+//! The parser is exact decimal arithmetic on integers, never floating point, so
+//! `0.1s` is 100 ms to the nanosecond and `nan`, `inf` or `1e400` are simply not
+//! numbers here. Anything that would not fit a `Duration` is an error rather
+//! than a silently clamped value.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Why a duration was rejected; the message names the input and the format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurationError {
+    input: String,
+    reason: &'static str,
+}
+
+impl fmt::Display for DurationError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid duration '{}': {} (expected e.g. 250ms, 1s, 1.5s, 2m, 1h, or seconds)",
+            self.input, self.reason
+        )
+    }
+}
+
+impl std::error::Error for DurationError {}
+
+/// Parses a non-negative duration.
+pub fn parse(input: &str) -> Result<Duration, DurationError> {
+    let fail = |reason| DurationError {
+        input: input.to_string(),
+        reason,
+    };
+    let s = input.trim();
+    if s.is_empty() {
+        return Err(fail("it is empty"));
+    }
+    if s.starts_with('-') {
+        return Err(fail("it is negative"));
+    }
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    // Nanoseconds in one unit.
+    let scale: u128 = match unit {
+        "" | "s" | "sec" => 1_000_000_000,
+        "ms" => 1_000_000,
+        "m" | "min" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        _ => return Err(fail("unknown unit")),
+    };
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    if whole.is_empty() && fraction.is_empty() {
+        return Err(fail("no number"));
+    }
+    if fraction.contains('.') {
+        return Err(fail("more than one decimal point"));
+    }
+    let digits = |s: &str| -> Result<u128, DurationError> {
+        s.bytes().try_fold(0u128, |acc, b| {
+            acc.checked_mul(10)
+                .and_then(|acc| acc.checked_add(u128::from(b - b'0')))
+                .ok_or_else(|| fail("it is too large"))
+        })
+    };
+    let mut nanos = digits(whole)?
+        .checked_mul(scale)
+        .ok_or_else(|| fail("it is too large"))?;
+    // Fractions finer than a nanosecond are dropped, not rounded.
+    let mut place = scale;
+    for b in fraction.bytes() {
+        place /= 10;
+        nanos += u128::from(b - b'0') * place;
+    }
+    let secs = u64::try_from(nanos / 1_000_000_000).map_err(|_| fail("it is too large"))?;
+    Ok(Duration::new(secs, (nanos % 1_000_000_000) as u32))
+}
+
+/// A short human rendering for report lines: `850ms`, `12.4s`, `3m05s`, `2h03m`.
+pub fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    match ms {
+        0..=999 => format!("{ms}ms"),
+        1_000..=59_999 => format!("{:.1}s", d.as_secs_f64()),
+        60_000..=3_599_999 => format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60),
+        _ => format!("{}h{:02}m", ms / 3_600_000, (ms / 60_000) % 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_the_documented_forms() {
+        let ok = [
+            ("0", Duration::ZERO),
+            ("250ms", Duration::from_millis(250)),
+            ("1s", Duration::from_secs(1)),
+            ("1.5s", Duration::from_millis(1500)),
+            ("0.1", Duration::from_millis(100)),
+            (".5", Duration::from_millis(500)),
+            ("2m", Duration::from_secs(120)),
+            ("1h", Duration::from_secs(3600)),
+            ("30", Duration::from_secs(30)),
+            ("1.25ms", Duration::from_micros(1250)),
+            (" 2s ", Duration::from_secs(2)),
+            ("0.0000000001", Duration::ZERO),
+        ];
+        for (input, want) in ok {
+            assert_eq!(parse(input), Ok(want), "{input}");
+        }
+    }
+
+    #[test]
+    fn rejects_everything_else() {
+        let bad = [
+            ("", "empty"),
+            ("1x", "unit"),
+            ("-3", "negative"),
+            ("-0", "negative"),
+            ("s", "no number"),
+            (".", "no number"),
+            ("1.2.3", "decimal point"),
+            ("nan", "unit"),
+            ("inf", "unit"),
+            ("1e400", "unit"),
+            ("99999999999999999999999999999999999999999", "too large"),
+            ("18446744073709551616", "too large"),
+            ("5124095576030432h", "too large"),
+            ("1 s", "unit"),
+            ("+1", "unit"),
+        ];
+        for (input, why) in bad {
+            let err = parse(input).expect_err(input);
+            let msg = err.to_string();
+            assert!(msg.contains(why), "{input}: {msg}");
+            assert!(msg.contains(&format!("'{input}'")), "{input}: {msg}");
+        }
+    }
+
+    #[test]
+    fn humane_rendering() {
+        assert_eq!(human(Duration::from_millis(850)), "850ms");
+        assert_eq!(human(Duration::from_millis(12_400)), "12.4s");
+        assert_eq!(human(Duration::from_secs(185)), "3m05s");
+        assert_eq!(human(Duration::from_secs(7380)), "2h03m");
+    }
+}

@@ -1,0 +1,117 @@
+//! The `-j` forms: `N`, `+K` / `-K` (online CPUs plus or minus K), `P%`
+//! (percent of online CPUs). GNU parallel's forms, with its floor of one slot.
+//!
+//! The CPU count is a parameter so that the parser stays a pure function.
+
+use std::fmt;
+
+/// The largest number of slots an id can have.
+pub const MAX_JOBS: u32 = 1_000_000;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobsError {
+    input: String,
+    reason: String,
+}
+
+impl fmt::Display for JobsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid number of jobs '{}': {} (expected N from 1 to {MAX_JOBS}, +K, -K or P%)",
+            self.input, self.reason
+        )
+    }
+}
+
+impl std::error::Error for JobsError {}
+
+/// Parses a `-j` value into a slot count, given the number of online CPUs.
+pub fn parse(input: &str, cpus: u32) -> Result<u32, JobsError> {
+    let fail = |reason: &str| JobsError {
+        input: input.to_string(),
+        reason: reason.to_string(),
+    };
+    let number = |s: &str| -> Result<u64, JobsError> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(fail("not a whole number"));
+        }
+        // More digits than any valid count are an overflow, not a parse error.
+        s.parse::<u64>().map_err(|_| fail("too large"))
+    };
+    let s = input.trim();
+    let cpus = u64::from(cpus.max(1));
+    let jobs = if let Some(k) = s.strip_prefix('+') {
+        cpus.saturating_add(number(k)?)
+    } else if let Some(k) = s.strip_prefix('-') {
+        cpus.saturating_sub(number(k)?).max(1)
+    } else if let Some(p) = s.strip_suffix('%') {
+        (cpus.saturating_mul(number(p)?) / 100).max(1)
+    } else {
+        let n = number(s)?;
+        if n == 0 {
+            return Err(fail("must be at least 1"));
+        }
+        n
+    };
+    if jobs > u64::from(MAX_JOBS) {
+        return Err(fail(&format!("{jobs} is more than {MAX_JOBS}")));
+    }
+    Ok(jobs as u32)
+}
+
+/// The number of online CPUs, at least 1.
+pub fn online_cpus() -> u32 {
+    // SAFETY: sysconf has no preconditions; it returns -1 on error.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    u32::try_from(n).unwrap_or(1).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms() {
+        let table = [
+            ("1", 4, 1),
+            ("2", 4, 2),
+            ("1000000", 4, 1_000_000),
+            ("+0", 4, 4),
+            ("+2", 4, 6),
+            ("-1", 4, 3),
+            ("-10", 4, 1),
+            ("50%", 4, 2),
+            ("10%", 4, 1),
+            ("0%", 4, 1),
+            ("150%", 4, 6),
+            ("+1", 0, 2),
+        ];
+        for (input, cpus, want) in table {
+            assert_eq!(parse(input, cpus), Ok(want), "{input} with {cpus} cpus");
+        }
+    }
+
+    #[test]
+    fn rejects() {
+        let table = [
+            ("0", "at least 1"),
+            ("2000000", "more than"),
+            ("abc", "whole number"),
+            ("", "whole number"),
+            ("1.5", "whole number"),
+            ("+", "whole number"),
+            ("%", "whole number"),
+            ("-", "whole number"),
+            ("99999999999999999999999", "too large"),
+            ("+999999999999999999", "more than"),
+            ("100000000%", "more than"),
+            ("inf", "whole number"),
+        ];
+        for (input, why) in table {
+            let msg = parse(input, 4).expect_err(input).to_string();
+            assert!(msg.contains(why), "{input}: {msg}");
+            assert!(msg.contains(&format!("'{input}'")), "{input}: {msg}");
+        }
+    }
+}

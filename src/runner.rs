@@ -1,0 +1,269 @@
+//! Runs the command under a slot: finds it, takes the slot, spawns it, passes
+//! signals on, waits, and turns its end into qsem's exit status and report
+//! line. It knows the semaphore only through the `Semaphore` trait.
+//!
+//! Two decisions shape it. The child inherits the slot's descriptor (unless
+//! `-o`), so that a `kill -9` of qsem cannot free a slot whose job still runs.
+//! And signals reach the child exactly once: in a terminal's foreground group
+//! the child shares qsem's process group (so that it can read the terminal), and
+//! a signal the kernel sent to the whole group (Ctrl-C) is not sent again;
+//! elsewhere (cron, scripts in the background) the child gets a process group of
+//! its own and every signal qsem receives is passed to that group.
+
+use crate::config::{Command, Config, OnTimeout, Wait};
+use crate::duration;
+use crate::exit::{Exit, Failure};
+use crate::report;
+use crate::semaphore::{Acquired, Request, Semaphore, Slot};
+use crate::signals::Signals;
+use crate::sys;
+use anyhow::{Context, Result};
+use std::ffi::{OsStr, OsString};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Instant;
+
+/// Runs `cmd` under the semaphore as `cfg` says, and returns qsem's status.
+pub fn run(cfg: &Config, cmd: &Command, sem: &mut dyn Semaphore) -> Result<Exit> {
+    // Fail fast: nobody wants to wait an hour for a slot to learn of a typo.
+    let program = resolve(&cmd.program).map_err(|(exit, why)| Failure {
+        exit,
+        message: format!("qsem[{}]: {}: {why}", cfg.id, cmd.program.to_string_lossy()),
+    })?;
+    let mut signals = Signals::install()?;
+    let display = cmd.display();
+    let deadline = match cfg.wait {
+        Wait::Forever => None,
+        // A wait too long for the clock is, in practice, for ever.
+        Wait::For(d) => Instant::now().checked_add(d),
+    };
+    let request = Request {
+        id: &cfg.id,
+        jobs: cfg.jobs,
+        deadline,
+        command: &display,
+    };
+    let mut slot = match sem.acquire(&request, &mut signals)? {
+        Acquired::Slot(slot) => {
+            if cfg.verbose {
+                report::line(
+                    &cfg.id,
+                    &format!("took slot {} (limit {})", slot.number(), cfg.jobs),
+                );
+            }
+            Some(slot)
+        }
+        Acquired::TimedOut => match cfg.on_timeout {
+            OnTimeout::Exit(code) => return Ok(Exit::code(code)),
+            OnTimeout::RunAnyway => None,
+        },
+        Acquired::Interrupted(signo) => return Ok(Exit::signal(signo)),
+    };
+    // A stop signal that came while the slot was being taken: start nothing.
+    if let Some(signo) = signals.take_stop() {
+        return Ok(Exit::signal(signo));
+    }
+    let own_group = !sys::in_terminal_foreground();
+    let started = Instant::now();
+    let mut child = spawn(cfg, cmd, &program, slot.as_deref(), own_group).map_err(|e| {
+        let exit = match e.kind() {
+            io::ErrorKind::NotFound => Exit::NOT_FOUND,
+            _ => Exit::NOT_EXECUTABLE,
+        };
+        Failure {
+            exit,
+            message: format!("qsem[{}]: {}: {e}", cfg.id, cmd.program.to_string_lossy()),
+        }
+    })?;
+    if let Some(slot) = slot.as_mut() {
+        slot.set_child(child.id());
+    }
+    let status = supervise(&mut child, &mut signals, own_group)?;
+    drop(slot);
+    let exit = Exit::of_child(status);
+    if !exit.is_success() && !cfg.quiet {
+        report::line(&cfg.id, &describe(&display, status, started.elapsed()));
+    }
+    Ok(exit)
+}
+
+/// Finds the program as execvp(3) would: a name with a slash as is, else the
+/// first executable file of that name in PATH. Errors are (status, reason).
+pub fn resolve(program: &OsStr) -> Result<PathBuf, (Exit, &'static str)> {
+    let is_executable_file = |p: &Path| -> Option<bool> {
+        let meta = std::fs::metadata(p).ok()?;
+        if meta.is_dir() {
+            return Some(false);
+        }
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+        // SAFETY: `c` is a valid C string.
+        Some(unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0)
+    };
+    if program.as_bytes().contains(&b'/') {
+        let path = PathBuf::from(program);
+        return match is_executable_file(&path) {
+            Some(true) => Ok(path),
+            Some(false) => Err((Exit::NOT_EXECUTABLE, "permission denied, or a directory")),
+            None => Err((Exit::NOT_FOUND, "no such file")),
+        };
+    }
+    let search =
+        std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
+    let mut denied = false;
+    for dir in std::env::split_paths(&search) {
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        let candidate = dir.join(program);
+        match is_executable_file(&candidate) {
+            Some(true) => return Ok(candidate),
+            Some(false) => denied = true,
+            None => {}
+        }
+    }
+    if denied {
+        Err((Exit::NOT_EXECUTABLE, "permission denied"))
+    } else {
+        Err((Exit::NOT_FOUND, "command not found"))
+    }
+}
+
+fn spawn(
+    cfg: &Config,
+    cmd: &Command,
+    program: &Path,
+    slot: Option<&dyn Slot>,
+    own_group: bool,
+) -> io::Result<std::process::Child> {
+    let mut child = std::process::Command::new(program);
+    child
+        .arg0(&cmd.program)
+        .args(&cmd.args)
+        .env("QSEM_ID", OsStr::from_bytes(cfg.id.as_bytes()))
+        .env("QSEM_SLOT", slot.map_or(0, |s| s.number()).to_string())
+        .env("QSEM_JOBS", cfg.jobs.to_string());
+    if own_group {
+        child.process_group(0);
+    }
+    // The slot's descriptor is close-on-exec like every other; the child gets
+    // it on purpose, for the time of the spawn only (qsem is single-threaded here).
+    let inherit = slot.filter(|_| !cfg.close).and_then(|s| s.inheritable());
+    if let Some(fd) = inherit {
+        sys::set_cloexec(fd, false)?;
+    }
+    let spawned = child.spawn();
+    if let Some(fd) = inherit {
+        sys::set_cloexec(fd, true)?;
+    }
+    spawned
+}
+
+/// Waits for the child, passing signals on. The child is reaped only here, so
+/// its pid cannot be reused while signals are still being sent to it.
+fn supervise(
+    child: &mut std::process::Child,
+    signals: &mut Signals,
+    own_group: bool,
+) -> Result<ExitStatus> {
+    let pid = child.id() as libc::pid_t;
+    loop {
+        for r in signals.pending() {
+            if r.signo == libc::SIGCHLD || (!own_group && r.from_kernel) {
+                continue;
+            }
+            if own_group {
+                // SAFETY: no memory is passed; a failure means the group is gone.
+                if unsafe { libc::kill(-pid, r.signo) } != 0 {
+                    sys::kill(pid, r.signo);
+                }
+            } else {
+                sys::kill(pid, r.signo);
+            }
+        }
+        if let Some(status) = child.try_wait().context("cannot wait for the command")? {
+            return Ok(status);
+        }
+        sys::poll_readable(&[signals.fd()], None).context("cannot wait (poll)")?;
+    }
+}
+
+/// The report line for a failed command.
+pub fn describe(command: &str, status: ExitStatus, ran: std::time::Duration) -> String {
+    let after = duration::human(ran);
+    let command = truncate(command, 200);
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("{command} exited with status {code} after {after}"),
+        (None, Some(signo)) => {
+            let name = sys::signal_name(signo);
+            let core = if status.core_dumped() {
+                " (core dumped)"
+            } else {
+                ""
+            };
+            let hint = if signo == libc::SIGKILL {
+                " (SIGKILL often means the out-of-memory killer; see dmesg)"
+            } else {
+                ""
+            };
+            format!("{command} was killed by {name}{core} after {after}{hint}")
+        }
+        (None, None) => format!(
+            "{command} ended with wait status {} after {after}",
+            status.into_raw()
+        ),
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        return s.to_string();
+    }
+    let mut t: String = s.chars().take(max).collect();
+    t.push('…');
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn report_lines() {
+        let s = |raw| ExitStatus::from_raw(raw);
+        assert_eq!(
+            describe("ImportProcess", s(3 << 8), Duration::from_millis(12_400)),
+            "ImportProcess exited with status 3 after 12.4s"
+        );
+        let killed = describe("ImportProcess", s(libc::SIGKILL), Duration::from_secs(2));
+        assert!(
+            killed.starts_with("ImportProcess was killed by SIGKILL after 2.0s"),
+            "{killed}"
+        );
+        assert!(killed.contains("out-of-memory"), "{killed}");
+        let segv = describe("x", s(libc::SIGSEGV | 0x80), Duration::from_secs(1));
+        assert_eq!(segv, "x was killed by SIGSEGV (core dumped) after 1.0s");
+    }
+
+    #[test]
+    fn resolution() {
+        assert!(resolve(OsStr::new("sh")).is_ok());
+        assert_eq!(
+            resolve(OsStr::new("no-such-command-qsem")).unwrap_err().0,
+            Exit::NOT_FOUND
+        );
+        assert_eq!(
+            resolve(OsStr::new("/no/such/file")).unwrap_err().0,
+            Exit::NOT_FOUND
+        );
+        assert_eq!(
+            resolve(OsStr::new("/")).unwrap_err().0,
+            Exit::NOT_EXECUTABLE
+        );
+    }
+}

@@ -1,0 +1,962 @@
+//! The lock-file engine: one `flock(2)`ed file per slot, so that the kernel
+//! frees a slot the instant its last holder dies, and nothing is ever stale.
+//!
+//! Layout, under the lock directory:
+//!
+//! ```text
+//! <id>/1 .. <id>/K          slot files: an exclusive flock means "held";
+//!                           the content is the holder's record, for --status
+//! <id>/queue/lock           the per-id mutex
+//! <id>/queue/<t>.<pid>.<N>  one ticket per waiter, exclusively flocked by it;
+//!                           t is CLOCK_MONOTONIC at arrival, N its -j
+//! ```
+//!
+//! **Safety** comes from the mutex alone: under it, a taker counts the held
+//! slots (a shared non-blocking probe of each slot file, which never disturbs
+//! another prober) and takes the lowest free one only while fewer than its N
+//! are held. So the admission rule holds at every instant, whatever the mix of
+//! `-j` values, crashes and signals. The mutex is held for microseconds, never
+//! while sleeping.
+//!
+//! **Waiting** is built so that nobody polls and nobody is woken for nothing.
+//! Waiters with the same N form a FIFO chain, ordered by ticket: each one
+//! sleeps in a blocking `flock` on its predecessor's ticket (in a small helper
+//! thread, so that the main thread can still `poll` its signal pipe and its
+//! deadline). Only the head of a chain watches the slots, with inotify: a slot
+//! is released exactly when the last descriptor of its holder's writable open
+//! file is closed — by exit, crash or `kill -9` — which the kernel reports as
+//! `IN_CLOSE_WRITE`. Probes open slot files read-only, so they never wake
+//! anyone. inotify instances are limited per user (often to 128), which is why
+//! only chain heads use one; should none be available, a head falls back to
+//! re-checking every [`FALLBACK_POLL`].
+//!
+//! **Fairness**: a request is admitted only if no older live waiter would also
+//! be admitted now (N > held). Within a chain that is plain FIFO; across chains
+//! the oldest admissible waiter is always a chain head, and a younger head that
+//! defers to it also watches its ticket, so that it re-checks the moment that
+//! waiter takes its slot or leaves. A newcomer that finds an older admissible
+//! waiter queues behind it instead of overtaking it.
+//!
+//! **Paths**: every file is opened relative to its directory's descriptor with
+//! `O_NOFOLLOW` and `O_CLOEXEC`; symlinks, non-regular files and files of other
+//! users are refused, except that a setgid, group-writable lock directory is a
+//! semaphore shared by its group. Slot files are never deleted: they are as
+//! many as the most slots ever held at once, not N.
+
+use super::{Acquired, Holder, IdStatus, Request, Semaphore, Slot};
+use crate::id::Id;
+use crate::report;
+use crate::signals::Signals;
+use crate::sys::{self, Inotify, Probe};
+use anyhow::{Context, Result, anyhow, bail};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How often a chain head re-checks when no inotify instance can be had.
+pub const FALLBACK_POLL: Duration = Duration::from_millis(20);
+
+const QUEUE: &str = "queue";
+const MUTEX: &str = "lock";
+
+/// The lock directory, checked and open.
+pub struct LockDir {
+    path: PathBuf,
+    fd: OwnedFd,
+    /// The group of a setgid, group-writable directory: a semaphore shared by it.
+    shared_gid: Option<libc::gid_t>,
+    euid: libc::uid_t,
+}
+
+impl LockDir {
+    /// Opens the lock directory, creating it (mode 0700) if `create` and it is
+    /// missing, and refuses one that others could tamper with.
+    pub fn open(path: &Path, create: bool) -> Result<LockDir> {
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY;
+        let fd = match sys::open_path(path, flags, 0) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("cannot create {}", parent.display()))?;
+                }
+                match std::fs::create_dir(path) {
+                    Ok(()) => {
+                        use std::os::unix::fs::PermissionsExt;
+                        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+                            .with_context(|| {
+                                format!("cannot set the mode of lock directory {}", path.display())
+                            })?;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("cannot create lock directory {}", path.display())
+                        });
+                    }
+                }
+                sys::open_path(path, flags, 0)
+            }
+            other => other,
+        }
+        .with_context(|| format!("cannot open lock directory {}", path.display()))?;
+        let st = sys::fstat(fd.as_fd())
+            .with_context(|| format!("cannot stat lock directory {}", path.display()))?;
+        let euid = sys::euid();
+        if st.st_uid != euid && st.st_uid != 0 {
+            bail!(
+                "lock directory {} belongs to uid {}, neither to you (uid {euid}) nor to root",
+                path.display(),
+                st.st_uid
+            );
+        }
+        if st.st_mode & 0o002 != 0 && st.st_mode & libc::S_ISVTX == 0 {
+            bail!(
+                "lock directory {} is writable by everyone and lacks the sticky bit (chmod +t or o-w it)",
+                path.display()
+            );
+        }
+        let shared = st.st_mode & libc::S_ISGID != 0 && st.st_mode & 0o020 != 0;
+        if shared && st.st_uid != euid && !sys::in_group(st.st_gid) {
+            bail!(
+                "lock directory {} is shared by group {}, and you (uid {euid}) are not in it",
+                path.display(),
+                st.st_gid
+            );
+        }
+        Ok(LockDir {
+            path: path.to_path_buf(),
+            fd,
+            shared_gid: shared.then_some(st.st_gid),
+            euid,
+        })
+    }
+
+    fn file_mode(&self) -> libc::mode_t {
+        if self.shared_gid.is_some() {
+            0o660
+        } else {
+            0o600
+        }
+    }
+
+    fn dir_mode(&self) -> libc::mode_t {
+        if self.shared_gid.is_some() {
+            0o2770
+        } else {
+            0o700
+        }
+    }
+
+    /// Refuses a file or directory of another user, unless the directory is
+    /// shared by a group and the file belongs to that group.
+    fn check_owner(&self, st: &libc::stat, path: &Path) -> Result<()> {
+        if st.st_uid == self.euid || self.shared_gid == Some(st.st_gid) {
+            return Ok(());
+        }
+        bail!(
+            "{} belongs to another user (uid {}); refusing to use it",
+            path.display(),
+            st.st_uid
+        )
+    }
+
+    /// Opens (or creates) a directory inside `parent`, refusing symlinks,
+    /// non-directories and directories of others.
+    fn open_subdir(
+        &self,
+        parent: BorrowedFd,
+        parent_path: &Path,
+        name: &OsStr,
+        create: bool,
+    ) -> Result<Option<OwnedFd>> {
+        let path = parent_path.join(name);
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+        let mut created = false;
+        loop {
+            match sys::open_at(parent, name, flags, 0) {
+                Ok(fd) => {
+                    let st = sys::fstat(fd.as_fd())
+                        .with_context(|| format!("cannot stat {}", path.display()))?;
+                    self.check_owner(&st, &path)?;
+                    if created && st.st_mode & 0o7777 != self.dir_mode() {
+                        sys::fchmod(fd.as_fd(), self.dir_mode()).with_context(|| {
+                            format!("cannot set the mode of {}", path.display())
+                        })?;
+                    }
+                    return Ok(Some(fd));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                    match sys::mkdir_at(parent, name, self.dir_mode()) {
+                        Ok(()) => created = true,
+                        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                        Err(e) => {
+                            return Err(e)
+                                .with_context(|| format!("cannot create {}", path.display()));
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                    return Err(not_what_it_should_be(parent, name, &path, "a directory"));
+                }
+                Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+            }
+        }
+    }
+
+    /// The directory of `id`, with its queue; `None` if it does not exist and
+    /// `create` is false.
+    fn id_dir(&self, id: &Id, create: bool) -> Result<Option<IdDir>> {
+        let mut path = self.path.clone();
+        let mut fd: Option<OwnedFd> = None;
+        for part in id.components() {
+            let parent = fd.as_ref().map_or(self.fd.as_fd(), |f| f.as_fd());
+            let Some(next) = self.open_subdir(parent, &path, &part, create)? else {
+                return Ok(None);
+            };
+            path.push(&part);
+            fd = Some(next);
+        }
+        let fd = fd.expect("an id has at least one component");
+        let Some(queue) = self.open_subdir(fd.as_fd(), &path, OsStr::new(QUEUE), create)? else {
+            return Ok(None);
+        };
+        Ok(Some(IdDir {
+            queue_path: path.join(QUEUE),
+            path,
+            fd,
+            queue,
+        }))
+    }
+
+    /// Every id that has a directory here.
+    fn ids(&self) -> Result<Vec<Id>> {
+        let mut ids = Vec::new();
+        let mut stack = vec![(
+            self.fd
+                .try_clone()
+                .context("cannot duplicate a descriptor")?,
+            Vec::<OsString>::new(),
+        )];
+        while let Some((fd, prefix)) = stack.pop() {
+            let names = sys::list_dir(fd.as_fd())
+                .with_context(|| format!("cannot list lock directory {}", self.path.display()))?;
+            for name in names {
+                let mut parts = prefix.clone();
+                parts.push(name.clone());
+                if Id::is_long_prefix(&name) {
+                    if let Ok(sub) = sys::open_at(
+                        fd.as_fd(),
+                        &name,
+                        libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                        0,
+                    ) {
+                        stack.push((sub, parts));
+                    }
+                    continue;
+                }
+                let refs: Vec<&OsStr> = parts.iter().map(|p| p.as_os_str()).collect();
+                ids.extend(Id::from_components(&refs));
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+}
+
+/// Says precisely why `name` is unusable: a symlink, or not a `what`.
+fn not_what_it_should_be(
+    parent: BorrowedFd,
+    name: &OsStr,
+    path: &Path,
+    what: &str,
+) -> anyhow::Error {
+    match sys::lstat_at(parent, name) {
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFLNK => {
+            anyhow!(
+                "{} is a symbolic link; refusing to follow it",
+                path.display()
+            )
+        }
+        _ => anyhow!("{} is not {what}; refusing to use it", path.display()),
+    }
+}
+
+/// One id's directory, open.
+struct IdDir {
+    path: PathBuf,
+    fd: OwnedFd,
+    queue_path: PathBuf,
+    queue: OwnedFd,
+}
+
+/// What a scan of the slots found.
+struct Scan {
+    held: u32,
+    lowest_free: u32,
+}
+
+/// A waiter's place in the queue, released (unlinked, then unlocked) on drop.
+struct Ticket {
+    queue: OwnedFd,
+    name: OsString,
+    arrived: u128,
+    jobs: u32,
+    _fd: OwnedFd,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        // Unlink while still holding the lock, so that no prober ever finds the
+        // name unlocked; the successor wakes when `_fd` closes right after.
+        let _ = sys::unlink_at(self.queue.as_fd(), &self.name);
+    }
+}
+
+/// A ticket's name, parsed: `<arrived>.<pid>.<jobs>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TicketName {
+    arrived: u128,
+    jobs: u32,
+    name: OsString,
+}
+
+fn parse_ticket(name: &OsStr) -> Option<TicketName> {
+    let s = std::str::from_utf8(name.as_bytes()).ok()?;
+    let mut it = s.split('.');
+    let arrived = it.next()?.parse().ok()?;
+    let _pid: u32 = it.next()?.parse().ok()?;
+    let jobs = it.next()?.parse().ok()?;
+    it.next().is_none().then(|| TicketName {
+        arrived,
+        jobs,
+        name: name.to_os_string(),
+    })
+}
+
+/// A slot file's name is its number, written canonically.
+fn parse_slot(name: &OsStr) -> Option<u32> {
+    let s = std::str::from_utf8(name.as_bytes()).ok()?;
+    let n: u32 = s.parse().ok()?;
+    (n > 0 && n.to_string() == s).then_some(n)
+}
+
+impl IdDir {
+    /// The per-id mutex, exclusive for takers, shared for `--status`. Held for
+    /// microseconds at a time, so a blocking lock is right.
+    fn mutex(&self, lock_dir: &LockDir, shared: bool) -> Result<OwnedFd> {
+        let path = self.queue_path.join(MUTEX);
+        let flags = libc::O_RDONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        let fd = sys::open_at(
+            self.queue.as_fd(),
+            OsStr::new(MUTEX),
+            flags,
+            lock_dir.file_mode(),
+        )
+        .map_err(|e| self.open_error(e, self.queue.as_fd(), OsStr::new(MUTEX), &path))?;
+        check_regular(lock_dir, &fd, &path)?;
+        sys::lock_blocking(fd.as_fd(), shared)
+            .with_context(|| format!("cannot lock {}", path.display()))?;
+        Ok(fd)
+    }
+
+    fn open_error(
+        &self,
+        e: io::Error,
+        dir: BorrowedFd,
+        name: &OsStr,
+        path: &Path,
+    ) -> anyhow::Error {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            not_what_it_should_be(dir, name, path, "a regular file")
+        } else {
+            anyhow::Error::new(e).context(format!("cannot open {}", path.display()))
+        }
+    }
+
+    fn slot_numbers(&self) -> Result<Vec<u32>> {
+        let names = sys::list_dir(self.fd.as_fd())
+            .with_context(|| format!("cannot list {}", self.path.display()))?;
+        let mut slots: Vec<u32> = names.iter().filter_map(|n| parse_slot(n)).collect();
+        slots.sort_unstable();
+        Ok(slots)
+    }
+
+    /// Opens slot `k` read-only for probing: probes never generate the
+    /// `IN_CLOSE_WRITE` that wakes waiters. `None` if it does not exist.
+    fn open_slot_probe(&self, lock_dir: &LockDir, k: u32) -> Result<Option<OwnedFd>> {
+        let name = OsString::from(k.to_string());
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        match sys::open_at(self.fd.as_fd(), &name, flags, 0) {
+            Ok(fd) => {
+                check_regular(lock_dir, &fd, &self.path.join(&name))?;
+                Ok(Some(fd))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.open_error(e, self.fd.as_fd(), &name, &self.path.join(&name))),
+        }
+    }
+
+    /// Counts the held slots and finds the lowest free one. Call under the mutex.
+    fn scan(&self, lock_dir: &LockDir) -> Result<Scan> {
+        let slots = self.slot_numbers()?;
+        let mut held = 0;
+        let mut first_free_file = None;
+        for &k in &slots {
+            let Some(fd) = self.open_slot_probe(lock_dir, k)? else {
+                continue;
+            };
+            match sys::probe_shared(fd.as_fd())
+                .with_context(|| format!("cannot probe {}/{k}", self.path.display()))?
+            {
+                Probe::Busy => held += 1,
+                Probe::Taken => {
+                    first_free_file.get_or_insert(k);
+                }
+            }
+        }
+        // The smallest number without a file is free too.
+        let mut missing = 1;
+        for &k in &slots {
+            if k == missing {
+                missing += 1;
+            } else if k > missing {
+                break;
+            }
+        }
+        let lowest_free = first_free_file.map_or(missing, |f: u32| f.min(missing));
+        Ok(Scan { held, lowest_free })
+    }
+
+    /// Takes slot `k`, which the scan found free. Call under the mutex. `None`
+    /// if it was not free after all (a file replaced from outside): rescan.
+    fn take(&self, lock_dir: &LockDir, k: u32, req: &Request) -> Result<Option<SlotFile>> {
+        let name = OsString::from(k.to_string());
+        let path = self.path.join(&name);
+        let flags = libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        let fd = sys::open_at(self.fd.as_fd(), &name, flags, lock_dir.file_mode())
+            .map_err(|e| self.open_error(e, self.fd.as_fd(), &name, &path))?;
+        let st = check_regular(lock_dir, &fd, &path)?;
+        if st.st_uid == lock_dir.euid && st.st_mode & 0o777 != lock_dir.file_mode() {
+            sys::fchmod(fd.as_fd(), lock_dir.file_mode())
+                .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+        }
+        if sys::try_lock_exclusive(fd.as_fd())
+            .with_context(|| format!("cannot lock {}", path.display()))?
+            == Probe::Busy
+        {
+            return Ok(None);
+        }
+        // The path must still name the inode we locked.
+        match sys::lstat_at(self.fd.as_fd(), &name) {
+            Ok(now) if now.st_dev == st.st_dev && now.st_ino == st.st_ino => {}
+            _ => return Ok(None),
+        }
+        let mut slot = SlotFile {
+            file: File::from(fd),
+            number: k,
+            record: Record {
+                pid: std::process::id(),
+                host: sys::hostname(),
+                started: SystemTime::now(),
+                jobs: req.jobs,
+                command: req.command.to_string(),
+            },
+        };
+        slot.write_record()
+            .with_context(|| format!("cannot write to {}", path.display()))?;
+        Ok(Some(slot))
+    }
+
+    /// Joins the queue. Call under the mutex, so that arrival order is ticket order.
+    fn enqueue(&self, lock_dir: &LockDir, jobs: u32) -> Result<Ticket> {
+        let arrived = sys::monotonic_nanos();
+        let name = OsString::from(format!("{arrived}.{}.{jobs}", std::process::id()));
+        let path = self.queue_path.join(&name);
+        let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+        let fd = sys::open_at(self.queue.as_fd(), &name, flags, lock_dir.file_mode())
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let queue = self
+            .queue
+            .try_clone()
+            .context("cannot duplicate a descriptor")?;
+        let ticket = Ticket {
+            queue,
+            name,
+            arrived,
+            jobs,
+            _fd: fd,
+        };
+        if sys::try_lock_exclusive(ticket._fd.as_fd())
+            .with_context(|| format!("cannot lock {}", path.display()))?
+            == Probe::Busy
+        {
+            bail!("{} is locked by someone else", path.display());
+        }
+        Ok(ticket)
+    }
+
+    /// The queue, oldest first, as names (liveness is checked on demand).
+    fn tickets(&self) -> Result<Vec<TicketName>> {
+        let names = sys::list_dir(self.queue.as_fd())
+            .with_context(|| format!("cannot list {}", self.queue_path.display()))?;
+        let mut tickets: Vec<TicketName> = names.iter().filter_map(|n| parse_ticket(n)).collect();
+        tickets.sort_by_key(|t| t.arrived);
+        Ok(tickets)
+    }
+
+    /// Opens a ticket if its owner is alive. A dead owner's ticket is removed:
+    /// names are never reused, so this cannot remove a live one.
+    fn open_live_ticket(&self, t: &TicketName) -> Option<OwnedFd> {
+        let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        let fd = sys::open_at(self.queue.as_fd(), &t.name, flags, 0).ok()?;
+        match sys::probe_shared(fd.as_fd()) {
+            Ok(Probe::Busy) => Some(fd),
+            Ok(Probe::Taken) => {
+                let _ = sys::unlink_at(self.queue.as_fd(), &t.name);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The oldest live waiter that arrived before `me` (everyone, for a
+    /// newcomer) and would be admitted with `held` slots held.
+    fn oldest_admissible(&self, me: Option<&Ticket>, held: u32) -> Result<Option<TicketName>> {
+        for t in self.tickets()? {
+            if me.is_some_and(|me| t.arrived >= me.arrived) {
+                break;
+            }
+            if t.jobs > held && self.open_live_ticket(&t).is_some() {
+                return Ok(Some(t));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The nearest older live waiter with the same N: the one `me` follows.
+    fn predecessor(&self, me: &Ticket) -> Result<Option<OwnedFd>> {
+        let older = self
+            .tickets()?
+            .into_iter()
+            .filter(|t| t.jobs == me.jobs && t.arrived < me.arrived);
+        for t in older.rev() {
+            if let Some(fd) = self.open_live_ticket(&t) {
+                return Ok(Some(fd));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Live waiters, for `--status`. Call under the (shared) mutex.
+    fn count_waiters(&self) -> Result<u32> {
+        Ok(self
+            .tickets()?
+            .iter()
+            .filter(|t| self.open_live_ticket(t).is_some())
+            .count() as u32)
+    }
+}
+
+/// Refuses anything but a regular file of ours (or of our shared group).
+fn check_regular(lock_dir: &LockDir, fd: &OwnedFd, path: &Path) -> Result<libc::stat> {
+    let st = sys::fstat(fd.as_fd()).with_context(|| format!("cannot stat {}", path.display()))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        bail!(
+            "{} is not a regular file; refusing to use it",
+            path.display()
+        );
+    }
+    lock_dir.check_owner(&st, path)?;
+    Ok(st)
+}
+
+/// What the holder of a slot writes into it.
+#[derive(Debug, Clone)]
+struct Record {
+    pid: u32,
+    host: String,
+    started: SystemTime,
+    jobs: u32,
+    command: String,
+}
+
+impl Record {
+    fn render(&self) -> String {
+        let started = self.started.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let one_line = |s: &str| s.replace(['\n', '\r'], " ");
+        format!(
+            "qsem-slot 1\npid {}\nhost {}\nstarted {}.{:03}\njobs {}\ncommand {}\n",
+            self.pid,
+            one_line(&self.host),
+            started.as_secs(),
+            started.subsec_millis(),
+            self.jobs,
+            one_line(&self.command)
+        )
+    }
+
+    fn parse(text: &str) -> Record {
+        let mut r = Record {
+            pid: 0,
+            host: "?".into(),
+            started: UNIX_EPOCH,
+            jobs: 0,
+            command: "?".into(),
+        };
+        for line in text.lines() {
+            let (key, value) = line.split_once(' ').unwrap_or((line, ""));
+            match key {
+                "pid" => r.pid = value.parse().unwrap_or(0),
+                "host" => r.host = value.to_string(),
+                "started" => {
+                    if let Ok(secs) = value.parse::<f64>() {
+                        r.started = UNIX_EPOCH + Duration::from_secs_f64(secs.max(0.0));
+                    }
+                }
+                "jobs" => r.jobs = value.parse().unwrap_or(0),
+                "command" => r.command = value.to_string(),
+                _ => {}
+            }
+        }
+        r
+    }
+}
+
+/// A held slot: the exclusively locked, writable slot file.
+struct SlotFile {
+    file: File,
+    number: u32,
+    record: Record,
+}
+
+impl SlotFile {
+    fn write_record(&mut self) -> io::Result<()> {
+        let text = self.record.render();
+        self.file.write_all_at(text.as_bytes(), 0)?;
+        self.file.set_len(text.len() as u64)
+    }
+}
+
+impl Slot for SlotFile {
+    fn number(&self) -> u32 {
+        self.number
+    }
+
+    fn inheritable(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.file.as_fd())
+    }
+
+    fn set_child(&mut self, pid: u32) {
+        self.record.pid = pid;
+        // The record is informational: a failure to update it changes nothing.
+        let _ = self.write_record();
+    }
+}
+
+/// The lock-file engine.
+pub struct Files {
+    dir: LockDir,
+    verbose: bool,
+}
+
+impl Files {
+    pub fn new(dir: LockDir, verbose: bool) -> Files {
+        Files { dir, verbose }
+    }
+}
+
+/// What a chain head decided under the mutex.
+enum Decision {
+    Took(SlotFile),
+    Wait {
+        held: u32,
+        defer_to: Option<TicketName>,
+    },
+}
+
+impl Files {
+    /// One admission attempt under the mutex. A newcomer (`me` is `None`) that
+    /// is not admitted joins the queue in the same critical section.
+    fn attempt(
+        &self,
+        dir: &IdDir,
+        req: &Request,
+        me: Option<&Ticket>,
+    ) -> Result<(Decision, Option<Ticket>)> {
+        let _mutex = dir.mutex(&self.dir, false)?;
+        for _ in 0..100 {
+            let scan = dir.scan(&self.dir)?;
+            let defer_to = if scan.held < req.jobs {
+                dir.oldest_admissible(me, scan.held)?
+            } else {
+                None
+            };
+            if scan.held >= req.jobs || defer_to.is_some() {
+                let ticket = match me {
+                    None if req.deadline.is_none_or(|d| d > Instant::now()) => {
+                        Some(dir.enqueue(&self.dir, req.jobs)?)
+                    }
+                    _ => None,
+                };
+                return Ok((
+                    Decision::Wait {
+                        held: scan.held,
+                        defer_to,
+                    },
+                    ticket,
+                ));
+            }
+            if let Some(slot) = dir.take(&self.dir, scan.lowest_free, req)? {
+                return Ok((Decision::Took(slot), None));
+            }
+        }
+        bail!(
+            "slot files in {} keep changing under qsem; is something else writing there?",
+            dir.path.display()
+        )
+    }
+
+    fn say(&self, req: &Request, msg: &str) {
+        if self.verbose {
+            report::line(req.id, msg);
+        }
+    }
+}
+
+/// Why a wait ended.
+enum Woke {
+    /// Something changed: look again.
+    Changed,
+    TimedOut,
+    Signal(libc::c_int),
+}
+
+/// Sleeps until `fd` is readable, a signal arrives, or the deadline passes.
+fn sleep_on(fd: Option<i32>, signals: &mut Signals, deadline: Option<Instant>) -> Result<Woke> {
+    loop {
+        if let Some(signo) = signals.take_stop() {
+            return Ok(Woke::Signal(signo));
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(Woke::TimedOut);
+        }
+        let mut fds = vec![signals.fd()];
+        let fallback = fd.is_none().then(|| Instant::now() + FALLBACK_POLL);
+        fds.extend(fd);
+        let until = match (deadline, fallback) {
+            (Some(d), Some(f)) => Some(d.min(f)),
+            (d, f) => d.or(f),
+        };
+        let ready = sys::poll_readable(&fds, until).context("cannot wait (poll)")?;
+        if ready.contains(&1) || fallback.is_some_and(|f| Instant::now() >= f) {
+            return Ok(Woke::Changed);
+        }
+    }
+}
+
+/// Sleeps until the predecessor's ticket is released: a helper thread blocks in
+/// `flock` on it while this thread polls the signal pipe and the deadline.
+fn follow(pred: OwnedFd, signals: &mut Signals, deadline: Option<Instant>) -> Result<Woke> {
+    let (read, write) = sys::pipe().context("cannot create a pipe")?;
+    std::thread::Builder::new()
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let _ = sys::lock_blocking(pred.as_fd(), true);
+            drop(pred);
+            // The pipe only needs to become readable; a full or closed pipe is fine.
+            let _ = std::io::Write::write(&mut File::from(write), b"x");
+        })
+        .context("cannot start a thread")?;
+    sleep_on(Some(read.as_raw_fd()), signals, deadline)
+}
+
+impl Semaphore for Files {
+    fn acquire(&mut self, req: &Request, signals: &mut Signals) -> Result<Acquired> {
+        let dir = self.dir.id_dir(req.id, true)?.expect("created");
+        let (decision, ticket) = self.attempt(&dir, req, None)?;
+        let (held, mut defer_to) = match decision {
+            Decision::Took(slot) => return Ok(Acquired::Slot(Box::new(slot))),
+            Decision::Wait { held, defer_to } => (held, defer_to),
+        };
+        let Some(ticket) = ticket else {
+            self.say(req, "no free slot; giving up at once");
+            return Ok(Acquired::TimedOut);
+        };
+        self.say(
+            req,
+            &format!("waiting for a slot ({held} held, limit {})", req.jobs),
+        );
+        let since = Instant::now();
+        let mut watcher: Option<(Inotify, i32)> = None;
+        let mut deferred_wd = None;
+        loop {
+            let woke = if let Some(pred) = dir.predecessor(&ticket)? {
+                follow(pred, signals, req.deadline)?
+            } else {
+                // A chain head: watch the slots before looking at them, so that
+                // no release can fall between the look and the sleep.
+                if watcher.is_none() {
+                    watcher = Inotify::new()
+                        .and_then(|ino| {
+                            ino.watch(&dir.path, libc::IN_CLOSE_WRITE | libc::IN_DELETE_SELF)
+                                .map(|wd| (ino, wd))
+                        })
+                        .ok();
+                }
+                if let (Some(old), Some((ino, _))) = (deferred_wd.take(), &watcher) {
+                    ino.unwatch(old);
+                }
+                if let Some(blocker) = defer_to.take() {
+                    if let Some((ino, _)) = &watcher {
+                        let path = dir.queue_path.join(&blocker.name);
+                        deferred_wd = ino
+                            .watch(&path, libc::IN_CLOSE_WRITE | libc::IN_DELETE_SELF)
+                            .ok();
+                    }
+                    // It may have left before the watch was set: look again at once.
+                    if dir.open_live_ticket(&blocker).is_none() {
+                        continue;
+                    }
+                    sleep_on(
+                        watcher.as_ref().map(|(ino, _)| ino.fd()),
+                        signals,
+                        req.deadline,
+                    )?
+                } else {
+                    let (decision, _) = self.attempt(&dir, req, Some(&ticket))?;
+                    match decision {
+                        Decision::Took(slot) => {
+                            drop(ticket);
+                            return Ok(Acquired::Slot(Box::new(slot)));
+                        }
+                        Decision::Wait {
+                            defer_to: Some(blocker),
+                            ..
+                        } => {
+                            defer_to = Some(blocker);
+                            continue;
+                        }
+                        Decision::Wait { defer_to: None, .. } => {}
+                    }
+                    sleep_on(
+                        watcher.as_ref().map(|(ino, _)| ino.fd()),
+                        signals,
+                        req.deadline,
+                    )?
+                }
+            };
+            if let Some((ino, _)) = &watcher {
+                ino.drain();
+            }
+            match woke {
+                Woke::Changed => {}
+                Woke::TimedOut => {
+                    self.say(
+                        req,
+                        &format!(
+                            "no slot within {:.3}s; giving up",
+                            since.elapsed().as_secs_f64()
+                        ),
+                    );
+                    return Ok(Acquired::TimedOut);
+                }
+                Woke::Signal(signo) => return Ok(Acquired::Interrupted(signo)),
+            }
+        }
+    }
+
+    fn status(&mut self, only: Option<&Id>) -> Result<Vec<IdStatus>> {
+        let ids = match only {
+            Some(id) => vec![id.clone()],
+            None => self.dir.ids()?,
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(dir) = self.dir.id_dir(&id, false)? else {
+                if only.is_some() {
+                    out.push(IdStatus {
+                        id,
+                        holders: Vec::new(),
+                        waiting: 0,
+                    });
+                }
+                continue;
+            };
+            let _mutex = dir.mutex(&self.dir, true)?;
+            let mut holders = Vec::new();
+            for k in dir.slot_numbers()? {
+                let Some(fd) = dir.open_slot_probe(&self.dir, k)? else {
+                    continue;
+                };
+                if sys::probe_shared(fd.as_fd())? == Probe::Taken {
+                    continue;
+                }
+                let mut buf = vec![0u8; 8192];
+                let n = File::from(fd).read_at(&mut buf, 0).unwrap_or(0);
+                let r = Record::parse(&String::from_utf8_lossy(&buf[..n]));
+                holders.push(Holder {
+                    slot: k,
+                    pid: r.pid,
+                    host: r.host,
+                    started: (r.started != UNIX_EPOCH).then_some(r.started),
+                    jobs: r.jobs,
+                    command: r.command,
+                });
+            }
+            let waiting = dir.count_waiters()?;
+            if only.is_some() || !holders.is_empty() || waiting > 0 {
+                out.push(IdStatus {
+                    id,
+                    holders,
+                    waiting,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticket_names() {
+        let t = parse_ticket(OsStr::new("123.45.6")).unwrap();
+        assert_eq!((t.arrived, t.jobs), (123, 6));
+        for bad in ["lock", "1.2", "1.2.3.4", "a.2.3", ".tmp"] {
+            assert_eq!(parse_ticket(OsStr::new(bad)), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn slot_names() {
+        assert_eq!(parse_slot(OsStr::new("7")), Some(7));
+        for bad in ["0", "07", "queue", "-1", "1a", ""] {
+            assert_eq!(parse_slot(OsStr::new(bad)), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let r = Record {
+            pid: 42,
+            host: "web1".into(),
+            started: UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            jobs: 3,
+            command: "ImportProcess --all\nx".into(),
+        };
+        let back = Record::parse(&r.render());
+        assert_eq!((back.pid, back.jobs), (42, 3));
+        assert_eq!(back.host, "web1");
+        assert_eq!(back.command, "ImportProcess --all x");
+        let ms = back.started.duration_since(UNIX_EPOCH).unwrap().as_millis();
+        assert!((1_700_000_000_122..=1_700_000_000_124).contains(&ms));
+    }
+}

@@ -1,0 +1,80 @@
+//! The semaphore as one idea with interchangeable engines: take one of N slots
+//! of an id, waiting at most until a deadline; give it back by dropping the
+//! guard; list who holds and who waits.
+//!
+//! The runner sees only [`Semaphore`] and [`Slot`]. The lock-file engine
+//! (`files.rs`) is the default and needs nothing but a directory.
+
+pub mod files;
+
+use crate::id::Id;
+use crate::signals::Signals;
+use anyhow::Result;
+use std::os::fd::BorrowedFd;
+use std::time::{Instant, SystemTime};
+
+/// What an invocation asks for.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub id: &'a Id,
+    /// The invocation's admission limit: it takes a slot only while fewer than
+    /// this many slots of the id are held, whatever limit the holders used.
+    pub jobs: u32,
+    /// Give up at this instant; `None` waits for ever. A deadline in the past
+    /// means one attempt.
+    pub deadline: Option<Instant>,
+    /// The command, for the holder record that `--status` shows.
+    pub command: &'a str,
+}
+
+/// How an acquisition ended.
+pub enum Acquired {
+    /// A slot, held until the guard is dropped (and, if inherited, until every
+    /// process that inherited it has ended).
+    Slot(Box<dyn Slot>),
+    /// The deadline passed.
+    TimedOut,
+    /// A signal in [`crate::signals::FORWARDED`] arrived while waiting.
+    Interrupted(libc::c_int),
+}
+
+/// A held slot.
+pub trait Slot {
+    /// Its number, 1..=N.
+    fn number(&self) -> u32;
+    /// A descriptor that keeps the slot held for as long as any process has it
+    /// open, for the child to inherit; `None` if the engine cannot share a slot.
+    fn inheritable(&self) -> Option<BorrowedFd<'_>>;
+    /// Records the child's pid for `--status`.
+    fn set_child(&mut self, pid: u32);
+}
+
+/// One held slot, as `--status` shows it.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    pub slot: u32,
+    /// The process that holds the slot: the command, once it runs.
+    pub pid: u32,
+    pub host: String,
+    pub started: Option<SystemTime>,
+    /// The admission limit the holder was started with.
+    pub jobs: u32,
+    pub command: String,
+}
+
+/// Everything `--status` knows of one id.
+#[derive(Debug, Clone)]
+pub struct IdStatus {
+    pub id: Id,
+    pub holders: Vec<Holder>,
+    pub waiting: u32,
+}
+
+pub trait Semaphore {
+    /// Takes a slot, waiting (in the kernel or the server, never spinning) until
+    /// the request is admitted, its deadline passes, or a signal arrives.
+    fn acquire(&mut self, req: &Request, signals: &mut Signals) -> Result<Acquired>;
+
+    /// Holders and waiters of one id, or of every id with any; never blocks.
+    fn status(&mut self, only: Option<&Id>) -> Result<Vec<IdStatus>>;
+}
