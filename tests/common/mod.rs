@@ -1,0 +1,84 @@
+//! The harness every integration test uses: the real `qsem` binary, run with
+//! its own temporary lock directory, plus a few helpers for waiting on
+//! outcomes with generous bounds (a slow CI machine must not make a test flaky).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// A scratch directory with a lock directory inside, removed on drop.
+pub struct Env {
+    pub root: PathBuf,
+    pub locks: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let root = std::env::temp_dir().join(format!(
+            "qsem-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let locks = root.join("locks");
+        Env { root, locks }
+    }
+
+    /// `qsem` with this environment's lock directory and nothing else set.
+    pub fn qsem(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_qsem"));
+        cmd.env("QSEM_DIR", &self.locks).env_remove("QSEM_BACKEND");
+        cmd
+    }
+
+    /// A path inside the scratch directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Runs to completion and returns (status code, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out: Output = cmd.output().expect("qsem runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes; returns whether it held.
+pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+/// Waits for a file to exist (a job's "I started" marker).
+pub fn wait_for_file(path: &Path, limit: Duration) -> bool {
+    eventually(limit, || path.exists())
+}
+
+/// Sends a signal to a process.
+pub fn kill(pid: u32, signal: i32) {
+    // SAFETY: no memory is passed.
+    unsafe { libc::kill(pid as libc::pid_t, signal) };
+}
+
+/// A generous bound for anything that should take milliseconds.
+pub const SOON: Duration = Duration::from_secs(10);
