@@ -82,3 +82,35 @@ pub fn kill(pid: u32, signal: i32) {
 
 /// A generous bound for anything that should take milliseconds.
 pub const SOON: Duration = Duration::from_secs(10);
+
+/// A job that marks itself started (touches `ready`) and then runs until
+/// signalled: `qsem ARGS -- sh -c '...'`.
+pub fn holder(env: &Env, args: &[&str], ready: &Path) -> std::process::Child {
+    env.qsem()
+        .args(args)
+        .args(["--", "sh", "-c", "touch \"$1\"; exec sleep 60", "sh"])
+        .arg(ready)
+        .spawn()
+        .expect("qsem starts")
+}
+
+/// `qsem --status --json` for one id: (held, waiting).
+pub fn held_and_waiting(env: &Env, id: &str) -> (u32, u32) {
+    let (_, out, _) = run(env.qsem().args(["--status", "--json", "--id", id]));
+    let num = |key: &str| -> u32 {
+        let at = out.find(key).unwrap_or_else(|| panic!("{key} in {out}")) + key.len();
+        out[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    };
+    (num("\"held\":"), num("\"waiting\":"))
+}
+
+/// Ends a holder started by [`holder`]: qsem passes SIGTERM to the job.
+pub fn release(mut child: std::process::Child) {
+    kill(child.id(), libc::SIGTERM);
+    child.wait().unwrap();
+}
