@@ -16,6 +16,13 @@ Examples:
   # as many jobs as there are CPUs, minus one
   qsem --id encode -j-1 -- ffmpeg -i in.mkv out.mp4
 
+  # a pipeline: four gzips at a time, then wait for all and learn of failures
+  for f in *.log; do qsem --id gz -j4 --bg -- gzip \"$f\"; done
+  qsem --id gz --wait-all
+
+  # the same, one run per line of stdin, exiting as xargs does
+  find . -name '*.log' | qsem --id gz -j4 --each -- gzip
+
   # who holds which slot, and who waits
   qsem --status
   qsem --status --id proc --json
@@ -31,7 +38,7 @@ Exit status: the command's own; 128+N if it was killed by signal N; the -E value
     version,
     after_help = EXAMPLES,
     max_term_width = 100,
-    override_usage = "qsem [OPTIONS] [--] COMMAND [ARG]...\n       qsem [OPTIONS] -c STRING\n       qsem --status [--id ID] [--json]"
+    override_usage = "qsem [OPTIONS] [--] COMMAND [ARG]...\n       qsem [OPTIONS] -c STRING\n       qsem [OPTIONS] --each [--] COMMAND [ARG]...\n       qsem --id ID --wait-all [--wait DUR]\n       qsem --status [--id ID] [--json]"
 )]
 pub struct Cli {
     /// The semaphore's name: any non-empty string of up to 255 bytes [default: default]
@@ -80,6 +87,31 @@ pub struct Cli {
     /// List who holds which slot and who waits, of ID or of every id; takes no slot
     #[arg(long, conflicts_with_all = ["command", "shell_command"])]
     pub status: bool,
+
+    /// Take a slot, then leave the command running in the background and return 0
+    #[arg(long, conflicts_with_all = ["fg", "status", "each", "wait_all"])]
+    pub bg: bool,
+
+    /// Wait until no slot of ID is held and nobody waits; exit 1 if background jobs failed
+    #[arg(long, conflicts_with_all = ["command", "shell_command", "status", "each"])]
+    pub wait_all: bool,
+
+    /// Run the command once per line of stdin, the line appended as one argument
+    #[arg(long, conflicts_with_all = ["status", "close"])]
+    pub each: bool,
+
+    /// With --each: items are separated by NUL bytes, not newlines (find -print0)
+    #[arg(short = '0', long, requires = "each")]
+    pub null: bool,
+
+    /// Internal: run as the detached supervisor of a --bg job, telling the
+    /// launcher on descriptor FD when the slot is taken
+    #[arg(long, hide = true, value_name = "FD", requires = "bg")]
+    pub bg_supervisor: Option<i32>,
+
+    /// Print a completion script for bash, zsh or fish
+    #[arg(long, hide = true, value_name = "SHELL", exclusive = true)]
+    pub completions: Option<clap_complete::Shell>,
 
     /// With --status: print one JSON document
     #[arg(long, requires = "status")]
@@ -146,6 +178,26 @@ mod tests {
         assert_eq!(cli.wait.as_deref(), Some("-3"));
         let cli = Cli::try_parse_from(["qsem", "--st", "-5", "true"]).unwrap();
         assert_eq!(cli.semaphore_timeout.as_deref(), Some("-5"));
+    }
+
+    #[test]
+    fn pipeline_options() {
+        let cli = Cli::try_parse_from(["qsem", "--id", "gz", "-j4", "--bg", "gzip", "a"]).unwrap();
+        assert!(cli.bg);
+        let cli =
+            Cli::try_parse_from(["qsem", "--id", "gz", "--wait-all", "--wait", "1s"]).unwrap();
+        assert!(cli.wait_all);
+        let cli = Cli::try_parse_from(["qsem", "-0", "--each", "--", "gzip", "-9"]).unwrap();
+        assert!(cli.each && cli.null);
+        assert_eq!(cli.command, ["gzip", "-9"]);
+        for bad in [
+            &["qsem", "--wait-all", "true"][..],
+            &["qsem", "--bg", "--each", "true"],
+            &["qsem", "-0", "true"],
+            &["qsem", "--each", "-o", "true"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::{duration, jobs};
 use anyhow::{Context, Result};
 use std::ffi::{OsStr, OsString};
 use std::fmt;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -35,6 +36,17 @@ pub enum Wait {
     Forever,
     /// At most this long; zero means one attempt.
     For(Duration),
+}
+
+impl Wait {
+    /// The instant the wait ends, counted from now; `None` for ever.
+    pub fn deadline(self) -> Option<std::time::Instant> {
+        match self {
+            Wait::Forever => None,
+            // A wait too long for the clock is, in practice, for ever.
+            Wait::For(d) => std::time::Instant::now().checked_add(d),
+        }
+    }
 }
 
 /// What to do when the wait for a slot expires.
@@ -106,6 +118,8 @@ pub struct Config {
     pub verbose: bool,
     /// The slot stays with qsem; the command does not inherit it.
     pub close: bool,
+    /// A `--bg` job reads the caller's stdin (GNU sem) rather than /dev/null.
+    pub bg_stdin: bool,
     /// What to do.
     pub mode: Mode,
 }
@@ -116,6 +130,18 @@ pub enum Mode {
     Run(Command),
     /// Print holders and waiters, of one id or of all.
     Status { only: Option<Id>, json: bool },
+    /// `--bg`: start a detached supervisor that takes the slot and runs the
+    /// command; return once it has the slot.
+    Background(Command),
+    /// The supervisor of a `--bg` job: run the command like [`Mode::Run`],
+    /// writing to `notify` once the slot is taken, and record a failure.
+    Supervise { command: Command, notify: RawFd },
+    /// `--wait-all`: wait until the id is idle, then count failed jobs.
+    WaitAll,
+    /// `--each`: run the command once per item of stdin.
+    Each { command: Command, separator: u8 },
+    /// Print a shell completion script.
+    Completions(clap_complete::Shell),
 }
 
 impl Config {
@@ -137,28 +163,37 @@ impl Config {
             (None, Some(st)) => parse_semaphore_timeout(st, conflict)?,
             (None, None) => (Wait::Forever, OnTimeout::Exit(conflict)),
         };
-        let mode = if cli.status {
+        let mode = if let Some(shell) = cli.completions {
+            Mode::Completions(shell)
+        } else if cli.status {
             Mode::Status {
                 only: cli.id.is_some().then(|| id.clone()),
                 json: cli.json,
             }
-        } else if let Some(script) = cli.shell_command {
-            Mode::Run(Command {
-                program: "/bin/sh".into(),
-                args: vec!["-c".into(), script],
-            })
+        } else if cli.wait_all {
+            Mode::WaitAll
         } else {
-            let mut words = cli.command.into_iter();
-            let program = words
-                .next()
-                .ok_or_else(|| usage("no command given (use -- COMMAND [ARG...] or -c STRING)"))?;
-            if program.is_empty() {
-                return Err(usage("the command is an empty string"));
+            let command = match cli.shell_command {
+                // With --each the item becomes $1 of the script.
+                Some(script) if cli.each => Command {
+                    program: "/bin/sh".into(),
+                    args: vec!["-c".into(), script, "sh".into()],
+                },
+                Some(script) => Command {
+                    program: "/bin/sh".into(),
+                    args: vec!["-c".into(), script],
+                },
+                None => command_from_words(cli.command)?,
+            };
+            match (cli.each, cli.bg, cli.bg_supervisor) {
+                (true, _, _) => Mode::Each {
+                    command,
+                    separator: if cli.null { b'\0' } else { b'\n' },
+                },
+                (false, true, Some(notify)) => Mode::Supervise { command, notify },
+                (false, true, None) => Mode::Background(command),
+                (false, false, _) => Mode::Run(command),
             }
-            Mode::Run(Command {
-                program,
-                args: words.collect(),
-            })
         };
         let dir = match cli.dir {
             Some(d) if d.as_os_str().is_empty() => return Err(usage("--dir / QSEM_DIR is empty")),
@@ -174,9 +209,24 @@ impl Config {
             quiet: cli.quiet,
             verbose: cli.verbose,
             close: cli.close,
+            bg_stdin: false,
             mode,
         })
     }
+}
+
+fn command_from_words(words: Vec<OsString>) -> Result<Command> {
+    let mut words = words.into_iter();
+    let program = words
+        .next()
+        .ok_or_else(|| usage("no command given (use -- COMMAND [ARG...] or -c STRING)"))?;
+    if program.is_empty() {
+        return Err(usage("the command is an empty string"));
+    }
+    Ok(Command {
+        program,
+        args: words.collect(),
+    })
 }
 
 fn parse_exit_code(s: &str) -> Result<u8> {
@@ -303,6 +353,30 @@ mod tests {
         let Mode::Run(cmd) = c.mode else { panic!() };
         assert_eq!(cmd.program, "/bin/sh");
         assert_eq!(cmd.display(), "/bin/sh -c 'echo hi | wc'");
+    }
+
+    #[test]
+    fn pipeline_modes() {
+        let c = config(&["--bg", "gzip", "a b"]).unwrap();
+        let Mode::Background(cmd) = c.mode else {
+            panic!()
+        };
+        assert_eq!(cmd.display(), "gzip 'a b'");
+        assert!(matches!(
+            config(&["--wait-all"]).unwrap().mode,
+            Mode::WaitAll
+        ));
+        let c = config(&["--each", "-0", "gzip", "-9"]).unwrap();
+        let Mode::Each { command, separator } = c.mode else {
+            panic!()
+        };
+        assert_eq!((command.display().as_str(), separator), ("gzip -9", b'\0'));
+        let c = config(&["--each", "-c", "echo \"$1\""]).unwrap();
+        let Mode::Each { command, .. } = c.mode else {
+            panic!()
+        };
+        assert_eq!(command.args.last().unwrap(), "sh");
+        assert!(usage_message(&["--each"]).contains("no command"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! `main` is thin: `run()` does the work and returns the exit status it chose;
 //! errors become one line of text here and nowhere else.
 
+mod background;
 mod cli;
 mod config;
 mod duration;
@@ -16,7 +17,7 @@ mod signals;
 mod status;
 mod sys;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
 use config::{Config, Mode, UsageError};
 use exit::{Exit, Failure};
@@ -82,5 +83,27 @@ fn run(cli: cli::Cli) -> Result<Exit> {
             let mut sem = Files::new(dir, cfg.verbose);
             runner::run(&cfg, cmd, &mut sem)
         }
+        Mode::Background(cmd) => background::launch(&cfg, cmd),
+        Mode::Supervise { command, notify } => {
+            let notify = sys::adopt_inherited(*notify)
+                .with_context(|| format!("--bg-supervisor: descriptor {notify}"))?;
+            runner::run_detached(&cfg, command, &mut local_semaphore(&cfg)?, notify)
+        }
+        Mode::WaitAll => background::wait_all(&cfg, &mut local_semaphore(&cfg)?),
+        Mode::Each { command, separator } => {
+            let _ = (command, separator);
+            anyhow::bail!("--each is not implemented yet")
+        }
+        Mode::Completions(shell) => {
+            let mut cmd = cli::Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "qsem", &mut std::io::stdout());
+            Ok(Exit::OK)
+        }
     }
+}
+
+/// The lock-file engine for `cfg`'s lock directory.
+fn local_semaphore(cfg: &Config) -> Result<Files> {
+    let dir = LockDir::open(&cfg.dir, true)?;
+    Ok(Files::new(dir, cfg.verbose))
 }
