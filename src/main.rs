@@ -7,6 +7,7 @@ mod background;
 mod cli;
 mod config;
 mod duration;
+mod each;
 mod exit;
 mod id;
 mod jobs;
@@ -91,8 +92,7 @@ fn run(cli: cli::Cli) -> Result<Exit> {
         }
         Mode::WaitAll => background::wait_all(&cfg, &mut local_semaphore(&cfg)?),
         Mode::Each { command, separator } => {
-            let _ = (command, separator);
-            anyhow::bail!("--each is not implemented yet")
+            each::run(&cfg, command, *separator, &mut local_semaphore(&cfg)?)
         }
         Mode::Completions(shell) => {
             let mut cmd = cli::Cli::command();

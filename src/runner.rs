@@ -96,7 +96,7 @@ fn run_as(
     }
     let own_group = !sys::in_terminal_foreground();
     let started = Instant::now();
-    let mut child = match spawn(cfg, cmd, &program, slot.as_deref(), own_group) {
+    let mut child = match spawn(cfg, cmd, &program, slot.as_deref(), own_group, |_| {}) {
         Ok(child) => child,
         Err(e) => {
             let exit = match e.kind() {
@@ -180,12 +180,15 @@ pub fn resolve(program: &OsStr) -> Result<PathBuf, (Exit, &'static str)> {
     }
 }
 
-fn spawn(
+/// Starts the command with qsem's environment, holding `slot` unless `-o`;
+/// `adjust` adds what a caller needs (`--each`: the item and pipes).
+pub fn spawn(
     cfg: &Config,
     cmd: &Command,
     program: &Path,
     slot: Option<&dyn Slot>,
     own_group: bool,
+    adjust: impl FnOnce(&mut std::process::Command),
 ) -> io::Result<std::process::Child> {
     let mut child = std::process::Command::new(program);
     child
@@ -194,6 +197,7 @@ fn spawn(
         .env("QSEM_ID", OsStr::from_bytes(cfg.id.as_bytes()))
         .env("QSEM_SLOT", slot.map_or(0, |s| s.number()).to_string())
         .env("QSEM_JOBS", cfg.jobs.to_string());
+    adjust(&mut child);
     if own_group {
         child.process_group(0);
     }
