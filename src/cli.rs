@@ -144,6 +144,94 @@ pub struct Cli {
     pub command: Vec<OsString>,
 }
 
+const SEM_EXAMPLES: &str = "\
+Examples:
+  # at most two of these at once; each call returns as soon as its job has started
+  sem --id proc -j2 ImportProcess
+  # wait until every job of the id has ended (exit 1 if any failed)
+  sem --id proc --wait
+  # in the foreground, with the job's exit status
+  sem --fg --id backup 'pg_dump db | gzip > db.gz'
+
+This is qsem's GNU sem personality (qsem invoked as `sem`). See qsem(1).";
+
+/// Whether qsem was invoked as `sem` (a symlink), and so reads GNU sem's
+/// command lines.
+pub fn invoked_as_sem() -> bool {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .is_some_and(|p| p.file_name().is_some_and(|n| n == "sem"))
+}
+
+/// GNU sem's command line, as qsem understands it when invoked as `sem`.
+#[derive(Parser, Debug)]
+#[command(
+    name = "sem",
+    about = "Run a command while holding one of N slots of a named semaphore (qsem as GNU sem)",
+    version,
+    after_help = SEM_EXAMPLES,
+    max_term_width = 100,
+    override_usage = "sem [--fg] [--id ID] [-j N] [--st SECS] COMMAND [ARG]...\n       sem [--id ID] --wait"
+)]
+pub struct SemCli {
+    /// The semaphore's name [default: the terminal on stdin, else default]
+    #[arg(long, visible_alias = "semaphorename", value_name = "ID")]
+    pub id: Option<OsString>,
+
+    /// Number of slots: N, +K or -K (online CPUs plus or minus K), P% of the CPUs; 0 is no limit
+    #[arg(
+        short = 'j',
+        long = "jobs",
+        visible_alias = "max-procs",
+        short_alias = 'P',
+        value_name = "N",
+        allow_hyphen_values = true
+    )]
+    pub jobs: Option<String>,
+
+    /// Run in the foreground, exiting with the command's status
+    #[arg(long, conflicts_with = "bg")]
+    pub fg: bool,
+
+    /// Run in the background (the default)
+    #[arg(long)]
+    pub bg: bool,
+
+    /// Wait until no job of the id runs; exit 1 if background jobs failed
+    #[arg(long, conflicts_with_all = ["fg", "bg"])]
+    pub wait: bool,
+
+    /// Negative SECS: give up after SECS; positive: run anyway, without a slot, after SECS
+    #[arg(
+        long = "semaphoretimeout",
+        visible_aliases = ["st", "semaphore-timeout"],
+        value_name = "SECS",
+        allow_hyphen_values = true
+    )]
+    pub semaphore_timeout: Option<String>,
+
+    /// Accepted for GNU parallel compatibility (`parallel --semaphore` is sem)
+    #[arg(long, hide = true)]
+    pub semaphore: bool,
+
+    /// Accepted for GNU parallel compatibility: output is never grouped
+    #[arg(short = 'u', long, alias = "line-buffer", hide = true)]
+    pub ungroup: bool,
+
+    /// Lock directory [default: $XDG_STATE_HOME/qsem or ~/.local/state/qsem]
+    #[arg(long, value_name = "DIR", env = "QSEM_DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// Internal: as qsem's --bg-supervisor
+    #[arg(long, hide = true, value_name = "FD")]
+    pub bg_supervisor: Option<i32>,
+
+    /// The command; its words are joined with spaces and run by /bin/sh
+    #[arg(value_name = "COMMAND", trailing_var_arg = true)]
+    pub command: Vec<OsString>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +286,37 @@ mod tests {
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn sem_definition_is_consistent() {
+        SemCli::command().debug_assert();
+    }
+
+    #[test]
+    fn sem_command_lines() {
+        let cli = SemCli::try_parse_from(["sem", "--id", "x", "-j4", "sleep", "1"]).unwrap();
+        assert_eq!(cli.jobs.as_deref(), Some("4"));
+        assert_eq!(cli.command, ["sleep", "1"]);
+        for (args, jobs) in [
+            (&["sem", "-j", "2", "true"][..], "2"),
+            (&["sem", "--jobs", "+1", "true"], "+1"),
+            (&["sem", "--jobs=-1", "true"], "-1"),
+            (&["sem", "-j", "-1", "true"], "-1"),
+            (&["sem", "-j50%", "true"], "50%"),
+            (&["sem", "-P", "3", "true"], "3"),
+        ] {
+            let cli = SemCli::try_parse_from(args).unwrap();
+            assert_eq!(cli.jobs.as_deref(), Some(jobs), "{args:?}");
+        }
+        let cli = SemCli::try_parse_from(["sem", "--semaphorename", "a", "--wait"]).unwrap();
+        assert!(cli.wait);
+        assert_eq!(cli.id.as_deref(), Some(std::ffi::OsStr::new("a")));
+        let cli = SemCli::try_parse_from(["sem", "--st", "-2", "--fg", "echo", "-n", "x"]).unwrap();
+        assert_eq!(cli.semaphore_timeout.as_deref(), Some("-2"));
+        assert_eq!(cli.command, ["echo", "-n", "x"]);
+        let cli = SemCli::try_parse_from(["sem", "--semaphoretimeout", "3", "true"]).unwrap();
+        assert_eq!(cli.semaphore_timeout.as_deref(), Some("3"));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! `"1s"`; everything here is checked, and a bad value is a [`UsageError`] that
 //! names it.
 
-use crate::cli::Cli;
+use crate::cli::{Cli, SemCli};
 use crate::id::Id;
 use crate::{duration, jobs};
 use anyhow::{Context, Result};
@@ -215,6 +215,85 @@ impl Config {
     }
 }
 
+impl Config {
+    /// GNU sem's command line (qsem invoked as `sem`): background by default,
+    /// `--wait` waits for all jobs, the command words are joined with spaces
+    /// and run by /bin/sh, and a background job reads the caller's stdin.
+    pub fn from_sem_cli(cli: SemCli) -> Result<Config> {
+        let id = match &cli.id {
+            Some(id) => Id::new(id).map_err(usage)?,
+            None => default_sem_id(),
+        };
+        let jobs = match cli.jobs.as_deref().map(str::trim) {
+            // GNU parallel's -j0: as many as possible.
+            Some("0") => jobs::MAX_JOBS,
+            Some(j) => jobs::parse(j, jobs::online_cpus()).map_err(usage)?,
+            None => 1,
+        };
+        let (wait, on_timeout) = match &cli.semaphore_timeout {
+            Some(st) => parse_semaphore_timeout(st, 0)?,
+            None => (Wait::Forever, OnTimeout::Exit(0)),
+        };
+        let mode = if cli.wait {
+            if !cli.command.is_empty() {
+                return Err(usage("--wait takes no command"));
+            }
+            Mode::WaitAll
+        } else {
+            let words: Vec<&OsStr> = cli.command.iter().map(OsString::as_os_str).collect();
+            if words.is_empty() {
+                return Err(usage("no command given"));
+            }
+            let command = Command {
+                program: "/bin/sh".into(),
+                args: vec!["-c".into(), words.join(OsStr::new(" "))],
+            };
+            match (cli.fg, cli.bg_supervisor) {
+                (true, _) => Mode::Run(command),
+                (false, Some(notify)) => Mode::Supervise { command, notify },
+                (false, None) => Mode::Background(command),
+            }
+        };
+        let dir = match cli.dir {
+            Some(d) if d.as_os_str().is_empty() => return Err(usage("--dir / QSEM_DIR is empty")),
+            Some(d) => d,
+            None => default_dir()?,
+        };
+        Ok(Config {
+            id,
+            jobs,
+            wait,
+            on_timeout,
+            dir,
+            quiet: false,
+            verbose: false,
+            close: false,
+            bg_stdin: true,
+            mode,
+        })
+    }
+}
+
+/// GNU sem's default id: the terminal on stdin (so that one shell's jobs
+/// share a limit), else `default`.
+fn default_sem_id() -> Id {
+    use std::os::unix::ffi::OsStringExt;
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is writable for its length; ttyname_r NUL-terminates on success.
+    let rc = unsafe { libc::ttyname_r(0, buf.as_mut_ptr().cast(), buf.len()) };
+    let name = (rc == 0)
+        .then(|| {
+            buf.iter()
+                .position(|&b| b == 0)
+                .map(|end| buf[..end].to_vec())
+        })
+        .flatten()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| b"default".to_vec());
+    Id::new(&OsString::from_vec(name))
+        .unwrap_or_else(|_| Id::new(OsStr::new("default")).expect("valid"))
+}
+
 fn command_from_words(words: Vec<OsString>) -> Result<Command> {
     let mut words = words.into_iter();
     let program = words
@@ -377,6 +456,49 @@ mod tests {
         };
         assert_eq!(command.args.last().unwrap(), "sh");
         assert!(usage_message(&["--each"]).contains("no command"));
+    }
+
+    fn sem_config(args: &[&str]) -> Result<Config> {
+        let mut argv = vec!["sem", "--dir", "/tmp/qsem-test"];
+        argv.extend_from_slice(args);
+        Config::from_sem_cli(SemCli::try_parse_from(argv).unwrap())
+    }
+
+    #[test]
+    fn sem_personality() {
+        let c = sem_config(&["--id", "x", "-j2", "echo", "a  b", "$HOME"]).unwrap();
+        let Mode::Background(cmd) = c.mode else {
+            panic!()
+        };
+        assert_eq!(cmd.program, "/bin/sh");
+        assert_eq!(cmd.args, ["-c", "echo a  b $HOME"]);
+        assert!(c.bg_stdin);
+        assert_eq!(c.jobs, 2);
+        assert!(matches!(
+            sem_config(&["--fg", "true"]).unwrap().mode,
+            Mode::Run(_)
+        ));
+        assert!(matches!(
+            sem_config(&["--wait"]).unwrap().mode,
+            Mode::WaitAll
+        ));
+        assert_eq!(
+            sem_config(&["-j", "0", "true"]).unwrap().jobs,
+            jobs::MAX_JOBS
+        );
+        let c = sem_config(&["--st", "-2", "true"]).unwrap();
+        assert_eq!(c.wait, Wait::For(Duration::from_secs(2)));
+        assert_eq!(c.on_timeout, OnTimeout::Exit(0));
+        let c = sem_config(&["--st", "2", "true"]).unwrap();
+        assert_eq!(c.on_timeout, OnTimeout::RunAnyway);
+        for (args, needle) in [
+            (&["--wait", "true"][..], "no command"),
+            (&[][..], "no command"),
+            (&["-j", "x", "true"], "'x'"),
+        ] {
+            let err = sem_config(args).expect_err("should be rejected");
+            assert!(err.to_string().contains(needle), "{args:?}: {err}");
+        }
     }
 
     #[test]

@@ -28,8 +28,14 @@ use std::io::Write;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let cli = match cli::Cli::try_parse() {
-        Ok(cli) => cli,
+    let as_sem = cli::invoked_as_sem();
+    let parsed = if as_sem {
+        cli::SemCli::try_parse().map(Config::from_sem_cli)
+    } else {
+        cli::Cli::try_parse().map(Config::from_cli)
+    };
+    let cfg = match parsed {
+        Ok(cfg) => cfg,
         Err(e) => {
             // clap prints help and version to stdout (status 0), usage errors
             // with their hint to stderr (status 2).
@@ -41,12 +47,16 @@ fn main() -> ExitCode {
             });
         }
     };
-    match run(cli) {
+    match cfg.and_then(run) {
         Ok(exit) => exit.into(),
         Err(err) => {
             let exit = if let Some(usage) = err.downcast_ref::<UsageError>() {
-                let hint = cli::Cli::command().render_usage();
-                eprintln!("qsem: {usage}\n\n{hint}\n\nFor more information, try '--help'.");
+                let (name, hint) = if as_sem {
+                    ("sem", cli::SemCli::command().render_usage())
+                } else {
+                    ("qsem", cli::Cli::command().render_usage())
+                };
+                eprintln!("{name}: {usage}\n\n{hint}\n\nFor more information, try '--help'.");
                 Exit::USAGE
             } else if let Some(failure) = err.downcast_ref::<Failure>() {
                 eprintln!("{failure}");
@@ -60,8 +70,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: cli::Cli) -> Result<Exit> {
-    let cfg = Config::from_cli(cli)?;
+fn run(cfg: Config) -> Result<Exit> {
     match &cfg.mode {
         Mode::Status { only, json } => {
             let ids = if cfg.dir.exists() {
