@@ -110,7 +110,7 @@ pub struct Cli {
     pub bg_supervisor: Option<i32>,
 
     /// Print a completion script for bash, zsh or fish
-    #[arg(long, hide = true, value_name = "SHELL", exclusive = true)]
+    #[arg(long, hide = true, value_name = "SHELL")]
     pub completions: Option<clap_complete::Shell>,
 
     /// With --status: print one JSON document
@@ -142,6 +142,22 @@ pub struct Cli {
     /// The command and its arguments; options end at the first word that is not one
     #[arg(value_name = "COMMAND", trailing_var_arg = true)]
     pub command: Vec<OsString>,
+}
+
+/// The definition that shell completions are generated from: the visible
+/// options only (clap_complete would offer hidden ones too).
+pub fn completion_command() -> clap::Command {
+    use clap::CommandFactory;
+    let full = Cli::command();
+    let visible: Vec<clap::Arg> = full
+        .get_arguments()
+        .filter(|a| !a.is_hide_set())
+        .cloned()
+        .collect();
+    clap::Command::new("qsem")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(full.get_about().cloned().unwrap_or_default())
+        .args(visible)
 }
 
 const SEM_EXAMPLES: &str = "\
@@ -285,6 +301,19 @@ mod tests {
             &["qsem", "--each", "-o", "true"],
         ] {
             assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn completions_offer_only_visible_options() {
+        let cmd = completion_command();
+        cmd.clone().debug_assert();
+        let names: Vec<&str> = cmd.get_arguments().filter_map(|a| a.get_long()).collect();
+        for want in ["bg", "wait-all", "each", "null", "jobs", "status"] {
+            assert!(names.contains(&want), "{want}: {names:?}");
+        }
+        for hidden in ["bg-supervisor", "completions"] {
+            assert!(!names.contains(&hidden), "{hidden}");
         }
     }
 

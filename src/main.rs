@@ -104,7 +104,7 @@ fn run(cfg: Config) -> Result<Exit> {
             each::run(&cfg, command, *separator, &mut local_semaphore(&cfg)?)
         }
         Mode::Completions(shell) => {
-            let mut cmd = cli::Cli::command();
+            let mut cmd = cli::completion_command();
             clap_complete::generate(*shell, &mut cmd, "qsem", &mut std::io::stdout());
             Ok(Exit::OK)
         }
