@@ -1,8 +1,11 @@
 //! `--each`: xargs under the shared semaphore. Reads items from stdin (lines,
 //! or NUL-separated with `-0`), and for each one takes a slot of the id, like
 //! any other qsem, and starts `COMMAND ARG... ITEM` holding it. The item is
-//! one argument, never seen by a shell. Runs that fail are reported and
-//! counted; qsem carries on and exits as xargs does.
+//! one argument, never seen by a shell (with `-c STRING`, it is `$1` of the
+//! script). Empty items are skipped, and a CR before a newline is dropped.
+//! Runs that fail are reported and counted; qsem carries on and exits as
+//! xargs does. If `--wait` expires for an item, the item is skipped and
+//! counted as a run that exited with the `-E` code (by default: not at all).
 //!
 //! Three decisions shape it.
 //!

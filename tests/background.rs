@@ -53,7 +53,7 @@ fn classic_loop_runs_n_at_a_time_and_finishes_near_the_ideal_time() {
     // Ideal: two rounds of one second. The 15% target is for benchmarks; here
     // only a gross failure (serial runs, polling, lost wake-ups) must show.
     assert!(took >= Duration::from_secs(2), "{took:?}");
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
 }
 
 #[test]

@@ -163,7 +163,7 @@ fn three_jobs_at_j2_started_half_a_second_apart() {
         "{third_started:?}"
     );
     assert!(took >= Duration::from_secs(2), "{took:?}");
-    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
 }
 
 #[test]
