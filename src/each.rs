@@ -2,7 +2,7 @@
 //! or NUL-separated with `-0`), and for each one takes a slot of the id, like
 //! any other qsem, and starts `COMMAND ARG... ITEM` holding it. The item is
 //! one argument, never seen by a shell (with `-c STRING`, it is `$1` of the
-//! script). Empty items are skipped, and a CR before a newline is dropped.
+//! script). Items are passed byte for byte; only empty ones are skipped.
 //! Runs that fail are reported and counted; qsem carries on and exits as
 //! xargs does. If `--wait` expires for an item, the item is skipped and
 //! counted as a run that exited with the `-E` code (by default: not at all).
@@ -182,6 +182,8 @@ fn exit_status(code: u8) -> std::process::ExitStatus {
 struct Items {
     separator: u8,
     buf: Vec<u8>,
+    /// Where the next item starts in `buf`.
+    start: usize,
     eof: bool,
 }
 
@@ -190,11 +192,14 @@ impl Items {
         Items {
             separator,
             buf: Vec::new(),
+            start: 0,
             eof: false,
         }
     }
 
     fn fill(&mut self, fd: BorrowedFd) -> io::Result<()> {
+        self.buf.drain(..self.start);
+        self.start = 0;
         let mut chunk = [0u8; 64 * 1024];
         let n = sys::read(fd, &mut chunk)?;
         if n == 0 {
@@ -207,18 +212,14 @@ impl Items {
     /// The next complete item; empty items are skipped, as xargs skips blank lines.
     fn next(&mut self) -> Option<OsString> {
         loop {
-            let end = match self.buf.iter().position(|&b| b == self.separator) {
-                Some(i) => i,
-                None if self.eof && !self.buf.is_empty() => self.buf.len(),
+            let rest = &self.buf[self.start..];
+            let (len, used) = match rest.iter().position(|&b| b == self.separator) {
+                Some(i) => (i, i + 1),
+                None if self.eof && !rest.is_empty() => (rest.len(), rest.len()),
                 None => return None,
             };
-            let mut item: Vec<u8> = self.buf.drain(..end).collect();
-            if !self.buf.is_empty() {
-                self.buf.remove(0);
-            }
-            if self.separator == b'\n' && item.last() == Some(&b'\r') {
-                item.pop();
-            }
+            let item = rest[..len].to_vec();
+            self.start += used;
             if !item.is_empty() {
                 return Some(OsString::from_vec(item));
             }
@@ -226,7 +227,7 @@ impl Items {
     }
 
     fn at_end(&self) -> bool {
-        self.eof && self.buf.is_empty()
+        self.eof && self.start == self.buf.len()
     }
 }
 
@@ -568,7 +569,7 @@ mod tests {
     fn items() {
         assert_eq!(split(b"a\nb c\n", b'\n'), ["a", "b c"]);
         assert_eq!(split(b"a\n\n\nb", b'\n'), ["a", "b"]);
-        assert_eq!(split(b"dos\r\nline\r\n", b'\n'), ["dos", "line"]);
+        assert_eq!(split(b"kept\r\n", b'\n'), ["kept\r"]);
         assert_eq!(split(b"a\nb\0c\r\0", b'\0'), ["a\nb", "c\r"]);
         assert_eq!(split(b"", b'\n'), Vec::<String>::new());
     }
