@@ -47,7 +47,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Longest partial line kept back while waiting for its newline.
-pub const MAX_LINE: usize = 64 * 1024;
+pub const MAX_LINE: usize = 1024 * 1024;
 
 /// Signals a terminal sends to its whole foreground process group: when the
 /// runs share qsem's group they have had these already.
