@@ -186,3 +186,48 @@ fn wait_all_on_an_unknown_id_returns_at_once() {
         (0, String::new(), String::new())
     );
 }
+
+#[test]
+fn wait_all_also_waits_for_jobs_still_queued() {
+    let env = Env::new();
+    assert_eq!(bg(&env, &["--id", "q", "--bg", "sleep", "0.5"]), 0);
+    // A second job of the id, still waiting for the slot when --wait-all starts.
+    let done = env.path("second-done");
+    let mut queued = env
+        .qsem()
+        .args(["--id", "q", "--bg", "--", "touch"])
+        .arg(&done)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(common::eventually(SOON, || {
+        run(env.qsem().args(["--status", "--id", "q"]))
+            .1
+            .contains("1 waiting")
+    }));
+    assert_eq!(run(env.qsem().args(["--id", "q", "--wait-all"])).0, 0);
+    assert!(
+        done.exists(),
+        "--wait-all returned before the queued job ran"
+    );
+    assert!(queued.wait().unwrap().success());
+}
+
+#[test]
+fn with_close_the_supervisor_holds_the_slot() {
+    let env = Env::new();
+    let out = env.path("fds");
+    // The job looks for the slot file among its own descriptors.
+    let script = format!(
+        "ls -l /proc/$$/fd | grep -c /locks/ > {}; sleep 0.3; exit 4",
+        out.display()
+    );
+    assert_eq!(bg(&env, &["--id", "o", "-o", "--bg", "-c", &script]), 0);
+    let (code, _, _) = run(env
+        .qsem()
+        .args(["--id", "o", "--wait", "0", "-E", "9", "true"]));
+    assert_eq!(code, 9, "the slot should be held");
+    assert_eq!(run(env.qsem().args(["--id", "o", "--wait-all"])).0, 1);
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "0");
+}
