@@ -16,13 +16,24 @@ Examples:
   # as many jobs as there are CPUs, minus one
   qsem --id encode -j-1 -- ffmpeg -i in.mkv out.mp4
 
+  # a pipeline: four gzips at a time, then wait for all and learn of failures
+  for f in *.log; do qsem --id gz -j4 --bg -- gzip \"$f\"; done
+  qsem --id gz --wait-all
+
+  # the same, one run per line of stdin, exiting as xargs does
+  find . -name '*.log' | qsem --id gz -j4 --each -- gzip
+
   # who holds which slot, and who waits
   qsem --status
   qsem --status --id proc --json
 
 Exit status: the command's own; 128+N if it was killed by signal N; the -E value
 (default 0) if the wait expired; 2 for bad usage; 125 if qsem itself failed;
-126/127 if the command cannot be run or is not found. See qsem(1).";
+126/127 if the command cannot be run or is not found. --bg: 0 once the job has
+started. --wait-all: 1 if background jobs failed since the last --wait-all.
+--each, as xargs: 123 if a run exited 1-254, 124 if one exited 255, 125 if one
+was killed by a signal. Invoked as `sem`, qsem reads GNU sem's command lines.
+See qsem(1).";
 
 /// Run a command while holding one of N slots of a named semaphore.
 #[derive(Parser, Debug)]
@@ -31,7 +42,7 @@ Exit status: the command's own; 128+N if it was killed by signal N; the -E value
     version,
     after_help = EXAMPLES,
     max_term_width = 100,
-    override_usage = "qsem [OPTIONS] [--] COMMAND [ARG]...\n       qsem [OPTIONS] -c STRING\n       qsem --status [--id ID] [--json]"
+    override_usage = "qsem [OPTIONS] [--] COMMAND [ARG]...\n       qsem [OPTIONS] -c STRING\n       qsem [OPTIONS] --each [--] COMMAND [ARG]...\n       qsem --id ID --wait-all [--wait DUR]\n       qsem --status [--id ID] [--json]"
 )]
 pub struct Cli {
     /// The semaphore's name: any non-empty string of up to 255 bytes [default: default]
@@ -81,6 +92,31 @@ pub struct Cli {
     #[arg(long, conflicts_with_all = ["command", "shell_command"])]
     pub status: bool,
 
+    /// Take a slot, then leave the command running in the background and return 0
+    #[arg(long, conflicts_with_all = ["fg", "status", "each", "wait_all"])]
+    pub bg: bool,
+
+    /// Wait until no slot of ID is held and nobody waits; exit 1 if background jobs failed
+    #[arg(long, conflicts_with_all = ["command", "shell_command", "status", "each"])]
+    pub wait_all: bool,
+
+    /// Run the command once per line of stdin, the line appended as one argument
+    #[arg(long, conflicts_with_all = ["status", "close"])]
+    pub each: bool,
+
+    /// With --each: items are separated by NUL bytes, not newlines (find -print0)
+    #[arg(short = '0', long, requires = "each")]
+    pub null: bool,
+
+    /// Internal: run as the detached supervisor of a --bg job, telling the
+    /// launcher on descriptor FD when the slot is taken
+    #[arg(long, hide = true, value_name = "FD", requires = "bg")]
+    pub bg_supervisor: Option<i32>,
+
+    /// Print a completion script for bash, zsh or fish
+    #[arg(long, hide = true, value_name = "SHELL")]
+    pub completions: Option<clap_complete::Shell>,
+
     /// With --status: print one JSON document
     #[arg(long, requires = "status")]
     pub json: bool,
@@ -108,6 +144,110 @@ pub struct Cli {
     pub semaphore_timeout: Option<String>,
 
     /// The command and its arguments; options end at the first word that is not one
+    #[arg(value_name = "COMMAND", trailing_var_arg = true)]
+    pub command: Vec<OsString>,
+}
+
+/// The definition that shell completions are generated from: the visible
+/// options only (clap_complete would offer hidden ones too).
+pub fn completion_command() -> clap::Command {
+    use clap::CommandFactory;
+    let full = Cli::command();
+    let visible: Vec<clap::Arg> = full
+        .get_arguments()
+        .filter(|a| !a.is_hide_set())
+        .cloned()
+        .collect();
+    clap::Command::new("qsem")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(full.get_about().cloned().unwrap_or_default())
+        .args(visible)
+}
+
+const SEM_EXAMPLES: &str = "\
+Examples:
+  # at most two of these at once; each call returns as soon as its job has started
+  sem --id proc -j2 ImportProcess
+  # wait until every job of the id has ended (exit 1 if any failed)
+  sem --id proc --wait
+  # in the foreground, with the job's exit status
+  sem --fg --id backup 'pg_dump db | gzip > db.gz'
+
+This is qsem's GNU sem personality (qsem invoked as `sem`). See qsem(1).";
+
+/// Whether qsem was invoked as `sem` (a symlink), and so reads GNU sem's
+/// command lines.
+pub fn invoked_as_sem() -> bool {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .is_some_and(|p| p.file_name().is_some_and(|n| n == "sem"))
+}
+
+/// GNU sem's command line, as qsem understands it when invoked as `sem`.
+#[derive(Parser, Debug)]
+#[command(
+    name = "sem",
+    about = "Run a command while holding one of N slots of a named semaphore (qsem as GNU sem)",
+    version,
+    after_help = SEM_EXAMPLES,
+    max_term_width = 100,
+    override_usage = "sem [--fg] [--id ID] [-j N] [--st SECS] COMMAND [ARG]...\n       sem [--id ID] --wait"
+)]
+pub struct SemCli {
+    /// The semaphore's name [default: the terminal on stdin, else default]
+    #[arg(long, visible_alias = "semaphorename", value_name = "ID")]
+    pub id: Option<OsString>,
+
+    /// Number of slots: N, +K or -K (online CPUs plus or minus K), P% of the CPUs; 0 is no limit
+    #[arg(
+        short = 'j',
+        long = "jobs",
+        visible_alias = "max-procs",
+        short_alias = 'P',
+        value_name = "N",
+        allow_hyphen_values = true
+    )]
+    pub jobs: Option<String>,
+
+    /// Run in the foreground, exiting with the command's status
+    #[arg(long, conflicts_with = "bg")]
+    pub fg: bool,
+
+    /// Run in the background (the default)
+    #[arg(long)]
+    pub bg: bool,
+
+    /// Wait until no job of the id runs; exit 1 if background jobs failed
+    #[arg(long, conflicts_with_all = ["fg", "bg"])]
+    pub wait: bool,
+
+    /// Negative SECS: give up after SECS; positive: run anyway, without a slot, after SECS
+    #[arg(
+        long = "semaphoretimeout",
+        visible_aliases = ["st", "semaphore-timeout"],
+        value_name = "SECS",
+        allow_hyphen_values = true
+    )]
+    pub semaphore_timeout: Option<String>,
+
+    /// Accepted for GNU parallel compatibility (`parallel --semaphore` is sem)
+    #[arg(long, hide = true)]
+    pub semaphore: bool,
+
+    /// Accepted for GNU parallel compatibility: output is never grouped
+    #[arg(short = 'u', long, alias = "line-buffer", hide = true)]
+    pub ungroup: bool,
+
+    /// Lock directory [default: $XDG_STATE_HOME/qsem or ~/.local/state/qsem]
+    #[arg(long, value_name = "DIR", env = "QSEM_DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// Internal: as qsem's --bg-supervisor
+    #[arg(long, hide = true, value_name = "FD")]
+    pub bg_supervisor: Option<i32>,
+
+    /// The command; its words are joined with spaces and run by /bin/sh
     #[arg(value_name = "COMMAND", trailing_var_arg = true)]
     pub command: Vec<OsString>,
 }
@@ -146,6 +286,70 @@ mod tests {
         assert_eq!(cli.wait.as_deref(), Some("-3"));
         let cli = Cli::try_parse_from(["qsem", "--st", "-5", "true"]).unwrap();
         assert_eq!(cli.semaphore_timeout.as_deref(), Some("-5"));
+    }
+
+    #[test]
+    fn pipeline_options() {
+        let cli = Cli::try_parse_from(["qsem", "--id", "gz", "-j4", "--bg", "gzip", "a"]).unwrap();
+        assert!(cli.bg);
+        let cli =
+            Cli::try_parse_from(["qsem", "--id", "gz", "--wait-all", "--wait", "1s"]).unwrap();
+        assert!(cli.wait_all);
+        let cli = Cli::try_parse_from(["qsem", "-0", "--each", "--", "gzip", "-9"]).unwrap();
+        assert!(cli.each && cli.null);
+        assert_eq!(cli.command, ["gzip", "-9"]);
+        for bad in [
+            &["qsem", "--wait-all", "true"][..],
+            &["qsem", "--bg", "--each", "true"],
+            &["qsem", "-0", "true"],
+            &["qsem", "--each", "-o", "true"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn completions_offer_only_visible_options() {
+        let cmd = completion_command();
+        cmd.clone().debug_assert();
+        let names: Vec<&str> = cmd.get_arguments().filter_map(|a| a.get_long()).collect();
+        for want in ["bg", "wait-all", "each", "null", "jobs", "status"] {
+            assert!(names.contains(&want), "{want}: {names:?}");
+        }
+        for hidden in ["bg-supervisor", "completions"] {
+            assert!(!names.contains(&hidden), "{hidden}");
+        }
+    }
+
+    #[test]
+    fn sem_definition_is_consistent() {
+        SemCli::command().debug_assert();
+    }
+
+    #[test]
+    fn sem_command_lines() {
+        let cli = SemCli::try_parse_from(["sem", "--id", "x", "-j4", "sleep", "1"]).unwrap();
+        assert_eq!(cli.jobs.as_deref(), Some("4"));
+        assert_eq!(cli.command, ["sleep", "1"]);
+        for (args, jobs) in [
+            (&["sem", "-j", "2", "true"][..], "2"),
+            (&["sem", "--jobs", "+1", "true"], "+1"),
+            (&["sem", "--jobs=-1", "true"], "-1"),
+            (&["sem", "-j", "-1", "true"], "-1"),
+            (&["sem", "-j50%", "true"], "50%"),
+            (&["sem", "-P", "3", "true"], "3"),
+        ] {
+            let cli = SemCli::try_parse_from(args).unwrap();
+            assert_eq!(cli.jobs.as_deref(), Some(jobs), "{args:?}");
+        }
+        let cli = SemCli::try_parse_from(["sem", "--semaphorename", "a", "--wait"]).unwrap();
+        assert!(cli.wait);
+        assert_eq!(cli.id.as_deref(), Some(std::ffi::OsStr::new("a")));
+        let cli = SemCli::try_parse_from(["sem", "--st", "-2", "--fg", "echo", "-n", "x"]).unwrap();
+        assert_eq!(cli.semaphore_timeout.as_deref(), Some("-2"));
+        assert_eq!(cli.command, ["echo", "-n", "x"]);
+        let cli = SemCli::try_parse_from(["sem", "--semaphoretimeout", "3", "true"]).unwrap();
+        assert_eq!(cli.semaphore_timeout.as_deref(), Some("3"));
     }
 
     #[test]

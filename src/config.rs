@@ -3,12 +3,13 @@
 //! `"1s"`; everything here is checked, and a bad value is a [`UsageError`] that
 //! names it.
 
-use crate::cli::Cli;
+use crate::cli::{Cli, SemCli};
 use crate::id::Id;
 use crate::{duration, jobs};
 use anyhow::{Context, Result};
 use std::ffi::{OsStr, OsString};
 use std::fmt;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -35,6 +36,17 @@ pub enum Wait {
     Forever,
     /// At most this long; zero means one attempt.
     For(Duration),
+}
+
+impl Wait {
+    /// The instant the wait ends, counted from now; `None` for ever.
+    pub fn deadline(self) -> Option<std::time::Instant> {
+        match self {
+            Wait::Forever => None,
+            // A wait too long for the clock is, in practice, for ever.
+            Wait::For(d) => std::time::Instant::now().checked_add(d),
+        }
+    }
 }
 
 /// What to do when the wait for a slot expires.
@@ -106,6 +118,8 @@ pub struct Config {
     pub verbose: bool,
     /// The slot stays with qsem; the command does not inherit it.
     pub close: bool,
+    /// A `--bg` job reads the caller's stdin (GNU sem) rather than /dev/null.
+    pub bg_stdin: bool,
     /// What to do.
     pub mode: Mode,
 }
@@ -116,6 +130,18 @@ pub enum Mode {
     Run(Command),
     /// Print holders and waiters, of one id or of all.
     Status { only: Option<Id>, json: bool },
+    /// `--bg`: start a detached supervisor that takes the slot and runs the
+    /// command; return once it has the slot.
+    Background(Command),
+    /// The supervisor of a `--bg` job: run the command like [`Mode::Run`],
+    /// writing to `notify` once the slot is taken, and record a failure.
+    Supervise { command: Command, notify: RawFd },
+    /// `--wait-all`: wait until the id is idle, then count failed jobs.
+    WaitAll,
+    /// `--each`: run the command once per item of stdin.
+    Each { command: Command, separator: u8 },
+    /// Print a shell completion script.
+    Completions(clap_complete::Shell),
 }
 
 impl Config {
@@ -137,28 +163,37 @@ impl Config {
             (None, Some(st)) => parse_semaphore_timeout(st, conflict)?,
             (None, None) => (Wait::Forever, OnTimeout::Exit(conflict)),
         };
-        let mode = if cli.status {
+        let mode = if let Some(shell) = cli.completions {
+            Mode::Completions(shell)
+        } else if cli.status {
             Mode::Status {
                 only: cli.id.is_some().then(|| id.clone()),
                 json: cli.json,
             }
-        } else if let Some(script) = cli.shell_command {
-            Mode::Run(Command {
-                program: "/bin/sh".into(),
-                args: vec!["-c".into(), script],
-            })
+        } else if cli.wait_all {
+            Mode::WaitAll
         } else {
-            let mut words = cli.command.into_iter();
-            let program = words
-                .next()
-                .ok_or_else(|| usage("no command given (use -- COMMAND [ARG...] or -c STRING)"))?;
-            if program.is_empty() {
-                return Err(usage("the command is an empty string"));
+            let command = match cli.shell_command {
+                // With --each the item becomes $1 of the script.
+                Some(script) if cli.each => Command {
+                    program: "/bin/sh".into(),
+                    args: vec!["-c".into(), script, "sh".into()],
+                },
+                Some(script) => Command {
+                    program: "/bin/sh".into(),
+                    args: vec!["-c".into(), script],
+                },
+                None => command_from_words(cli.command)?,
+            };
+            match (cli.each, cli.bg, cli.bg_supervisor) {
+                (true, _, _) => Mode::Each {
+                    command,
+                    separator: if cli.null { b'\0' } else { b'\n' },
+                },
+                (false, true, Some(notify)) => Mode::Supervise { command, notify },
+                (false, true, None) => Mode::Background(command),
+                (false, false, _) => Mode::Run(command),
             }
-            Mode::Run(Command {
-                program,
-                args: words.collect(),
-            })
         };
         let dir = match cli.dir {
             Some(d) if d.as_os_str().is_empty() => return Err(usage("--dir / QSEM_DIR is empty")),
@@ -174,9 +209,103 @@ impl Config {
             quiet: cli.quiet,
             verbose: cli.verbose,
             close: cli.close,
+            bg_stdin: false,
             mode,
         })
     }
+}
+
+impl Config {
+    /// GNU sem's command line (qsem invoked as `sem`): background by default,
+    /// `--wait` waits for all jobs, the command words are joined with spaces
+    /// and run by /bin/sh, and a background job reads the caller's stdin.
+    pub fn from_sem_cli(cli: SemCli) -> Result<Config> {
+        let id = match &cli.id {
+            Some(id) => Id::new(id).map_err(usage)?,
+            None => default_sem_id(),
+        };
+        let jobs = match cli.jobs.as_deref().map(str::trim) {
+            // GNU parallel's -j0: as many as possible.
+            Some("0") => jobs::MAX_JOBS,
+            Some(j) => jobs::parse(j, jobs::online_cpus()).map_err(usage)?,
+            None => 1,
+        };
+        let (wait, on_timeout) = match &cli.semaphore_timeout {
+            Some(st) => parse_semaphore_timeout(st, 0)?,
+            None => (Wait::Forever, OnTimeout::Exit(0)),
+        };
+        let mode = if cli.wait {
+            if !cli.command.is_empty() {
+                return Err(usage("--wait takes no command"));
+            }
+            Mode::WaitAll
+        } else {
+            let words: Vec<&OsStr> = cli.command.iter().map(OsString::as_os_str).collect();
+            if words.is_empty() {
+                return Err(usage("no command given"));
+            }
+            let command = Command {
+                program: "/bin/sh".into(),
+                args: vec!["-c".into(), words.join(OsStr::new(" "))],
+            };
+            match (cli.fg, cli.bg_supervisor) {
+                (true, _) => Mode::Run(command),
+                (false, Some(notify)) => Mode::Supervise { command, notify },
+                (false, None) => Mode::Background(command),
+            }
+        };
+        let dir = match cli.dir {
+            Some(d) if d.as_os_str().is_empty() => return Err(usage("--dir / QSEM_DIR is empty")),
+            Some(d) => d,
+            None => default_dir()?,
+        };
+        Ok(Config {
+            id,
+            jobs,
+            wait,
+            on_timeout,
+            dir,
+            quiet: false,
+            verbose: false,
+            close: false,
+            bg_stdin: true,
+            mode,
+        })
+    }
+}
+
+/// GNU sem's default id: the terminal on stdin (so that one shell's jobs
+/// share a limit), else `default`.
+fn default_sem_id() -> Id {
+    use std::os::unix::ffi::OsStringExt;
+    let mut buf = [0u8; 256];
+    // SAFETY: `buf` is writable for its length; ttyname_r NUL-terminates on success.
+    let rc = unsafe { libc::ttyname_r(0, buf.as_mut_ptr().cast(), buf.len()) };
+    let name = (rc == 0)
+        .then(|| {
+            buf.iter()
+                .position(|&b| b == 0)
+                .map(|end| buf[..end].to_vec())
+        })
+        .flatten()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| b"default".to_vec());
+    Id::new(&OsString::from_vec(name))
+        .unwrap_or_else(|_| Id::new(OsStr::new("default")).expect("valid"))
+}
+
+fn command_from_words(words: Vec<OsString>) -> Result<Command> {
+    let mut words = words.into_iter();
+    let program = words
+        .next()
+        .ok_or_else(|| usage("no command given (use -- COMMAND [ARG...] or -c STRING)"))?;
+    if program.is_empty() {
+        return Err(usage("the command is an empty string"));
+    }
+    Ok(Command {
+        program,
+        args: words.collect(),
+    })
 }
 
 fn parse_exit_code(s: &str) -> Result<u8> {
@@ -303,6 +432,73 @@ mod tests {
         let Mode::Run(cmd) = c.mode else { panic!() };
         assert_eq!(cmd.program, "/bin/sh");
         assert_eq!(cmd.display(), "/bin/sh -c 'echo hi | wc'");
+    }
+
+    #[test]
+    fn pipeline_modes() {
+        let c = config(&["--bg", "gzip", "a b"]).unwrap();
+        let Mode::Background(cmd) = c.mode else {
+            panic!()
+        };
+        assert_eq!(cmd.display(), "gzip 'a b'");
+        assert!(matches!(
+            config(&["--wait-all"]).unwrap().mode,
+            Mode::WaitAll
+        ));
+        let c = config(&["--each", "-0", "gzip", "-9"]).unwrap();
+        let Mode::Each { command, separator } = c.mode else {
+            panic!()
+        };
+        assert_eq!((command.display().as_str(), separator), ("gzip -9", b'\0'));
+        let c = config(&["--each", "-c", "echo \"$1\""]).unwrap();
+        let Mode::Each { command, .. } = c.mode else {
+            panic!()
+        };
+        assert_eq!(command.args.last().unwrap(), "sh");
+        assert!(usage_message(&["--each"]).contains("no command"));
+    }
+
+    fn sem_config(args: &[&str]) -> Result<Config> {
+        let mut argv = vec!["sem", "--dir", "/tmp/qsem-test"];
+        argv.extend_from_slice(args);
+        Config::from_sem_cli(SemCli::try_parse_from(argv).unwrap())
+    }
+
+    #[test]
+    fn sem_personality() {
+        let c = sem_config(&["--id", "x", "-j2", "echo", "a  b", "$HOME"]).unwrap();
+        let Mode::Background(cmd) = c.mode else {
+            panic!()
+        };
+        assert_eq!(cmd.program, "/bin/sh");
+        assert_eq!(cmd.args, ["-c", "echo a  b $HOME"]);
+        assert!(c.bg_stdin);
+        assert_eq!(c.jobs, 2);
+        assert!(matches!(
+            sem_config(&["--fg", "true"]).unwrap().mode,
+            Mode::Run(_)
+        ));
+        assert!(matches!(
+            sem_config(&["--wait"]).unwrap().mode,
+            Mode::WaitAll
+        ));
+        assert_eq!(
+            sem_config(&["-j", "0", "true"]).unwrap().jobs,
+            jobs::MAX_JOBS
+        );
+        let c = sem_config(&["--st", "-2", "true"]).unwrap();
+        assert_eq!(c.wait, Wait::For(Duration::from_secs(2)));
+        assert_eq!(c.on_timeout, OnTimeout::Exit(0));
+        let c = sem_config(&["--st", "2", "true"]).unwrap();
+        assert_eq!(c.on_timeout, OnTimeout::RunAnyway);
+        for (args, needle) in [
+            (&["--wait", "true"][..], "no command"),
+            (&[][..], "no command"),
+            (&["-j", "x", "true"], "'x'"),
+        ] {
+            let err = sem_config(args).expect_err("should be rejected");
+            assert!(err.to_string().contains(needle), "{args:?}: {err}");
+        }
     }
 
     #[test]

@@ -37,8 +37,10 @@ impl Exit {
     /// `--each`: a run exited with status 255 (as xargs).
     pub const EACH_255: Exit = Exit(124);
     /// qsem's own failure: the lock directory is unusable, no file descriptors, ...
-    /// Also `--each`'s "a run was killed by a signal" (as xargs).
     pub const OWN_FAILURE: Exit = Exit(125);
+    /// `--each`: a run was killed by a signal (as xargs; the same number as
+    /// [`Exit::OWN_FAILURE`]).
+    pub const EACH_KILLED: Exit = Exit(125);
     /// The command was found but could not be executed.
     pub const NOT_EXECUTABLE: Exit = Exit(126);
     /// The command was not found.
@@ -62,6 +64,23 @@ impl Exit {
             (None, Some(signo)) => Exit::signal(signo),
             (None, None) => Exit::OWN_FAILURE,
         }
+    }
+
+    /// What one `--each` run contributes to qsem's status, as xargs counts it:
+    /// 0; 123 for a status from 1 to 254; 124 for 255; 125 for a signal.
+    pub fn of_each_run(status: ExitStatus) -> Exit {
+        match (status.code(), status.signal()) {
+            (Some(0), _) => Exit::OK,
+            (Some(255), _) => Exit::EACH_255,
+            (Some(_), _) => Exit::EACH_SOME_FAILED,
+            (None, _) => Exit::EACH_KILLED,
+        }
+    }
+
+    /// The graver of two `--each` outcomes. For these statuses the number is
+    /// the gravity: 127 (not found) > 126 > 125 (killed) > 124 (255) > 123 > 0.
+    pub fn graver(self, other: Exit) -> Exit {
+        if other.0 > self.0 { other } else { self }
     }
 
     pub fn as_u8(self) -> u8 {
@@ -99,6 +118,26 @@ mod tests {
             Exit::of_child(ExitStatus::from_raw(libc::SIGTERM)),
             Exit::code(143)
         );
+    }
+
+    #[test]
+    fn each_runs_count_like_xargs() {
+        let each = |raw| Exit::of_each_run(ExitStatus::from_raw(raw));
+        assert_eq!(each(0), Exit::OK);
+        assert_eq!(each(1 << 8), Exit::code(123));
+        assert_eq!(each(125 << 8), Exit::code(123));
+        assert_eq!(each(254 << 8), Exit::code(123));
+        assert_eq!(each(255 << 8), Exit::code(124));
+        assert_eq!(each(libc::SIGTERM), Exit::code(125));
+        let worst = [
+            Exit::OK,
+            Exit::EACH_SOME_FAILED,
+            Exit::NOT_FOUND,
+            Exit::EACH_255,
+        ]
+        .into_iter()
+        .fold(Exit::OK, Exit::graver);
+        assert_eq!(worst, Exit::NOT_FOUND);
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! elsewhere (cron, scripts in the background) the child gets a process group of
 //! its own and every signal qsem receives is passed to that group.
 
-use crate::config::{Command, Config, OnTimeout, Wait};
+use crate::config::{Command, Config, OnTimeout};
 use crate::duration;
 use crate::exit::{Exit, Failure};
 use crate::report;
@@ -20,6 +20,7 @@ use crate::sys;
 use anyhow::{Context, Result};
 use std::ffi::{OsStr, OsString};
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -28,18 +29,40 @@ use std::time::Instant;
 
 /// Runs `cmd` under the semaphore as `cfg` says, and returns qsem's status.
 pub fn run(cfg: &Config, cmd: &Command, sem: &mut dyn Semaphore) -> Result<Exit> {
-    // Fail fast: nobody wants to wait an hour for a slot to learn of a typo.
-    let program = resolve(&cmd.program).map_err(|(exit, why)| Failure {
+    run_as(cfg, cmd, sem, None)
+}
+
+/// Runs `cmd` as the supervisor of a `--bg` job (see `background.rs`): as
+/// [`run`], but writes one byte to `notify` once the slot is taken, and
+/// records a failure under the id before the slot is released.
+pub fn run_detached(
+    cfg: &Config,
+    cmd: &Command,
+    sem: &mut dyn Semaphore,
+    notify: OwnedFd,
+) -> Result<Exit> {
+    run_as(cfg, cmd, sem, Some(notify))
+}
+
+/// Finds the command before anything else happens, as a [`Failure`] (126/127):
+/// nobody wants to wait an hour for a slot to learn of a typo.
+pub fn resolve_or_fail(cfg: &Config, cmd: &Command) -> Result<PathBuf> {
+    Ok(resolve(&cmd.program).map_err(|(exit, why)| Failure {
         exit,
         message: format!("qsem[{}]: {}: {why}", cfg.id, cmd.program.to_string_lossy()),
-    })?;
+    })?)
+}
+
+fn run_as(
+    cfg: &Config,
+    cmd: &Command,
+    sem: &mut dyn Semaphore,
+    mut notify: Option<OwnedFd>,
+) -> Result<Exit> {
+    let program = resolve_or_fail(cfg, cmd)?;
     let mut signals = Signals::install()?;
     let display = cmd.display();
-    let deadline = match cfg.wait {
-        Wait::Forever => None,
-        // A wait too long for the clock is, in practice, for ever.
-        Wait::For(d) => Instant::now().checked_add(d),
-    };
+    let deadline = cfg.wait.deadline();
     let request = Request {
         id: &cfg.id,
         jobs: cfg.jobs,
@@ -66,27 +89,51 @@ pub fn run(cfg: &Config, cmd: &Command, sem: &mut dyn Semaphore) -> Result<Exit>
     if let Some(signo) = signals.take_stop() {
         return Ok(Exit::signal(signo));
     }
+    let background = notify.is_some();
+    if let Some(fd) = notify.take() {
+        // The launcher has done its part once it reads this byte (or EOF).
+        let _ = std::io::Write::write_all(&mut std::fs::File::from(fd), b"1");
+    }
     let own_group = !sys::in_terminal_foreground();
     let started = Instant::now();
-    let mut child = spawn(cfg, cmd, &program, slot.as_deref(), own_group).map_err(|e| {
-        let exit = match e.kind() {
-            io::ErrorKind::NotFound => Exit::NOT_FOUND,
-            _ => Exit::NOT_EXECUTABLE,
-        };
-        Failure {
-            exit,
-            message: format!("qsem[{}]: {}: {e}", cfg.id, cmd.program.to_string_lossy()),
+    let mut child = match spawn(cfg, cmd, &program, slot.as_deref(), own_group, |_| {}) {
+        Ok(child) => child,
+        Err(e) => {
+            let exit = match e.kind() {
+                io::ErrorKind::NotFound => Exit::NOT_FOUND,
+                _ => Exit::NOT_EXECUTABLE,
+            };
+            let why = format!("{}: {e}", cmd.program.to_string_lossy());
+            if background {
+                sem.record_failure(&cfg.id, &why)?;
+            }
+            return Err(Failure {
+                exit,
+                message: format!("qsem[{}]: {why}", cfg.id),
+            }
+            .into());
         }
-    })?;
+    };
     if let Some(slot) = slot.as_mut() {
         slot.set_child(child.id());
     }
     let status = supervise(&mut child, &mut signals, own_group)?;
-    drop(slot);
     let exit = Exit::of_child(status);
-    if !exit.is_success() && !cfg.quiet {
-        report::line(&cfg.id, &describe(&display, status, started.elapsed()));
+    if !exit.is_success() {
+        let line = describe(&display, status, started.elapsed());
+        // Recorded while the slot is still held: a --wait-all woken by its
+        // release must find the failure.
+        let recorded = if background {
+            sem.record_failure(&cfg.id, &line)
+        } else {
+            Ok(())
+        };
+        if !cfg.quiet {
+            report::line(&cfg.id, &line);
+        }
+        recorded?;
     }
+    drop(slot);
     Ok(exit)
 }
 
@@ -133,12 +180,15 @@ pub fn resolve(program: &OsStr) -> Result<PathBuf, (Exit, &'static str)> {
     }
 }
 
-fn spawn(
+/// Starts the command with qsem's environment, holding `slot` unless `-o`;
+/// `adjust` adds what a caller needs (`--each`: the item and pipes).
+pub fn spawn(
     cfg: &Config,
     cmd: &Command,
     program: &Path,
     slot: Option<&dyn Slot>,
     own_group: bool,
+    adjust: impl FnOnce(&mut std::process::Command),
 ) -> io::Result<std::process::Child> {
     let mut child = std::process::Command::new(program);
     child
@@ -147,6 +197,7 @@ fn spawn(
         .env("QSEM_ID", OsStr::from_bytes(cfg.id.as_bytes()))
         .env("QSEM_SLOT", slot.map_or(0, |s| s.number()).to_string())
         .env("QSEM_JOBS", cfg.jobs.to_string());
+    adjust(&mut child);
     if own_group {
         child.process_group(0);
     }

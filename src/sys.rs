@@ -5,7 +5,7 @@
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::time::Instant;
 
@@ -342,4 +342,78 @@ pub fn signal_name(signo: libc::c_int) -> String {
     signal_hook::low_level::signal_name(signo)
         .map(str::to_string)
         .unwrap_or_else(|| format!("signal {signo}"))
+}
+
+/// Takes ownership of a descriptor inherited from the parent (by number, on
+/// the command line), after checking that it is open; it becomes close-on-exec.
+pub fn adopt_inherited(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 3 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: no memory is passed; F_GETFD fails with EBADF on a closed descriptor.
+    check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    // SAFETY: the descriptor is open, was handed to this process to own, and
+    // nothing else in qsem refers to it by number.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    set_cloexec(owned.as_fd(), true)?;
+    Ok(owned)
+}
+
+/// Makes the calling process a session leader, detached from any terminal.
+/// Meant for `pre_exec`: async-signal-safe, no allocation.
+pub fn setsid() -> io::Result<()> {
+    // SAFETY: no memory is passed.
+    check(unsafe { libc::setsid() }).map(drop)
+}
+
+/// One `read(2)` of at most `buf.len()` bytes; `EINTR` is retried.
+pub fn read(fd: BorrowedFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is writable for its length.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// `write(2)` until all of `bytes` is written; `EINTR` is retried. One call
+/// when it fits, so that a line written here is not split by the kernel.
+pub fn write_all(fd: BorrowedFd, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        // SAFETY: `bytes` is readable for its length.
+        let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        bytes = &bytes[n as usize..];
+    }
+    Ok(())
+}
+
+/// A descriptor that becomes readable when process `pid` (a child) exits.
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: no memory is passed; the descriptor returned is new and ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above; pidfd_open's descriptors are close-on-exec.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sets `O_NONBLOCK` on a descriptor (of our own open file: a pipe's read end).
+pub fn set_nonblocking(fd: BorrowedFd) -> io::Result<()> {
+    // SAFETY: no memory is passed.
+    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: as above.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(drop)
 }

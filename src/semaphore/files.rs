@@ -9,6 +9,8 @@
 //! <id>/queue/lock           the per-id mutex
 //! <id>/queue/<t>.<pid>.<N>  one ticket per waiter, exclusively flocked by it;
 //!                           t is CLOCK_MONOTONIC at arrival, N its -j
+//! <id>/queue/failed         report lines of failed background jobs since the
+//!                           last --wait-all, appended under the mutex
 //! ```
 //!
 //! **Safety** comes from the mutex alone: under it, a taker counts the held
@@ -37,13 +39,18 @@
 //! waiter takes its slot or leaves. A newcomer that finds an older admissible
 //! waiter queues behind it instead of overtaking it.
 //!
+//! **Waiting for all** (`--wait-all`) watches the id directory and the queue
+//! the same way, and re-counts held slots and live waiters (under the shared
+//! mutex) whenever a slot or a ticket is closed. The failure file lives in
+//! `queue/`, not beside the slots, so that writing it never wakes a waiter.
+//!
 //! **Paths**: every file is opened relative to its directory's descriptor with
 //! `O_NOFOLLOW` and `O_CLOEXEC`; symlinks, non-regular files and files of other
 //! users are refused, except that a setgid, group-writable lock directory is a
 //! semaphore shared by its group. Slot files are never deleted: they are as
 //! many as the most slots ever held at once, not N.
 
-use super::{Acquired, Holder, IdStatus, Request, Semaphore, Slot};
+use super::{Acquired, Holder, IdStatus, Idle, Request, Semaphore, Slot};
 use crate::id::Id;
 use crate::report;
 use crate::signals::Signals;
@@ -63,6 +70,7 @@ pub const FALLBACK_POLL: Duration = Duration::from_millis(20);
 
 const QUEUE: &str = "queue";
 const MUTEX: &str = "lock";
+const FAILED: &str = "failed";
 
 /// The lock directory, checked and open.
 pub struct LockDir {
@@ -919,6 +927,89 @@ impl Semaphore for Files {
             }
         }
         Ok(out)
+    }
+
+    fn wait_idle(
+        &mut self,
+        id: &Id,
+        deadline: Option<Instant>,
+        signals: &mut Signals,
+    ) -> Result<Idle> {
+        let Some(dir) = self.dir.id_dir(id, false)? else {
+            return Ok(Idle::Reached);
+        };
+        // Watch before looking, so that no release falls between the two.
+        let watcher = Inotify::new().ok().filter(|ino| {
+            ino.watch(&dir.path, libc::IN_CLOSE_WRITE | libc::IN_DELETE_SELF)
+                .is_ok()
+                && ino.watch(&dir.queue_path, libc::IN_CLOSE_WRITE).is_ok()
+        });
+        loop {
+            let (held, waiting) = {
+                let _mutex = dir.mutex(&self.dir, true)?;
+                (dir.scan(&self.dir)?.held, dir.count_waiters()?)
+            };
+            if held == 0 && waiting == 0 {
+                return Ok(Idle::Reached);
+            }
+            if self.verbose {
+                report::line(
+                    id,
+                    &format!("waiting for {held} held slot(s) and {waiting} waiter(s)"),
+                );
+            }
+            let woke = sleep_on(watcher.as_ref().map(Inotify::fd), signals, deadline)?;
+            if let Some(ino) = &watcher {
+                ino.drain();
+            }
+            match woke {
+                Woke::Changed => {}
+                Woke::TimedOut => return Ok(Idle::TimedOut),
+                Woke::Signal(signo) => return Ok(Idle::Interrupted(signo)),
+            }
+        }
+    }
+
+    fn record_failure(&mut self, id: &Id, line: &str) -> Result<()> {
+        let dir = self.dir.id_dir(id, true)?.expect("created");
+        let _mutex = dir.mutex(&self.dir, false)?;
+        let path = dir.queue_path.join(FAILED);
+        let flags = libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_NOFOLLOW;
+        let fd = sys::open_at(
+            dir.queue.as_fd(),
+            OsStr::new(FAILED),
+            flags,
+            self.dir.file_mode(),
+        )
+        .map_err(|e| dir.open_error(e, dir.queue.as_fd(), OsStr::new(FAILED), &path))?;
+        check_regular(&self.dir, &fd, &path)?;
+        let text = format!("{}\n", line.replace(['\n', '\r'], " "));
+        io::Write::write_all(&mut File::from(fd), text.as_bytes())
+            .with_context(|| format!("cannot write to {}", path.display()))
+    }
+
+    fn take_failures(&mut self, id: &Id) -> Result<u32> {
+        let Some(dir) = self.dir.id_dir(id, false)? else {
+            return Ok(0);
+        };
+        let _mutex = dir.mutex(&self.dir, false)?;
+        let path = dir.queue_path.join(FAILED);
+        let flags = libc::O_RDWR | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        let fd = match sys::open_at(dir.queue.as_fd(), OsStr::new(FAILED), flags, 0) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => {
+                return Err(dir.open_error(e, dir.queue.as_fd(), OsStr::new(FAILED), &path));
+            }
+        };
+        check_regular(&self.dir, &fd, &path)?;
+        let mut file = File::from(fd);
+        let mut text = Vec::new();
+        io::Read::read_to_end(&mut file, &mut text)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        file.set_len(0)
+            .with_context(|| format!("cannot empty {}", path.display()))?;
+        Ok(text.iter().filter(|&&b| b == b'\n').count() as u32)
     }
 }
 

@@ -70,6 +70,17 @@ pub struct IdStatus {
     pub waiting: u32,
 }
 
+/// How a wait for an id to fall idle ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Idle {
+    /// No slot of the id was held and nobody waited for one.
+    Reached,
+    /// The deadline passed first.
+    TimedOut,
+    /// A signal in [`crate::signals::FORWARDED`] arrived while waiting.
+    Interrupted(libc::c_int),
+}
+
 pub trait Semaphore {
     /// Takes a slot, waiting (in the kernel or the server, never spinning) until
     /// the request is admitted, its deadline passes, or a signal arrives.
@@ -77,4 +88,32 @@ pub trait Semaphore {
 
     /// Holders and waiters of one id, or of every id with any; never blocks.
     fn status(&mut self, only: Option<&Id>) -> Result<Vec<IdStatus>>;
+
+    /// Sleeps until no slot of `id` is held and nobody waits for one
+    /// (`--wait-all`), the deadline passes, or a signal arrives.
+    fn wait_idle(
+        &mut self,
+        id: &Id,
+        deadline: Option<Instant>,
+        signals: &mut Signals,
+    ) -> Result<Idle> {
+        let _ = (id, deadline, signals);
+        anyhow::bail!("--wait-all is not supported by this backend")
+    }
+
+    /// Records that a background job of `id` failed, with its report line, so
+    /// that the next [`Semaphore::take_failures`] counts it. Called while the
+    /// job's slot is still held, so that a `--wait-all` woken by its release
+    /// cannot miss it.
+    fn record_failure(&mut self, id: &Id, line: &str) -> Result<()> {
+        let _ = (id, line);
+        anyhow::bail!("background jobs are not supported by this backend")
+    }
+
+    /// How many background jobs of `id` failed since the previous call; resets
+    /// the count.
+    fn take_failures(&mut self, id: &Id) -> Result<u32> {
+        let _ = id;
+        anyhow::bail!("--wait-all is not supported by this backend")
+    }
 }
