@@ -182,6 +182,18 @@ fn flock(fd: BorrowedFd, op: libc::c_int) -> io::Result<Probe> {
     }
 }
 
+/// Moves a descriptor to the lowest free number at or above `min` (keeping
+/// `FD_CLOEXEC`), closing the original.
+pub fn move_fd_above(fd: OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
+    if fd.as_raw_fd() >= min {
+        return Ok(fd);
+    }
+    // SAFETY: no memory is passed; the new descriptor is fresh and ours.
+    let new = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
+    // SAFETY: as above.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
 /// Sets or clears `FD_CLOEXEC`.
 pub fn set_cloexec(fd: BorrowedFd, on: bool) -> io::Result<()> {
     let flag = if on { libc::FD_CLOEXEC } else { 0 };

@@ -465,6 +465,11 @@ impl IdDir {
             Ok(now) if now.st_dev == st.st_dev && now.st_ino == st.st_ino => {}
             _ => return Ok(None),
         }
+        // The command inherits this descriptor. Shell scripts name descriptors
+        // 0-9 in redirections (`exec 9>lock; flock 9` is flock(1)'s own idiom),
+        // so keep it above them, where a script cannot close it by accident.
+        let fd = sys::move_fd_above(fd, 10)
+            .with_context(|| format!("cannot keep {} open", path.display()))?;
         let mut slot = SlotFile {
             file: File::from(fd),
             number: k,
