@@ -77,7 +77,14 @@ fn run(cfg: Config) -> Result<Exit> {
                 let dir = LockDir::open(&cfg.dir, false)?;
                 Files::new(dir, cfg.verbose).status(only.as_ref())?
             } else {
-                Vec::new()
+                // No lock directory yet: nothing is held, nobody waits.
+                only.iter()
+                    .map(|id| semaphore::IdStatus {
+                        id: id.clone(),
+                        holders: Vec::new(),
+                        waiting: 0,
+                    })
+                    .collect()
             };
             let now = std::time::SystemTime::now();
             let text = if *json {
