@@ -1,9 +1,11 @@
 //! Thin, safe wrappers over the few libc calls that std does not offer:
 //! `*at()` file operations relative to a directory descriptor, `poll`,
-//! `inotify`, `flock` with a shared mode probe, and process-group queries.
+//! `inotify`, and process-group queries; and the locks, which are std's
+//! `File::lock` family (flock(2) on Linux) in the forms qsem needs.
 //! Every `unsafe` block in qsem that is not about signals lives here.
 
 use std::ffi::{CStr, CString, OsStr};
+use std::fs::{File, TryLockError};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
@@ -27,7 +29,7 @@ pub fn open_at(
     name: &OsStr,
     flags: libc::c_int,
     mode: libc::mode_t,
-) -> io::Result<OwnedFd> {
+) -> io::Result<File> {
     let name = cstr(name)?;
     loop {
         // SAFETY: `name` is a valid C string; the returned descriptor is new and ours.
@@ -41,7 +43,7 @@ pub fn open_at(
         };
         match check(fd) {
             // SAFETY: openat returned a fresh descriptor that nobody else owns.
-            Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+            Ok(fd) => return Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) })),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
@@ -152,46 +154,56 @@ pub enum Probe {
     Busy,
 }
 
-/// `flock(fd, LOCK_SH | LOCK_NB)`: whether an exclusive holder exists, without
-/// ever making a concurrent exclusive taker fail (shared probes do not disturb
-/// one another, and are released by closing the descriptor).
-pub fn probe_shared(fd: BorrowedFd) -> io::Result<Probe> {
-    flock(fd, libc::LOCK_SH | libc::LOCK_NB)
+/// A non-blocking shared lock (`flock(LOCK_SH | LOCK_NB)`): whether an
+/// exclusive holder exists, without ever making a concurrent exclusive taker
+/// fail, since shared probes do not disturb one another. Released by closing
+/// the file.
+pub fn probe_shared(file: &File) -> io::Result<Probe> {
+    retry(|| file.try_lock_shared())
 }
 
-/// `flock(fd, LOCK_EX | LOCK_NB)`.
-pub fn try_lock_exclusive(fd: BorrowedFd) -> io::Result<Probe> {
-    flock(fd, libc::LOCK_EX | libc::LOCK_NB)
+/// A non-blocking exclusive lock (`flock(LOCK_EX | LOCK_NB)`).
+pub fn try_lock_exclusive(file: &File) -> io::Result<Probe> {
+    retry(|| file.try_lock())
 }
 
-/// A blocking `flock(2)`; `EINTR` from a signal handler is retried.
-pub fn lock_blocking(fd: BorrowedFd, shared: bool) -> io::Result<()> {
-    let op = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
-    flock(fd, op).map(drop)
-}
-
-fn flock(fd: BorrowedFd, op: libc::c_int) -> io::Result<Probe> {
+/// A blocking lock, shared or exclusive.
+pub fn lock_blocking(file: &File, shared: bool) -> io::Result<()> {
     loop {
-        // SAFETY: no memory is passed.
-        match check(unsafe { libc::flock(fd.as_raw_fd(), op) }) {
-            Ok(_) => return Ok(Probe::Taken),
-            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => return Ok(Probe::Busy),
+        let locked = if shared {
+            file.lock_shared()
+        } else {
+            file.lock()
+        };
+        match locked {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+            other => return other,
+        }
+    }
+}
+
+/// std's `try_lock*` as a [`Probe`]; `EINTR` from a signal handler is retried.
+fn retry(mut attempt: impl FnMut() -> Result<(), TryLockError>) -> io::Result<Probe> {
+    loop {
+        match attempt() {
+            Ok(()) => return Ok(Probe::Taken),
+            Err(TryLockError::WouldBlock) => return Ok(Probe::Busy),
+            Err(TryLockError::Error(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(TryLockError::Error(e)) => return Err(e),
         }
     }
 }
 
 /// Moves a descriptor to the lowest free number at or above `min` (keeping
 /// `FD_CLOEXEC`), closing the original.
-pub fn move_fd_above(fd: OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
+pub fn move_fd_above(fd: File, min: RawFd) -> io::Result<File> {
     if fd.as_raw_fd() >= min {
         return Ok(fd);
     }
     // SAFETY: no memory is passed; the new descriptor is fresh and ours.
     let new = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
     // SAFETY: as above.
-    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(new) }))
 }
 
 /// Sets or clears `FD_CLOEXEC`.

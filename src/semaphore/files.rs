@@ -59,7 +59,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -75,7 +75,7 @@ const FAILED: &str = "failed";
 /// The lock directory, checked and open.
 pub struct LockDir {
     path: PathBuf,
-    fd: OwnedFd,
+    fd: File,
     /// The group of a setgid, group-writable directory: a semaphore shared by it.
     shared_gid: Option<libc::gid_t>,
     euid: libc::uid_t,
@@ -138,7 +138,7 @@ impl LockDir {
         }
         Ok(LockDir {
             path: path.to_path_buf(),
-            fd,
+            fd: fd.into(),
             shared_gid: shared.then_some(st.st_gid),
             euid,
         })
@@ -181,7 +181,7 @@ impl LockDir {
         parent_path: &Path,
         name: &OsStr,
         create: bool,
-    ) -> Result<Option<OwnedFd>> {
+    ) -> Result<Option<File>> {
         let path = parent_path.join(name);
         let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW;
         let mut created = false;
@@ -221,7 +221,7 @@ impl LockDir {
     /// `create` is false.
     fn id_dir(&self, id: &Id, create: bool) -> Result<Option<IdDir>> {
         let mut path = self.path.clone();
-        let mut fd: Option<OwnedFd> = None;
+        let mut fd: Option<File> = None;
         for part in id.components() {
             let parent = fd.as_ref().map_or(self.fd.as_fd(), |f| f.as_fd());
             let Some(next) = self.open_subdir(parent, &path, &part, create)? else {
@@ -298,9 +298,9 @@ fn not_what_it_should_be(
 /// One id's directory, open.
 struct IdDir {
     path: PathBuf,
-    fd: OwnedFd,
+    fd: File,
     queue_path: PathBuf,
-    queue: OwnedFd,
+    queue: File,
 }
 
 /// What a scan of the slots found.
@@ -311,11 +311,11 @@ struct Scan {
 
 /// A waiter's place in the queue, released (unlinked, then unlocked) on drop.
 struct Ticket {
-    queue: OwnedFd,
+    queue: File,
     name: OsString,
     arrived: u128,
     jobs: u32,
-    _fd: OwnedFd,
+    _fd: File,
 }
 
 impl Drop for Ticket {
@@ -357,7 +357,7 @@ fn parse_slot(name: &OsStr) -> Option<u32> {
 impl IdDir {
     /// The per-id mutex, exclusive for takers, shared for `--status`. Held for
     /// microseconds at a time, so a blocking lock is right.
-    fn mutex(&self, lock_dir: &LockDir, shared: bool) -> Result<OwnedFd> {
+    fn mutex(&self, lock_dir: &LockDir, shared: bool) -> Result<File> {
         let path = self.queue_path.join(MUTEX);
         let flags = libc::O_RDONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK;
         let fd = sys::open_at(
@@ -368,7 +368,7 @@ impl IdDir {
         )
         .map_err(|e| self.open_error(e, self.queue.as_fd(), OsStr::new(MUTEX), &path))?;
         check_regular(lock_dir, &fd, &path)?;
-        sys::lock_blocking(fd.as_fd(), shared)
+        sys::lock_blocking(&fd, shared)
             .with_context(|| format!("cannot lock {}", path.display()))?;
         Ok(fd)
     }
@@ -397,7 +397,7 @@ impl IdDir {
 
     /// Opens slot `k` read-only for probing: probes never generate the
     /// `IN_CLOSE_WRITE` that wakes waiters. `None` if it does not exist.
-    fn open_slot_probe(&self, lock_dir: &LockDir, k: u32) -> Result<Option<OwnedFd>> {
+    fn open_slot_probe(&self, lock_dir: &LockDir, k: u32) -> Result<Option<File>> {
         let name = OsString::from(k.to_string());
         let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
         match sys::open_at(self.fd.as_fd(), &name, flags, 0) {
@@ -419,7 +419,7 @@ impl IdDir {
             let Some(fd) = self.open_slot_probe(lock_dir, k)? else {
                 continue;
             };
-            match sys::probe_shared(fd.as_fd())
+            match sys::probe_shared(&fd)
                 .with_context(|| format!("cannot probe {}/{k}", self.path.display()))?
             {
                 Probe::Busy => held += 1,
@@ -454,7 +454,7 @@ impl IdDir {
             sys::fchmod(fd.as_fd(), lock_dir.file_mode())
                 .with_context(|| format!("cannot set the mode of {}", path.display()))?;
         }
-        if sys::try_lock_exclusive(fd.as_fd())
+        if sys::try_lock_exclusive(&fd)
             .with_context(|| format!("cannot lock {}", path.display()))?
             == Probe::Busy
         {
@@ -471,7 +471,7 @@ impl IdDir {
         let fd = sys::move_fd_above(fd, 10)
             .with_context(|| format!("cannot keep {} open", path.display()))?;
         let mut slot = SlotFile {
-            file: File::from(fd),
+            file: fd,
             number: k,
             record: Record {
                 pid: std::process::id(),
@@ -505,7 +505,7 @@ impl IdDir {
             jobs,
             _fd: fd,
         };
-        if sys::try_lock_exclusive(ticket._fd.as_fd())
+        if sys::try_lock_exclusive(&ticket._fd)
             .with_context(|| format!("cannot lock {}", path.display()))?
             == Probe::Busy
         {
@@ -525,10 +525,10 @@ impl IdDir {
 
     /// Opens a ticket if its owner is alive. A dead owner's ticket is removed:
     /// names are never reused, so this cannot remove a live one.
-    fn open_live_ticket(&self, t: &TicketName) -> Option<OwnedFd> {
+    fn open_live_ticket(&self, t: &TicketName) -> Option<File> {
         let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
         let fd = sys::open_at(self.queue.as_fd(), &t.name, flags, 0).ok()?;
-        match sys::probe_shared(fd.as_fd()) {
+        match sys::probe_shared(&fd) {
             Ok(Probe::Busy) => Some(fd),
             Ok(Probe::Taken) => {
                 let _ = sys::unlink_at(self.queue.as_fd(), &t.name);
@@ -553,7 +553,7 @@ impl IdDir {
     }
 
     /// The nearest older live waiter with the same N: the one `me` follows.
-    fn predecessor(&self, me: &Ticket) -> Result<Option<OwnedFd>> {
+    fn predecessor(&self, me: &Ticket) -> Result<Option<File>> {
         let older = self
             .tickets()?
             .into_iter()
@@ -577,7 +577,7 @@ impl IdDir {
 }
 
 /// Refuses anything but a regular file of ours (or of our shared group).
-fn check_regular(lock_dir: &LockDir, fd: &OwnedFd, path: &Path) -> Result<libc::stat> {
+fn check_regular(lock_dir: &LockDir, fd: &File, path: &Path) -> Result<libc::stat> {
     let st = sys::fstat(fd.as_fd()).with_context(|| format!("cannot stat {}", path.display()))?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         bail!(
@@ -775,12 +775,12 @@ fn sleep_on(fd: Option<i32>, signals: &mut Signals, deadline: Option<Instant>) -
 
 /// Sleeps until the predecessor's ticket is released: a helper thread blocks in
 /// `flock` on it while this thread polls the signal pipe and the deadline.
-fn follow(pred: OwnedFd, signals: &mut Signals, deadline: Option<Instant>) -> Result<Woke> {
+fn follow(pred: File, signals: &mut Signals, deadline: Option<Instant>) -> Result<Woke> {
     let (read, write) = sys::pipe().context("cannot create a pipe")?;
     std::thread::Builder::new()
         .stack_size(64 * 1024)
         .spawn(move || {
-            let _ = sys::lock_blocking(pred.as_fd(), true);
+            let _ = sys::lock_blocking(&pred, true);
             drop(pred);
             // The pipe only needs to become readable; a full or closed pipe is fine.
             let _ = std::io::Write::write(&mut File::from(write), b"x");
@@ -907,11 +907,11 @@ impl Semaphore for Files {
                 let Some(fd) = dir.open_slot_probe(&self.dir, k)? else {
                     continue;
                 };
-                if sys::probe_shared(fd.as_fd())? == Probe::Taken {
+                if sys::probe_shared(&fd)? == Probe::Taken {
                     continue;
                 }
                 let mut buf = vec![0u8; 8192];
-                let n = File::from(fd).read_at(&mut buf, 0).unwrap_or(0);
+                let n = fd.read_at(&mut buf, 0).unwrap_or(0);
                 let r = Record::parse(&String::from_utf8_lossy(&buf[..n]));
                 holders.push(Holder {
                     slot: k,
@@ -989,7 +989,7 @@ impl Semaphore for Files {
         .map_err(|e| dir.open_error(e, dir.queue.as_fd(), OsStr::new(FAILED), &path))?;
         check_regular(&self.dir, &fd, &path)?;
         let text = format!("{}\n", line.replace(['\n', '\r'], " "));
-        io::Write::write_all(&mut File::from(fd), text.as_bytes())
+        io::Write::write_all(&mut &fd, text.as_bytes())
             .with_context(|| format!("cannot write to {}", path.display()))
     }
 
@@ -1008,7 +1008,7 @@ impl Semaphore for Files {
             }
         };
         check_regular(&self.dir, &fd, &path)?;
-        let mut file = File::from(fd);
+        let mut file = fd;
         let mut text = Vec::new();
         io::Read::read_to_end(&mut file, &mut text)
             .with_context(|| format!("cannot read {}", path.display()))?;
