@@ -15,7 +15,7 @@ use crate::duration;
 use crate::exit::{Exit, Failure};
 use crate::report;
 use crate::semaphore::{Acquired, Request, Semaphore, Slot};
-use crate::signals::Signals;
+use crate::signals::{Received, Signals};
 use crate::sys;
 use anyhow::{Context, Result};
 use std::ffi::{OsStr, OsString};
@@ -224,7 +224,7 @@ fn supervise(
     let pid = child.id() as libc::pid_t;
     loop {
         for r in signals.pending() {
-            if r.signo == libc::SIGCHLD || (!own_group && r.from_kernel) {
+            if !forwards(r, own_group) {
                 continue;
             }
             if own_group {
@@ -241,6 +241,13 @@ fn supervise(
         }
         sys::poll_readable(&[signals.fd()], None).context("cannot wait (poll)")?;
     }
+}
+
+/// Whether a signal qsem received must be passed to the command. In a
+/// terminal's foreground group (not `own_group`), a signal the kernel sent to
+/// the whole group (Ctrl-C, Ctrl-\\, hang-up) has reached the command already.
+pub fn forwards(r: Received, own_group: bool) -> bool {
+    r.signo != libc::SIGCHLD && (own_group || !r.from_kernel)
 }
 
 /// The report line for a failed command.
@@ -299,6 +306,19 @@ mod tests {
         assert!(killed.contains("out-of-memory"), "{killed}");
         let segv = describe("x", s(libc::SIGSEGV | 0x80), Duration::from_secs(1));
         assert_eq!(segv, "x was killed by SIGSEGV (core dumped) after 1.0s");
+    }
+
+    #[test]
+    fn terminal_signals_are_not_sent_twice() {
+        let r = |signo, from_kernel| Received { signo, from_kernel };
+        // In the terminal's foreground group: the terminal reached the command.
+        assert!(!forwards(r(libc::SIGINT, true), false));
+        assert!(forwards(r(libc::SIGINT, false), false));
+        assert!(forwards(r(libc::SIGTERM, false), false));
+        // In a group of its own, only qsem can pass signals on.
+        assert!(forwards(r(libc::SIGINT, true), true));
+        assert!(forwards(r(libc::SIGHUP, false), true));
+        assert!(!forwards(r(libc::SIGCHLD, false), true));
     }
 
     #[test]

@@ -54,3 +54,39 @@ fn a_command_that_ignores_the_signal_keeps_running_and_its_status_counts() {
     let out = q.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(5));
 }
+
+/// Ctrl-C at a terminal interrupts the command, and qsem ends with the
+/// command's status. The terminal is a real pseudo-terminal, made by script(1)
+/// from util-linux. (That qsem does not send the terminal's SIGINT a second
+/// time is `runner::forwards`'s unit test: two SIGINTs microseconds apart are
+/// merged by the kernel, so a second one cannot be seen reliably from here.)
+#[test]
+fn ctrl_c_at_a_terminal_interrupts_the_command_once() {
+    use std::io::Write;
+    let env = Env::new();
+    let ready = env.path("ready");
+    let log = env.path("log");
+    let inner = format!(
+        "{qsem} -c 'trap \"echo got >> {log}\" INT; touch {ready}; while [ ! -e {log} ]; do sleep 0.05; done; sleep 0.5; exit 9'",
+        qsem = env!("CARGO_BIN_EXE_qsem"),
+        log = log.display(),
+        ready = ready.display()
+    );
+    let mut term = std::process::Command::new("script")
+        .args(["-qefc", &inner, "/dev/null"])
+        .env("QSEM_DIR", &env.locks)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("script(1) from util-linux");
+    assert!(wait_for_file(&ready, SOON));
+    term.stdin.as_mut().unwrap().write_all(b"\x03").unwrap();
+    let out = term.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(9),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "got\n");
+}
