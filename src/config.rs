@@ -195,11 +195,7 @@ impl Config {
                 (false, false, _) => Mode::Run(command),
             }
         };
-        let dir = match cli.dir {
-            Some(d) if d.as_os_str().is_empty() => return Err(usage("--dir / QSEM_DIR is empty")),
-            Some(d) => d,
-            None => default_dir()?,
-        };
+        let dir = lock_dir(cli.dir)?;
         Ok(Config {
             id,
             jobs,
@@ -254,11 +250,7 @@ impl Config {
                 (false, None) => Mode::Background(command),
             }
         };
-        let dir = match cli.dir {
-            Some(d) if d.as_os_str().is_empty() => return Err(usage("--dir / QSEM_DIR is empty")),
-            Some(d) => d,
-            None => default_dir()?,
-        };
+        let dir = lock_dir(cli.dir)?;
         Ok(Config {
             id,
             jobs,
@@ -330,6 +322,15 @@ fn parse_semaphore_timeout(s: &str, conflict: u8) -> Result<(Wait, OnTimeout)> {
     } else {
         (Wait::For(d), OnTimeout::RunAnyway)
     })
+}
+
+/// `--dir` (or `QSEM_DIR`) if given, else the default.
+fn lock_dir(given: Option<PathBuf>) -> Result<PathBuf> {
+    match given {
+        Some(d) if d.as_os_str().is_empty() => Err(usage("--dir / QSEM_DIR is empty")),
+        Some(d) => Ok(d),
+        None => default_dir(),
+    }
 }
 
 /// `$XDG_STATE_HOME/qsem`, else `$HOME/.local/state/qsem`: the same for a user's

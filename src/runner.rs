@@ -245,7 +245,7 @@ fn supervise(
 
 /// Whether a signal qsem received must be passed to the command. In a
 /// terminal's foreground group (not `own_group`), a signal the kernel sent to
-/// the whole group (Ctrl-C, Ctrl-\\, hang-up) has reached the command already.
+/// the whole group (Ctrl-C, Ctrl-\, hang-up) has reached the command already.
 pub fn forwards(r: Received, own_group: bool) -> bool {
     r.signo != libc::SIGCHLD && (own_group || !r.from_kernel)
 }
