@@ -18,7 +18,7 @@ mod sys;
 
 use anyhow::Result;
 use clap::{CommandFactory, Parser};
-use config::{Config, Mode, UsageError};
+use config::{Backend, Config, Mode, UsageError};
 use exit::{Exit, Failure};
 use semaphore::Semaphore;
 use semaphore::files::{Files, LockDir};
@@ -58,8 +58,40 @@ fn main() -> ExitCode {
     }
 }
 
+/// The engine for a shared server, if this qsem was built with one.
+#[cfg(feature = "postgres")]
+fn shared_server(cfg: &Config, url: &str) -> Result<Box<dyn Semaphore>> {
+    let engine = semaphore::postgres::Postgres::new(url, cfg.lost_after, cfg.verbose)?;
+    Ok(Box::new(engine))
+}
+
+#[cfg(not(feature = "postgres"))]
+fn shared_server(_cfg: &Config, _url: &str) -> Result<Box<dyn Semaphore>> {
+    anyhow::bail!(
+        "--backend postgres://: this qsem was built without PostgreSQL support (cargo feature \"postgres\")"
+    )
+}
+
+fn print_status(ids: Vec<semaphore::IdStatus>, json: bool) -> Result<Exit> {
+    let now = std::time::SystemTime::now();
+    let text = if json {
+        status::json(&ids, now)
+    } else {
+        status::table(&ids, now)
+    };
+    std::io::stdout().lock().write_all(text.as_bytes())?;
+    Ok(Exit::OK)
+}
+
 fn run(cli: cli::Cli) -> Result<Exit> {
     let cfg = Config::from_cli(cli)?;
+    if let Backend::Postgres(url) = &cfg.backend {
+        let mut sem = shared_server(&cfg, url)?;
+        return match &cfg.mode {
+            Mode::Status { only, json } => print_status(sem.status(only.as_ref())?, *json),
+            Mode::Run(cmd) => runner::run(&cfg, cmd, sem.as_mut()),
+        };
+    }
     match &cfg.mode {
         Mode::Status { only, json } => {
             let ids = if cfg.dir.exists() {
