@@ -139,7 +139,7 @@ impl Postgres {
             .keepalives_idle(Duration::from_secs(ka.idle))
             .keepalives_interval(Duration::from_secs(ka.interval))
             .keepalives_retries(ka.count)
-            .tcp_user_timeout(lost_after);
+            .tcp_user_timeout(ka.total());
         let host = match pg.get_hosts().first() {
             Some(Host::Tcp(h)) => h.clone(),
             Some(Host::Unix(p)) => p.display().to_string(),
@@ -171,7 +171,9 @@ impl Postgres {
 }
 
 /// TCP keepalive settings whose sum stays within the bound: a silent peer is
-/// dropped after `idle + interval * count` seconds.
+/// dropped after `idle + interval * count` seconds after its last packet,
+/// which is kept a second short of the bound (when it is 3s or more) for the
+/// server's timers and the holder's last heartbeat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Keepalive {
     idle: u64,
@@ -180,8 +182,16 @@ struct Keepalive {
 }
 
 impl Keepalive {
+    /// The time after which a silent peer is dropped; also the
+    /// `tcp_user_timeout`, because Linux lets that decide when keepalive
+    /// probes have failed, once it is set.
+    fn total(&self) -> Duration {
+        Duration::from_secs(self.idle + self.interval * u64::from(self.count))
+    }
+
     fn for_bound(bound: Duration) -> Keepalive {
         let b = bound.as_secs().max(2);
+        let b = if b >= 3 { b - 1 } else { b };
         let idle = (b / 2).max(1);
         let interval = ((b - idle) / 3).max(1);
         let count = ((b - idle) / interval).clamp(1, 3) as u32;
@@ -244,7 +254,7 @@ impl Session {
             ka.idle,
             ka.interval,
             ka.count,
-            bound.as_millis()
+            ka.total().as_millis()
         );
         s.query(&sql)
             .await
@@ -1101,14 +1111,13 @@ mod tests {
     fn keepalives_fit_the_bound() {
         for secs in [2u64, 3, 5, 10, 30, 60, 3600] {
             let ka = Keepalive::for_bound(Duration::from_secs(secs));
-            let total = ka.idle + ka.interval * u64::from(ka.count);
-            assert!(total <= secs, "{secs}: {ka:?}");
+            assert!(ka.total() <= Duration::from_secs(secs), "{secs}: {ka:?}");
             assert!(ka.idle >= 1 && ka.interval >= 1 && ka.count >= 1, "{ka:?}");
         }
         assert_eq!(
             Keepalive::for_bound(Duration::from_secs(30)),
             Keepalive {
-                idle: 15,
+                idle: 14,
                 interval: 5,
                 count: 3
             }
