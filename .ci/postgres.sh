@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the PostgreSQL backend's tests (tests/postgres.rs) can run here:
 # PostgreSQL's server binaries (initdb, pg_ctl, psql) and the `postgres` user
-# they run as, plus nftables for the network-partition test. The tests start
+# they run as, plus nftables for the network-partition test and openssl for
+# the TLS test's certificates. The tests start
 # their own throwaway cluster; nothing is started here. Idempotent, needs
 # root when something is missing, never reads stdin. Called by .ci/run.
 set -euo pipefail
@@ -18,6 +19,7 @@ have_postgres() {
 missing=()
 have_postgres || missing+=(postgresql)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then

@@ -19,6 +19,8 @@ const PASSWORD: &str = "qsem-test-pw";
 struct Cluster {
     bin: PathBuf,
     port: u16,
+    /// The server's self-signed certificate.
+    ca: PathBuf,
 }
 
 impl Cluster {
@@ -146,9 +148,33 @@ fn start_cluster() -> Option<Cluster> {
         .output()
         .expect("initdb runs");
     assert!(out.status.success(), "initdb: {out:?}");
+    // A test CA and a server certificate for 127.0.0.1 signed by it, for the
+    // TLS test (a self-signed CA certificate is no server certificate).
+    let script = format!(
+        "set -e; cd {data}; ec='-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes'; \
+         openssl req -x509 $ec -days 2 -subj /CN=qsem-test-ca -keyout ../ca.key -out ../ca.crt; \
+         openssl req $ec -subj /CN=localhost -keyout server.key -out ../server.csr; \
+         printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nbasicConstraints=CA:FALSE\\n' > ../ext; \
+         openssl x509 -req -in ../server.csr -CA ../ca.crt -CAkey ../ca.key -CAcreateserial \
+           -days 2 -extfile ../ext -out server.crt",
+        data = data.display()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .expect("openssl runs");
+    assert!(out.status.success(), "openssl: {out:?}");
+    if is_root() {
+        Command::new("chown")
+            .arg("postgres")
+            .arg(data.join("server.key"))
+            .arg(data.join("server.crt"))
+            .status()
+            .unwrap();
+    }
     let port = free_port();
     let opts = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=60 -c shared_buffers=16MB -c fsync=off",
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=60 -c shared_buffers=16MB -c fsync=off -c ssl=on",
         dir.display()
     );
     let out = as_server_user(&bin, "pg_ctl")
@@ -184,7 +210,11 @@ fn start_cluster() -> Option<Cluster> {
         .stderr(Stdio::null())
         .spawn()
         .expect("cluster stopper starts");
-    Some(Cluster { bin, port })
+    Some(Cluster {
+        bin,
+        port,
+        ca: dir.join("ca.crt"),
+    })
 }
 
 /// `qsem --backend <cluster>`, or `None` when skipping.
@@ -617,4 +647,33 @@ fn unreachable_server_or_bad_password_is_125() {
         .env("PGDATABASE", "postgres")
         .args(["--id", "pgenv", "--", "echo", "ran"]));
     assert_eq!((code, out.as_str(), err.as_str()), (0, "ran\n", ""));
+}
+
+#[test]
+fn tls_when_asked_with_the_certificate_verified() {
+    let Some((env, c)) = setup() else { return };
+    let url = format!("{}?sslmode=require", c.url());
+    let started = env.path("started");
+    let script = format!("touch {}; sleep 1", started.display());
+    let mut holder = env
+        .qsem()
+        .env("PGSSLROOTCERT", &c.ca)
+        .args(["--backend", &url, "--id", "tls", "--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    assert!(wait_for_file(&started, SOON));
+    let ssl = c.sql("SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.application_name LIKE 'qsem h %' AND a.query LIKE '%/*qsem 746c73 %'");
+    assert_eq!(ssl, "t");
+    assert!(holder.wait().unwrap().success());
+    // A certificate that no trusted root vouches for is refused.
+    let (code, out, err) = run(env
+        .qsem()
+        .env("PGSSLROOTCERT", "/etc/ssl/certs/ca-certificates.crt")
+        .args(["--backend", &url, "--id", "tls", "--", "echo", "ran"]));
+    assert_eq!((code, out.as_str()), (125, ""), "{err}");
+    assert!(
+        err.starts_with("qsem: cannot connect to PostgreSQL at 127.0.0.1:"),
+        "{err}"
+    );
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
 }

@@ -50,6 +50,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio_postgres::config::Host;
 use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// How often a waiter looks again unasked: a holder that crashed sends no NOTIFY.
 pub const SLOW_POLL: Duration = Duration::from_secs(1);
@@ -78,6 +79,8 @@ fn key_i32(k: u32) -> i32 {
 /// The PostgreSQL engine.
 pub struct Postgres {
     pg: tokio_postgres::Config,
+    /// TLS for `sslmode=require` (or `verify-ca`, `verify-full`); `None`: plain.
+    tls: Option<MakeRustlsConnect>,
     /// `host:port/database`, for messages (never the password).
     target: String,
     lost_after: Duration,
@@ -89,6 +92,11 @@ impl Postgres {
     /// `PGPASSWORD`, `PGDATABASE`, `PGSSLMODE` and `PGCONNECT_TIMEOUT`.
     pub fn new(url: &str, lost_after: Duration, verbose: bool) -> Result<Postgres> {
         let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        // qsem always verifies a server's certificate, so libpq's stricter
+        // modes mean the same as `require` here.
+        let url = url
+            .replace("sslmode=verify-full", "sslmode=require")
+            .replace("sslmode=verify-ca", "sslmode=require");
         let mut pg: tokio_postgres::Config = url
             .parse()
             .map_err(|e| anyhow!("invalid --backend URL: {e}"))?;
@@ -126,9 +134,19 @@ impl Postgres {
             pg.ssl_mode(match mode.as_str() {
                 "disable" => tokio_postgres::config::SslMode::Disable,
                 "prefer" | "allow" => tokio_postgres::config::SslMode::Prefer,
-                _ => tokio_postgres::config::SslMode::Require,
+                "require" | "verify-ca" | "verify-full" => tokio_postgres::config::SslMode::Require,
+                other => bail!("invalid PGSSLMODE '{other}': expected disable, prefer or require"),
             });
         }
+        let tls = match pg.get_ssl_mode() {
+            tokio_postgres::config::SslMode::Require => Some(tls_connector()?),
+            // Plain, as `prefer` is with a server that offers no TLS: a
+            // certificate qsem cannot verify must not break a default setup.
+            _ => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                None
+            }
+        };
         if pg.get_connect_timeout().is_none() {
             let secs = env("PGCONNECT_TIMEOUT").and_then(|s| s.parse::<u64>().ok());
             pg.connect_timeout(secs.map_or(CONNECT_TIMEOUT, Duration::from_secs));
@@ -150,10 +168,15 @@ impl Postgres {
         let target = format!("{host}:{port}/{db}");
         Ok(Postgres {
             pg,
+            tls,
             target,
             lost_after,
             verbose,
         })
+    }
+
+    fn open(&self) -> impl Future<Output = Result<Session>> + '_ {
+        Session::open(&self.pg, self.tls.as_ref(), &self.target, self.lost_after)
     }
 
     fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -168,6 +191,40 @@ impl Postgres {
             report::line(req.id, msg);
         }
     }
+}
+
+/// The TLS client: the server's certificate is always verified, against the
+/// PEM file in `PGSSLROOTCERT` if set, else the system's trusted roots.
+fn tls_connector() -> Result<MakeRustlsConnect> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    match std::env::var_os("PGSSLROOTCERT").filter(|p| !p.is_empty()) {
+        Some(path) => {
+            let shown = std::path::Path::new(&path).display().to_string();
+            for cert in CertificateDer::pem_file_iter(&path)
+                .with_context(|| format!("cannot read PGSSLROOTCERT {shown}"))?
+            {
+                let cert = cert.with_context(|| format!("cannot read PGSSLROOTCERT {shown}"))?;
+                roots
+                    .add(cert)
+                    .with_context(|| format!("unusable certificate in PGSSLROOTCERT {shown}"))?;
+            }
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+        }
+    }
+    if roots.is_empty() {
+        bail!("sslmode=require: no trusted certificates (set PGSSLROOTCERT to the server's CA)");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("cannot set up TLS")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
 }
 
 /// TCP keepalive settings whose sum stays within the bound: a silent peer is
@@ -219,28 +276,23 @@ struct Session {
 type Results = Vec<Vec<Vec<Option<String>>>>;
 
 impl Session {
-    async fn open(pg: &tokio_postgres::Config, target: &str, bound: Duration) -> Result<Session> {
-        let (client, mut conn) = pg
-            .connect(NoTls)
-            .await
-            .with_context(|| format!("cannot connect to PostgreSQL at {target}"))?;
-        let (tx, news) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            loop {
-                let msg = std::future::poll_fn(|cx| conn.poll_message(cx)).await;
-                let closed = match msg {
-                    Some(Ok(AsyncMessage::Notification(_))) => {
-                        let _ = tx.send(News::Notified);
-                        continue;
-                    }
-                    Some(Ok(_)) => continue,
-                    Some(Err(e)) => error_text(&e),
-                    None => "the server closed the connection".to_string(),
-                };
-                let _ = tx.send(News::Closed(closed));
-                return;
+    async fn open(
+        pg: &tokio_postgres::Config,
+        tls: Option<&MakeRustlsConnect>,
+        target: &str,
+        bound: Duration,
+    ) -> Result<Session> {
+        let failed = || format!("cannot connect to PostgreSQL at {target}");
+        let (client, news) = match tls {
+            Some(tls) => {
+                let (client, conn) = pg.connect(tls.clone()).await.with_context(failed)?;
+                (client, drive(conn))
             }
-        });
+            None => {
+                let (client, conn) = pg.connect(NoTls).await.with_context(failed)?;
+                (client, drive(conn))
+            }
+        };
         let s = Session { client, news };
         let ka = Keepalive::for_bound(bound);
         // Settings an ordinary user may change; those the server does not know
@@ -285,6 +337,33 @@ impl Session {
         }
         Ok(out)
     }
+}
+
+/// Drives a connection in a task of its own, passing on notifications and
+/// its end.
+fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>) -> mpsc::UnboundedReceiver<News>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, news) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let msg = std::future::poll_fn(|cx| conn.poll_message(cx)).await;
+            let closed = match msg {
+                Some(Ok(AsyncMessage::Notification(_))) => {
+                    let _ = tx.send(News::Notified);
+                    continue;
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => error_text(&e),
+                None => "the server closed the connection".to_string(),
+            };
+            let _ = tx.send(News::Closed(closed));
+            return;
+        }
+    });
+    news
 }
 
 /// A tokio-postgres error as one line, with the server's own message if any.
@@ -626,7 +705,7 @@ impl Semaphore for Postgres {
         };
         let may_wait = req.deadline.is_none_or(|d| d > Instant::now());
         let got = rt.block_on(async {
-            let mut s = Session::open(&self.pg, &self.target, self.lost_after).await?;
+            let mut s = self.open().await?;
             let mut place = None;
             let mut since = None;
             // SAFETY: `signals` owns the descriptor, keeps it open, and
@@ -715,7 +794,7 @@ impl Semaphore for Postgres {
             keys,
             slot,
             rec,
-            self.pg.clone(),
+            (self.pg.clone(), self.tls.clone()),
             self.target.clone(),
             self.lost_after,
         )?)))
@@ -725,7 +804,7 @@ impl Semaphore for Postgres {
         let rt = Self::runtime()?;
         let filter = only.map(key);
         let (holders, waiters) = rt.block_on(async {
-            let s = Session::open(&self.pg, &self.target, self.lost_after).await?;
+            let s = self.open().await?;
             let key_cond = filter.map_or(String::new(), |k| format!(" AND l.classid = '{k}'::oid"));
             let name_like = filter.map_or("qsem w %".to_string(), |k| format!("qsem w {k:08x} %"));
             let res = s
@@ -896,6 +975,7 @@ struct Holding {
     keys: Keys,
     rec: Record,
     pg: tokio_postgres::Config,
+    tls: Option<MakeRustlsConnect>,
     target: String,
     lost_after: Duration,
     events: Arc<Mutex<Vec<SlotEvent>>>,
@@ -910,7 +990,7 @@ impl PgSlot {
         keys: Keys,
         slot: u32,
         rec: Record,
-        pg: tokio_postgres::Config,
+        (pg, tls): (tokio_postgres::Config, Option<MakeRustlsConnect>),
         target: String,
         lost_after: Duration,
     ) -> Result<PgSlot> {
@@ -924,6 +1004,7 @@ impl PgSlot {
             keys,
             rec,
             pg,
+            tls,
             target,
             lost_after,
             events: events.clone(),
@@ -969,6 +1050,8 @@ impl Holding {
     async fn run(mut self, s: Session, slot: u32, mut commands: mpsc::UnboundedReceiver<Command>) {
         let every = HEARTBEAT.min(self.lost_after / 3);
         let mut held: Option<(Session, u32)> = Some((s, slot));
+        // When the server last confirmed that this session holds the slot.
+        let mut confirmed = Instant::now();
         loop {
             let news = async {
                 match held.as_mut() {
@@ -980,13 +1063,7 @@ impl Holding {
                 cmd = commands.recv() => match cmd {
                     Some(Command::SetChild(pid)) => {
                         self.rec.pid = pid;
-                        if let Some((s, k)) = &held {
-                            let beat = heartbeat(s, &self.keys, *k, &self.rec);
-                            let ok = tokio::time::timeout(self.lost_after, beat).await;
-                            if !matches!(ok, Ok(Ok(true))) {
-                                self.lose(&mut held, beat_failure(ok));
-                            }
-                        }
+                        self.beat(&mut held, &mut confirmed).await;
                     }
                     Some(Command::Release) | None => {
                         if let Some((s, k)) = held.take() {
@@ -1006,13 +1083,7 @@ impl Holding {
                     None => self.lose(&mut held, "the session ended".into()),
                 },
                 _ = tokio::time::sleep(every) => match &held {
-                    Some((s, k)) => {
-                        let beat = heartbeat(s, &self.keys, *k, &self.rec);
-                        let ok = tokio::time::timeout(self.lost_after, beat).await;
-                        if !matches!(ok, Ok(Ok(true))) {
-                            self.lose(&mut held, beat_failure(ok));
-                        }
-                    }
+                    Some(_) => self.beat(&mut held, &mut confirmed).await,
                     None => {
                         if let Ok(Some(taken)) = self.retake().await {
                             self.tell(SlotEvent::Regained(format!(
@@ -1020,10 +1091,24 @@ impl Holding {
                                 taken.1
                             )));
                             held = Some(taken);
+                            confirmed = Instant::now();
                         }
                     }
                 },
             }
+        }
+    }
+
+    /// One heartbeat. It may wait for an answer only until `--lost-after`
+    /// has passed since the last confirmation: by then a server cut off from
+    /// us has freed the slot, so we must say it is lost.
+    async fn beat(&self, held: &mut Option<(Session, u32)>, confirmed: &mut Instant) {
+        let Some((s, k)) = held.as_ref() else { return };
+        let left = (*confirmed + self.lost_after).saturating_duration_since(Instant::now());
+        let beat = heartbeat(s, &self.keys, *k, &self.rec);
+        match tokio::time::timeout(left.max(Duration::from_millis(100)), beat).await {
+            Ok(Ok(true)) => *confirmed = Instant::now(),
+            outcome => self.lose(held, beat_failure(outcome)),
         }
     }
 
@@ -1038,7 +1123,7 @@ impl Holding {
 
     /// One try, in a new session, to take a slot by the ordinary rule.
     async fn retake(&self) -> Result<Option<(Session, u32)>> {
-        let open = Session::open(&self.pg, &self.target, self.lost_after);
+        let open = Session::open(&self.pg, self.tls.as_ref(), &self.target, self.lost_after);
         let s = tokio::time::timeout(self.lost_after, open).await??;
         match attempt(&s, &self.keys, self.rec.jobs, &self.rec, None, false).await? {
             Attempt::Took(k) => Ok(heartbeat(&s, &self.keys, k, &self.rec)
