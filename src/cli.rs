@@ -108,7 +108,8 @@ pub struct Cli {
     pub semaphore_timeout: Option<String>,
 
     /// A shared server instead of lock files: postgres://[USER[:PASSWORD]@]HOST[:PORT]/DB[?sslmode=...]
-    #[arg(long, value_name = "URL", env = "QSEM_BACKEND")]
+    // The URL may hold a password: --help must not show the variable's value.
+    #[arg(long, value_name = "URL", env = "QSEM_BACKEND", hide_env_values = true)]
     pub backend: Option<String>,
 
     /// With --backend, when the job's slot is lost: warn (let the job run on) or kill it [default: warn]

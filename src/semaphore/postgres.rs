@@ -1086,8 +1086,13 @@ impl Holding {
                     Some(_) => self.beat(&mut held, &mut confirmed).await,
                     None => {
                         if let Ok(Some(taken)) = self.retake().await {
+                            let note = if taken.1 == slot {
+                                String::new()
+                            } else {
+                                format!(" (the command's QSEM_SLOT still says {slot})")
+                            };
                             self.tell(SlotEvent::Regained(format!(
-                                "took slot {} again (QSEM_SLOT still says {slot})",
+                                "took slot {} again{note}",
                                 taken.1
                             )));
                             held = Some(taken);
@@ -1108,7 +1113,7 @@ impl Holding {
         let beat = heartbeat(s, &self.keys, *k, &self.rec);
         match tokio::time::timeout(left.max(Duration::from_millis(100)), beat).await {
             Ok(Ok(true)) => *confirmed = Instant::now(),
-            outcome => self.lose(held, beat_failure(outcome)),
+            outcome => self.lose(held, beat_failure(outcome, self.lost_after)),
         }
     }
 
@@ -1134,11 +1139,17 @@ impl Holding {
     }
 }
 
-fn beat_failure(outcome: Result<Result<bool>, tokio::time::error::Elapsed>) -> String {
+fn beat_failure(
+    outcome: Result<Result<bool>, tokio::time::error::Elapsed>,
+    lost_after: Duration,
+) -> String {
     match outcome {
         Ok(Ok(_)) => "the server no longer holds it (terminated? a connection pooler?)".into(),
         Ok(Err(e)) => format!("the heartbeat failed ({e:#})"),
-        Err(_) => "the server did not answer the heartbeat".into(),
+        Err(_) => format!(
+            "no answer from the server for {} (--lost-after)",
+            crate::duration::human(lost_after)
+        ),
     }
 }
 
