@@ -629,8 +629,15 @@ async fn attempt(
         };
         let res = s
             .query(&format!(
-                "{r}SELECT pg_try_advisory_lock({k}, {slot})::text; {notify}COMMIT",
-                k = key_i32(keys.k)
+                // Taking the lock and becoming a holder in `pg_stat_activity`
+                // happen in one statement, so that nobody sees a holder that
+                // still looks like a waiter.
+                "{r}SELECT (set_config('application_name', CASE WHEN \
+                 pg_try_advisory_lock({k}, {slot}) THEN {name} \
+                 ELSE current_setting('application_name') END, false) = {name})::text; \
+                 {notify}COMMIT",
+                k = key_i32(keys.k),
+                name = lit(&keys.holder_name(slot, rec)),
             ))
             .await?;
         let took = res
