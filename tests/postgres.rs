@@ -113,7 +113,14 @@ fn start_cluster() -> Option<Cluster> {
         "PostgreSQL's initdb/pg_ctl/psql not found (PATH, /usr/lib/postgresql/*/bin): \
          run .ci/postgres.sh, or set QSEM_PG_TESTS=skip",
     );
-    let dir = std::env::temp_dir().join(format!("qsem-pg-{}", std::process::id()));
+    // As root the server runs as `postgres`, which must reach the directory:
+    // /tmp, whatever TMPDIR says.
+    let tmp = if is_root() {
+        PathBuf::from("/tmp")
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = tmp.join(format!("qsem-pg-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     if is_root() {
