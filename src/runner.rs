@@ -1,6 +1,8 @@
 //! Runs the command under a slot: finds it, takes the slot, spawns it, passes
 //! signals on, waits, and turns its end into qsem's exit status and report
-//! line. It knows the semaphore only through the `Semaphore` trait.
+//! line. It knows the semaphore only through the `Semaphore` trait, and learns
+//! that a held slot was lost (a shared server's session can end) through
+//! `Slot::events`, which it polls beside its signal pipe.
 //!
 //! Two decisions shape it. The child inherits the slot's descriptor (unless
 //! `-o`), so that a `kill -9` of qsem cannot free a slot whose job still runs.

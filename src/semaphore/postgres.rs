@@ -14,11 +14,13 @@
 //! apart from a heartbeat of a millisecond every few seconds.
 //!
 //! **Cut-off holders**: every session sets `tcp_keepalives_*` and
-//! `tcp_user_timeout` from `--lost-after`, and `idle_session_timeout = 0`, so
-//! that the server drops a silent client, and so its locks, within the bound.
-//! The holder sees the same from its side (the connection breaks, or a
-//! heartbeat finds the lock gone or goes unanswered) and reports the loss;
-//! a background thread then tries to take a slot again.
+//! `tcp_user_timeout` from `--lost-after` (their sum a second short of it),
+//! and `idle_session_timeout = 0`, so that the server drops a silent client,
+//! and so its locks, within the bound. The holder sees the same from its side:
+//! the connection breaks, or a heartbeat finds the lock gone, or no heartbeat
+//! has been answered for `--lost-after`. It reports the loss through
+//! [`Slot::events`]; its thread then tries, every heartbeat, to take a slot
+//! again by the ordinary rule.
 //!
 //! **Waiting**: a waiter publishes itself in its `application_name`
 //! (`qsem w <key1> <arrival µs> <N>`, the arrival read from the server's clock
@@ -27,6 +29,10 @@
 //! deadline, a signal, or a slow poll that catches holders that crashed
 //! without a word. Fairness is the lock-file engine's rule: a request is
 //! admitted only if no older waiter would also be admitted now.
+//!
+//! **Connection**: a `postgres://` URL completed by the `PG*` variables, as
+//! libpq would; `sslmode=require` means TLS with the server's certificate
+//! verified (rustls), anything else plain TCP or a Unix socket.
 //!
 //! **Status**: holders are `pg_locks` rows joined to `pg_stat_activity`; the
 //! `application_name` (`qsem h <key1> <slot> <N> <pid>@<host>`, readable by
