@@ -143,6 +143,19 @@ pub struct Cli {
     )]
     pub semaphore_timeout: Option<String>,
 
+    /// A shared server instead of lock files: postgres://[USER[:PASSWORD]@]HOST[:PORT]/DB[?sslmode=...]
+    // The URL may hold a password: --help must not show the variable's value.
+    #[arg(long, value_name = "URL", env = "QSEM_BACKEND", hide_env_values = true)]
+    pub backend: Option<String>,
+
+    /// With --backend, when the job's slot is lost: warn (let the job run on) or kill it [default: warn]
+    #[arg(long = "on-lost", value_name = "WHAT")]
+    pub on_lost: Option<String>,
+
+    /// With --backend, how soon a holder cut off from the server loses its slot [default: 30s]
+    #[arg(long = "lost-after", value_name = "DUR", env = "QSEM_LOST_AFTER")]
+    pub lost_after: Option<String>,
+
     /// The command and its arguments; options end at the first word that is not one
     #[arg(value_name = "COMMAND", trailing_var_arg = true)]
     pub command: Vec<OsString>,
@@ -356,5 +369,22 @@ mod tests {
     fn unknown_options_are_errors() {
         assert!(Cli::try_parse_from(["qsem", "--bogus", "true"]).is_err());
         assert!(Cli::try_parse_from(["qsem", "-c", "x", "true"]).is_err());
+    }
+
+    #[test]
+    fn backend_options() {
+        let cli = Cli::try_parse_from([
+            "qsem",
+            "--backend",
+            "postgres://db/qsem",
+            "--on-lost=kill",
+            "--lost-after",
+            "5s",
+            "true",
+        ])
+        .unwrap();
+        assert_eq!(cli.backend.as_deref(), Some("postgres://db/qsem"));
+        assert_eq!(cli.on_lost.as_deref(), Some("kill"));
+        assert_eq!(cli.lost_after.as_deref(), Some("5s"));
     }
 }

@@ -58,6 +58,28 @@ pub enum OnTimeout {
     RunAnyway,
 }
 
+/// Where the semaphore lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// Lock files in [`Config::dir`]: one machine, no server.
+    Local,
+    /// A PostgreSQL server shared by a fleet: a `postgres://` or
+    /// `postgresql://` URL, completed by the standard `PG*` variables.
+    Postgres(String),
+}
+
+/// What a job whose shared-server slot is lost should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLost {
+    /// Say so on stderr and let the job run on (the default).
+    Warn,
+    /// Say so, stop the job (SIGTERM, then SIGKILL) and exit with `Exit::SLOT_LOST`.
+    Kill,
+}
+
+/// The default bound for a cut-off holder to lose its slot.
+pub const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(30);
+
 /// The program to run and how to show it in report lines.
 #[derive(Debug, Clone)]
 pub struct Command {
@@ -122,6 +144,14 @@ pub struct Config {
     pub bg_stdin: bool,
     /// What to do.
     pub mode: Mode,
+    /// Lock files, or a shared server.
+    pub backend: Backend,
+    /// With a shared server: what to do with a job whose slot is lost.
+    pub on_lost: OnLost,
+    /// With a shared server: how soon a holder cut off from it loses its slot
+    /// (the server frees it, and the holder notices), at least 2s.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub lost_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -196,7 +226,34 @@ impl Config {
             }
         };
         let dir = lock_dir(cli.dir)?;
+        let backend = parse_backend(cli.backend.as_deref())?;
+        let on_lost = match cli.on_lost.as_deref() {
+            None | Some("warn") => OnLost::Warn,
+            Some("kill") => OnLost::Kill,
+            Some(other) => {
+                return Err(usage(format!(
+                    "invalid --on-lost '{other}': expected warn or kill"
+                )));
+            }
+        };
+        let lost_after = match &cli.lost_after {
+            Some(d) => {
+                let d =
+                    duration::parse(d).map_err(|e| usage(format!("invalid --lost-after: {e}")))?;
+                if d < Duration::from_secs(2) {
+                    return Err(usage(format!(
+                        "invalid --lost-after '{}': at least 2s (TCP keepalives count in seconds)",
+                        cli.lost_after.as_deref().unwrap_or_default()
+                    )));
+                }
+                d
+            }
+            None => DEFAULT_LOST_AFTER,
+        };
         Ok(Config {
+            backend,
+            on_lost,
+            lost_after,
             id,
             jobs,
             wait,
@@ -261,6 +318,10 @@ impl Config {
             verbose: false,
             close: false,
             bg_stdin: true,
+            // GNU sem has no such options; the environment still chooses.
+            backend: parse_backend(std::env::var("QSEM_BACKEND").ok().as_deref())?,
+            on_lost: OnLost::Warn,
+            lost_after: DEFAULT_LOST_AFTER,
             mode,
         })
     }
@@ -298,6 +359,21 @@ fn command_from_words(words: Vec<OsString>) -> Result<Command> {
         program,
         args: words.collect(),
     })
+}
+
+/// `--backend` / `QSEM_BACKEND`: empty or absent means lock files.
+fn parse_backend(url: Option<&str>) -> Result<Backend> {
+    let Some(url) = url.map(str::trim).filter(|u| !u.is_empty()) else {
+        return Ok(Backend::Local);
+    };
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Backend::Postgres(url.to_string()))
+    } else {
+        let shown = url.split_once('@').map_or(url, |(_, host)| host);
+        Err(usage(format!(
+            "unsupported backend '{shown}': expected postgres://[USER@]HOST[:PORT]/DATABASE"
+        )))
+    }
 }
 
 fn parse_exit_code(s: &str) -> Result<u8> {
@@ -499,6 +575,26 @@ mod tests {
         ] {
             let err = sem_config(args).expect_err("should be rejected");
             assert!(err.to_string().contains(needle), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn backends() {
+        assert_eq!(config(&["true"]).unwrap().backend, Backend::Local);
+        let c = config(&["--backend", "postgresql://h/db", "--on-lost=kill", "true"]).unwrap();
+        assert_eq!(c.backend, Backend::Postgres("postgresql://h/db".into()));
+        assert_eq!(c.on_lost, OnLost::Kill);
+        assert_eq!(c.lost_after, DEFAULT_LOST_AFTER);
+        for (args, needle) in [
+            (&["--backend", "redis://h", "true"][..], "'redis://h'"),
+            (&["--backend", "mysql://u:secret@h", "true"], "'h'"),
+            (&["--on-lost", "ignore", "true"], "'ignore'"),
+            (&["--lost-after", "1s", "true"], "'1s'"),
+            (&["--lost-after", "soon", "true"], "'soon'"),
+        ] {
+            let msg = usage_message(args);
+            assert!(msg.contains(needle), "{args:?}: {msg}");
+            assert!(!msg.contains("secret"), "{msg}");
         }
     }
 

@@ -32,6 +32,9 @@ impl Exit {
     pub const JOBS_FAILED: Exit = Exit(1);
     /// Bad usage: an unknown option, a bad value, no command.
     pub const USAGE: Exit = Exit(2);
+    /// `--on-lost=kill`: the shared-server slot was lost while the command ran,
+    /// so qsem stopped it.
+    pub const SLOT_LOST: Exit = Exit(122);
     /// `--each`: some run exited with a status from 1 to 125 (as xargs).
     pub const EACH_SOME_FAILED: Exit = Exit(123);
     /// `--each`: a run exited with status 255 (as xargs).

@@ -20,7 +20,7 @@ mod sys;
 
 use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
-use config::{Config, Mode, UsageError};
+use config::{Backend, Config, Mode, UsageError};
 use exit::{Exit, Failure};
 use semaphore::Semaphore;
 use semaphore::files::{Files, LockDir};
@@ -70,13 +70,46 @@ fn main() -> ExitCode {
     }
 }
 
+/// The engine for a shared server, if this qsem was built with one.
+#[cfg(feature = "postgres")]
+fn shared_server(cfg: &Config, url: &str) -> Result<Box<dyn Semaphore>> {
+    let engine = semaphore::postgres::Postgres::new(url, cfg.lost_after, cfg.verbose)?;
+    Ok(Box::new(engine))
+}
+
+#[cfg(not(feature = "postgres"))]
+fn shared_server(_cfg: &Config, _url: &str) -> Result<Box<dyn Semaphore>> {
+    anyhow::bail!(
+        "--backend postgres://: this qsem was built without PostgreSQL support (cargo feature \"postgres\")"
+    )
+}
+
+/// The engine `cfg` asks for: a shared server, or the lock directory.
+fn engine(cfg: &Config) -> Result<Box<dyn Semaphore>> {
+    match &cfg.backend {
+        Backend::Postgres(url) => shared_server(cfg, url),
+        Backend::Local => Ok(Box::new(Files::new(
+            LockDir::open(&cfg.dir, true)?,
+            cfg.verbose,
+        ))),
+    }
+}
+
+fn print_status(ids: Vec<semaphore::IdStatus>, json: bool) -> Result<Exit> {
+    let now = std::time::SystemTime::now();
+    let text = if json {
+        status::json(&ids, now)
+    } else {
+        status::table(&ids, now)
+    };
+    std::io::stdout().lock().write_all(text.as_bytes())?;
+    Ok(Exit::OK)
+}
+
 fn run(cfg: Config) -> Result<Exit> {
     match &cfg.mode {
         Mode::Status { only, json } => {
-            let ids = if cfg.dir.exists() {
-                let dir = LockDir::open(&cfg.dir, false)?;
-                Files::new(dir, cfg.verbose).status(only.as_ref())?
-            } else {
+            let ids = if cfg.backend == Backend::Local && !cfg.dir.exists() {
                 // No lock directory yet: nothing is held, nobody waits.
                 only.iter()
                     .map(|id| semaphore::IdStatus {
@@ -85,30 +118,21 @@ fn run(cfg: Config) -> Result<Exit> {
                         waiting: 0,
                     })
                     .collect()
-            };
-            let now = std::time::SystemTime::now();
-            let text = if *json {
-                status::json(&ids, now)
             } else {
-                status::table(&ids, now)
+                engine(&cfg)?.status(only.as_ref())?
             };
-            std::io::stdout().lock().write_all(text.as_bytes())?;
-            Ok(Exit::OK)
+            print_status(ids, *json)
         }
-        Mode::Run(cmd) => {
-            let dir = LockDir::open(&cfg.dir, true)?;
-            let mut sem = Files::new(dir, cfg.verbose);
-            runner::run(&cfg, cmd, &mut sem)
-        }
+        Mode::Run(cmd) => runner::run(&cfg, cmd, engine(&cfg)?.as_mut()),
         Mode::Background(cmd) => background::launch(&cfg, cmd),
         Mode::Supervise { command, notify } => {
             let notify = sys::adopt_inherited(*notify)
                 .with_context(|| format!("--bg-supervisor: descriptor {notify}"))?;
-            runner::run_detached(&cfg, command, &mut local_semaphore(&cfg)?, notify)
+            runner::run_detached(&cfg, command, engine(&cfg)?.as_mut(), notify)
         }
-        Mode::WaitAll => background::wait_all(&cfg, &mut local_semaphore(&cfg)?),
+        Mode::WaitAll => background::wait_all(&cfg, engine(&cfg)?.as_mut()),
         Mode::Each { command, separator } => {
-            each::run(&cfg, command, *separator, &mut local_semaphore(&cfg)?)
+            each::run(&cfg, command, *separator, engine(&cfg)?.as_mut())
         }
         Mode::Completions(shell) => {
             let mut cmd = cli::completion_command();
@@ -116,10 +140,4 @@ fn run(cfg: Config) -> Result<Exit> {
             Ok(Exit::OK)
         }
     }
-}
-
-/// The lock-file engine for `cfg`'s lock directory.
-fn local_semaphore(cfg: &Config) -> Result<Files> {
-    let dir = LockDir::open(&cfg.dir, true)?;
-    Ok(Files::new(dir, cfg.verbose))
 }

@@ -1,6 +1,8 @@
 //! Runs the command under a slot: finds it, takes the slot, spawns it, passes
 //! signals on, waits, and turns its end into qsem's exit status and report
-//! line. It knows the semaphore only through the `Semaphore` trait.
+//! line. It knows the semaphore only through the `Semaphore` trait, and learns
+//! that a held slot was lost (a shared server's session can end) through
+//! `Slot::events`, which it polls beside its signal pipe.
 //!
 //! Two decisions shape it. The child inherits the slot's descriptor (unless
 //! `-o`), so that a `kill -9` of qsem cannot free a slot whose job still runs.
@@ -10,22 +12,25 @@
 //! elsewhere (cron, scripts in the background) the child gets a process group of
 //! its own and every signal qsem receives is passed to that group.
 
-use crate::config::{Command, Config, OnTimeout};
+use crate::config::{Command, Config, OnLost, OnTimeout};
 use crate::duration;
 use crate::exit::{Exit, Failure};
 use crate::report;
-use crate::semaphore::{Acquired, Request, Semaphore, Slot};
+use crate::semaphore::{Acquired, Request, Semaphore, Slot, SlotEvent};
 use crate::signals::{Received, Signals};
 use crate::sys;
 use anyhow::{Context, Result};
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+/// With `--on-lost=kill`: how long a job has between SIGTERM and SIGKILL.
+pub const LOST_GRACE: Duration = Duration::from_secs(10);
 
 /// Runs `cmd` under the semaphore as `cfg` says, and returns qsem's status.
 pub fn run(cfg: &Config, cmd: &Command, sem: &mut dyn Semaphore) -> Result<Exit> {
@@ -117,7 +122,17 @@ fn run_as(
     if let Some(slot) = slot.as_mut() {
         slot.set_child(child.id());
     }
-    let status = supervise(&mut child, &mut signals, own_group)?;
+    let (status, stopped) = supervise(
+        cfg,
+        &mut child,
+        &mut signals,
+        own_group,
+        slot.as_deref_mut(),
+    )?;
+    if stopped {
+        // The loss was reported when it happened; the job's own end is moot.
+        return Ok(Exit::SLOT_LOST);
+    }
     let exit = Exit::of_child(status);
     if !exit.is_success() {
         let line = describe(&display, status, started.elapsed());
@@ -214,32 +229,77 @@ pub fn spawn(
     spawned
 }
 
-/// Waits for the child, passing signals on. The child is reaped only here, so
-/// its pid cannot be reused while signals are still being sent to it.
+/// Waits for the child, passing signals on, and watches the slot: an engine
+/// that can lose a held slot says so through [`Slot::events`]. Returns the
+/// child's status and whether it was stopped because its slot was lost
+/// (`--on-lost=kill`). The child is reaped only here, so its pid cannot be
+/// reused while signals are still being sent to it.
 fn supervise(
+    cfg: &Config,
     child: &mut std::process::Child,
     signals: &mut Signals,
     own_group: bool,
-) -> Result<ExitStatus> {
+    mut slot: Option<&mut (dyn Slot + '_)>,
+) -> Result<(ExitStatus, bool)> {
     let pid = child.id() as libc::pid_t;
+    let send = |signo| {
+        // SAFETY: no memory is passed; a failure means the group is gone.
+        if !own_group || unsafe { libc::kill(-pid, signo) } != 0 {
+            sys::kill(pid, signo);
+        }
+    };
+    // Set once the job is being stopped for a lost slot: when to send SIGKILL.
+    let mut stopping: Option<Option<Instant>> = None;
     loop {
         for r in signals.pending() {
             if !forwards(r, own_group) {
                 continue;
             }
-            if own_group {
-                // SAFETY: no memory is passed; a failure means the group is gone.
-                if unsafe { libc::kill(-pid, r.signo) } != 0 {
-                    sys::kill(pid, r.signo);
+            send(r.signo);
+        }
+        let events = slot
+            .as_deref_mut()
+            .map(|s| s.take_events())
+            .unwrap_or_default();
+        for event in events {
+            match event {
+                SlotEvent::Lost(why) if cfg.on_lost == OnLost::Kill => {
+                    if stopping.is_none() {
+                        report::line(
+                            &cfg.id,
+                            &format!(
+                                "{why}; stopping the command (SIGTERM, then SIGKILL after {})",
+                                duration::human(LOST_GRACE)
+                            ),
+                        );
+                        send(libc::SIGTERM);
+                        stopping = Some(Instant::now().checked_add(LOST_GRACE));
+                    }
                 }
-            } else {
-                sys::kill(pid, r.signo);
+                SlotEvent::Lost(why) => report::line(
+                    &cfg.id,
+                    &format!("{why}; the command runs on, and qsem tries to take a slot again"),
+                ),
+                SlotEvent::Regained(what) if stopping.is_none() => report::line(&cfg.id, &what),
+                SlotEvent::Regained(_) => {}
             }
         }
         if let Some(status) = child.try_wait().context("cannot wait for the command")? {
-            return Ok(status);
+            return Ok((status, stopping.is_some()));
         }
-        sys::poll_readable(&[signals.fd()], None).context("cannot wait (poll)")?;
+        let kill_at = stopping.flatten();
+        if kill_at.is_some_and(|t| Instant::now() >= t) {
+            send(libc::SIGKILL);
+            stopping = Some(None);
+            continue;
+        }
+        let mut fds = vec![signals.fd()];
+        fds.extend(
+            slot.as_deref()
+                .and_then(|s| s.events())
+                .map(|fd| fd.as_raw_fd()),
+        );
+        sys::poll_readable(&fds, kill_at).context("cannot wait (poll)")?;
     }
 }
 

@@ -3,9 +3,12 @@
 //! guard; list who holds and who waits.
 //!
 //! The runner sees only [`Semaphore`] and [`Slot`]. The lock-file engine
-//! (`files.rs`) is the default and needs nothing but a directory.
+//! (`files.rs`) is the default and needs nothing but a directory; the
+//! PostgreSQL engine (`postgres.rs`) shares a limit across machines.
 
 pub mod files;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 
 use crate::id::Id;
 use crate::signals::Signals;
@@ -47,6 +50,26 @@ pub trait Slot {
     fn inheritable(&self) -> Option<BorrowedFd<'_>>;
     /// Records the child's pid for `--status`.
     fn set_child(&mut self, pid: u32);
+    /// A descriptor that becomes readable when [`Slot::take_events`] has news,
+    /// for engines whose slot can be lost while held (a server's session can
+    /// end; a kernel's lock cannot). `None`: nothing to watch.
+    fn events(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    /// The news since the last call, oldest first.
+    fn take_events(&mut self) -> Vec<SlotEvent> {
+        Vec::new()
+    }
+}
+
+/// Something that happened to a held slot.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotEvent {
+    /// The slot is no longer held; the text says why, for one stderr line.
+    Lost(String),
+    /// The slot was lost and has been taken again; the text says which.
+    Regained(String),
 }
 
 /// One held slot, as `--status` shows it.

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Makes sure the PostgreSQL backend's tests (tests/postgres.rs) can run here:
+# PostgreSQL's server binaries (initdb, pg_ctl, psql) and the `postgres` user
+# they run as, plus nftables for the network-partition test and openssl for
+# the TLS test's certificates. The tests start
+# their own throwaway cluster; nothing is started here. Idempotent, needs
+# root when something is missing, never reads stdin. Called by .ci/run.
+set -euo pipefail
+
+have_postgres() {
+    local d
+    for d in $(command -v initdb pg_ctl psql 2>/dev/null | xargs -r -n1 dirname | sort -u) \
+             /usr/lib/postgresql/*/bin; do
+        [ -x "$d/initdb" ] && [ -x "$d/pg_ctl" ] && [ -x "$d/psql" ] && return 0
+    done
+    return 1
+}
+
+missing=()
+have_postgres || missing+=(postgresql)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "postgres.sh: missing ${missing[*]}, and not root to install them" >&2
+        exit 1
+    fi
+    # Debian's package would create and start a cluster of its own; the tests
+    # need only the binaries.
+    mkdir -p /etc/postgresql-common
+    if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+        echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q </dev/null
+    apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+fi
+
+have_postgres || { echo "postgres.sh: PostgreSQL binaries still missing" >&2; exit 1; }
+id postgres >/dev/null 2>&1 || { echo "postgres.sh: no 'postgres' user" >&2; exit 1; }
+command -v nft >/dev/null 2>&1 || { echo "postgres.sh: nft still missing" >&2; exit 1; }
+for d in /usr/lib/postgresql/*/bin; do [ -x "$d/initdb" ] && echo "postgres.sh: $("$d/initdb" --version)"; done
+echo "postgres.sh: $(nft --version)"
