@@ -32,8 +32,8 @@ Exit status: the command's own; 128+N if it was killed by signal N; the -E value
 126/127 if the command cannot be run or is not found. --bg: 0 once the job has
 started. --wait-all: 1 if background jobs failed since the last --wait-all.
 --each, as xargs: 123 if a run exited 1-254, 124 if one exited 255, 125 if one
-was killed by a signal. Invoked as `sem`, qsem reads GNU sem's command lines.
-See qsem(1).";
+was killed by a signal. --backend with --on-lost=kill: 122 if the job's slot was
+lost. Invoked as `sem`, qsem reads GNU sem's command lines. See qsem(1).";
 
 /// Run a command while holding one of N slots of a named semaphore.
 #[derive(Parser, Debug)]
