@@ -6,6 +6,8 @@ use common::{Env, run};
 #[test]
 fn success_is_silent_and_passes_output_through() {
     let env = Env::new();
-    let (code, out, err) = run(env.qsem().args(["--id", "demo", "-j2", "--wait", "1s", "--", "echo", "hello"]));
+    let (code, out, err) = run(env
+        .qsem()
+        .args(["--id", "demo", "-j2", "--wait", "1s", "--", "echo", "hello"]));
     assert_eq!((code, out.as_str(), err.as_str()), (0, "hello\n", ""));
 }
