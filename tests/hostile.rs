@@ -172,6 +172,7 @@ fn bad_durations_exit_2_naming_the_value() {
         ("5124095576030432h", "too large"),
         ("-1", "negative"),
         ("-0.5s", "negative"),
+        ("340282366920938463463374607431.9s", "too large"),
         ("", "empty"),
         ("nan", "'nan'"),
         ("inf", "'inf'"),
