@@ -1,0 +1,338 @@
+//! Faults (issue 5): each has a defined outcome, correct operation or one clear
+//! line and status 125, and never two holders of a slot, a job run without
+//! its slot, a hang or a panic. Tests that mount a filesystem need root (CI
+//! runs as root); elsewhere they say loudly that they are skipped.
+
+mod common;
+use common::{Env, SOON, eventually, run, wait_for_file};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    /// `None` (with a loud message) when not root or mounting is not allowed.
+    fn mount(env: &Env, name: &str, options: &str) -> Option<Tmpfs> {
+        if !is_root() {
+            eprintln!("SKIPPED: {name} needs root to mount a tmpfs (CI runs as root)");
+            return None;
+        }
+        let path = env.path(name);
+        std::fs::create_dir_all(&path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!("SKIPPED: {name}: cannot mount a tmpfs here");
+            return None;
+        }
+        Some(Tmpfs { path })
+    }
+
+    /// A read-only view of the same filesystem (a bind mount), so that files
+    /// open for writing elsewhere do not prevent it.
+    fn read_only_view(&self, at: &Path) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        for args in [&["--bind"][..], &["-o", "remount,bind,ro"]] {
+            let ok = Command::new("mount")
+                .args(args)
+                .arg(&self.path)
+                .arg(at)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mount {args:?}");
+        }
+        Tmpfs {
+            path: at.to_path_buf(),
+        }
+    }
+
+    /// Fills the filesystem: no block is left.
+    #[allow(dead_code)]
+    fn fill(&self) {
+        let mut f = std::fs::File::create(self.path.join("filler")).unwrap();
+        let block = vec![0u8; 4096];
+        while std::io::Write::write_all(&mut f, &block).is_ok() {}
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+/// Runs qsem with a bound: a hang is a failure, not a stuck test.
+fn run_bounded(cmd: &mut Command) -> (i32, String, String) {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > SOON {
+            let _ = child.kill();
+            panic!("qsem hung: {cmd:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Asserts qsem's own failure: 125, one line naming `what`, the job not run.
+fn assert_own_failure(result: (i32, String, String), ran: &Path, what: &str) {
+    let (code, _, err) = result;
+    assert_eq!(code, 125, "{err}");
+    assert!(err.starts_with("qsem: ") && err.contains(what), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!ran.exists(), "the job ran without its slot");
+}
+
+/// A job that leaves a marker, then sleeps.
+fn job(marker: &Path, secs: &str) -> Vec<String> {
+    vec![
+        "--".into(),
+        "sh".into(),
+        "-c".into(),
+        format!("touch '{}'; sleep {secs}", marker.display()),
+    ]
+}
+
+fn holder(env: &Env, dir: &Path, id: &str, jobs: &str, marker: &Path) -> Child {
+    let child = env
+        .qsem()
+        .arg("--dir")
+        .arg(dir)
+        .args(["--id", id, "-j", jobs])
+        .args(job(marker, "30"))
+        .spawn()
+        .unwrap();
+    assert!(wait_for_file(marker, SOON));
+    child
+}
+
+#[test]
+fn read_only_filesystem() {
+    let env = Env::new();
+    let Some(fs) = Tmpfs::mount(&env, "rw", "size=1m") else {
+        return;
+    };
+    let ran = env.path("ran");
+    let marker = env.path("holding");
+    let mut held = holder(&env, &fs.path.join("locks"), "a", "1", &marker);
+    let ro = fs.read_only_view(&env.path("ro"));
+    let q_wait = |dir: &str, id: &str, jobs: &str, wait: &str| {
+        let mut c = env.qsem();
+        c.arg("--dir")
+            .arg(ro.path.join(dir))
+            .args(["--id", id, "-j", jobs, "--wait", wait, "-E", "75"]);
+        c
+    };
+    let q = |dir: &str, id: &str, jobs: &str| q_wait(dir, id, jobs, "0");
+    for (dir, id, jobs) in [
+        ("missing", "a", "1"),
+        ("locks", "new", "1"),
+        ("locks", "a", "2"),
+    ] {
+        let result = run_bounded(q(dir, id, jobs).args(job(&ran, "0")));
+        assert_own_failure(result, &ran, "Read-only file system");
+    }
+    // A full id: one try (--wait 0) needs no writing and finds it busy; a
+    // waiter cannot queue on a read-only filesystem, and says so.
+    let (code, _, err) = run_bounded(q("locks", "a", "1").args(job(&ran, "0")));
+    assert_eq!((code, err.as_str()), (75, ""));
+    let result = run_bounded(q_wait("locks", "a", "1", "1s").args(job(&ran, "0")));
+    assert_own_failure(result, &ran, "Read-only file system");
+    // --status needs no writing.
+    let (code, out, err) = run_bounded(
+        env.qsem()
+            .arg("--dir")
+            .arg(ro.path.join("locks"))
+            .arg("--status"),
+    );
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert!(out.contains("1 held"), "{out}");
+    held.kill().unwrap();
+    held.wait().unwrap();
+    drop(ro);
+}
+
+#[test]
+fn out_of_file_descriptors() {
+    let env = Env::new();
+    let ran = env.path("ran");
+    // Every limit from "nothing works" to "enough": a clear 125 or a clean run.
+    // (Below 4 the dynamic loader itself fails, before qsem runs.)
+    for limit in 4..=24u64 {
+        let _ = std::fs::remove_file(&ran);
+        let mut cmd = env.qsem();
+        cmd.args(["--id", "fd", "-j1"]).args(job(&ran, "0"));
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                let lim = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                Ok(())
+            });
+        }
+        let (code, _, err) = run_bounded(&mut cmd);
+        match code {
+            0 => assert!(ran.exists(), "limit {limit}"),
+            125 => assert_own_failure((code, String::new(), err), &ran, "Too many open files"),
+            _ => panic!("limit {limit}: status {code}: {err}"),
+        }
+    }
+    // While waiting, too: the waiter needs descriptors for its queue ticket.
+    let marker = env.path("holding");
+    let mut held = holder(&env, &env.locks, "fd", "1", &marker);
+    for limit in 6..=16u64 {
+        let mut cmd = env.qsem();
+        cmd.args(["--id", "fd", "-j1", "--wait", "300ms", "-E", "75"])
+            .args(job(&ran, "0"));
+        // SAFETY: as above.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                let lim = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                Ok(())
+            });
+        }
+        let _ = std::fs::remove_file(&ran);
+        let (code, _, err) = run_bounded(&mut cmd);
+        match code {
+            75 => assert!(err.is_empty() && !ran.exists(), "limit {limit}: {err}"),
+            125 => assert_own_failure((code, String::new(), err), &ran, "Too many open files"),
+            _ => panic!("limit {limit}: status {code}: {err}"),
+        }
+    }
+    held.kill().unwrap();
+    held.wait().unwrap();
+}
+
+#[test]
+fn lock_directory_removed_while_idle() {
+    let env = Env::new();
+    let ran = env.path("ran");
+    assert_eq!(
+        run(env.qsem().args(["--id", "x"]).args(job(&ran, "0"))).0,
+        0
+    );
+    std::fs::remove_dir_all(&env.locks).unwrap();
+    std::fs::remove_file(&ran).unwrap();
+    let (code, _, err) = run(env.qsem().args(["--id", "x"]).args(job(&ran, "0")));
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert!(ran.exists());
+    // Only the id directory, then only its queue.
+    for part in ["x", "x/queue"] {
+        std::fs::remove_dir_all(env.locks.join(part)).unwrap();
+        let (code, _, err) = run(env.qsem().args(["--id", "x"]).args(job(&ran, "0")));
+        assert_eq!((code, err.as_str()), (0, ""), "{part}");
+    }
+}
+
+/// A FIFO, a symlink, a directory or a device where a slot file, the mutex or
+/// an id directory should be: refused at once, never followed, never a hang.
+#[test]
+fn odd_files_where_slot_files_should_be() {
+    let env = Env::new();
+    let ran = env.path("ran");
+    let target = env.path("target");
+    std::fs::write(&target, "precious").unwrap();
+    let mkfifo = |p: &Path| {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    };
+    type Plant<'a> = Box<dyn Fn(&Path) + 'a>;
+    let cases: Vec<(&str, Plant, &str)> = vec![
+        ("1", Box::new(mkfifo), "not a regular file"),
+        ("2", Box::new(mkfifo), "not a regular file"),
+        ("queue/lock", Box::new(mkfifo), "not a regular file"),
+        (
+            "1",
+            Box::new(|p: &Path| std::os::unix::fs::symlink("/dev/zero", p).unwrap()),
+            "symbolic link",
+        ),
+        (
+            "1",
+            Box::new(|p: &Path| std::os::unix::fs::symlink(env.path("target"), p).unwrap()),
+            "symbolic link",
+        ),
+        (
+            "queue/lock",
+            Box::new(|p: &Path| std::os::unix::fs::symlink(env.path("target"), p).unwrap()),
+            "symbolic link",
+        ),
+        (
+            "1",
+            Box::new(|p: &Path| std::fs::create_dir(p).unwrap()),
+            "not a regular file",
+        ),
+    ];
+    for (n, (name, plant, what)) in cases.iter().enumerate() {
+        let id = format!("odd{n}");
+        // A taker probes every slot file, so even slot 2 is looked at.
+        std::fs::create_dir_all(env.locks.join(&id).join("queue")).unwrap();
+        let path = env.locks.join(&id).join(name);
+        plant(&path);
+        let mut cmd = env.qsem();
+        cmd.args(["--id", &id, "-j2", "--wait", "1s"])
+            .args(job(&ran, "0"));
+        let (code, _, err) = run_bounded(&mut cmd);
+        assert_own_failure((code, String::new(), err.clone()), &ran, what);
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        // --status refuses it as well, without hanging.
+        let (code, _, err) = run_bounded(env.qsem().args(["--status", "--id", &id]));
+        assert!(code == 125 || code == 0, "{err}");
+        if std::fs::symlink_metadata(&path)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+        {
+            assert!(
+                std::fs::symlink_metadata(&path)
+                    .unwrap()
+                    .file_type()
+                    .is_fifo()
+            );
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+    // An id directory that is a symlink to elsewhere.
+    std::os::unix::fs::symlink(env.path("elsewhere"), env.locks.join("linked")).unwrap();
+    std::fs::create_dir(env.path("elsewhere")).unwrap();
+    let result = run_bounded(env.qsem().args(["--id", "linked"]).args(job(&ran, "0")));
+    assert_own_failure(result, &ran, "symbolic link");
+    assert!(eventually(SOON, || std::fs::read_dir(
+        env.path("elsewhere")
+    )
+    .unwrap()
+    .next()
+    .is_none()));
+}
