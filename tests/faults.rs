@@ -61,7 +61,6 @@ impl Tmpfs {
     }
 
     /// Fills the filesystem: no block is left.
-    #[allow(dead_code)]
     fn fill(&self) {
         let mut f = std::fs::File::create(self.path.join("filler")).unwrap();
         let block = vec![0u8; 4096];
@@ -129,6 +128,53 @@ fn holder(env: &Env, dir: &Path, id: &str, jobs: &str, marker: &Path) -> Child {
         .unwrap();
     assert!(wait_for_file(marker, SOON));
     child
+}
+
+#[test]
+fn full_filesystem() {
+    let env = Env::new();
+    let Some(fs) = Tmpfs::mount(&env, "full", "size=64k,nr_inodes=64") else {
+        return;
+    };
+    let locks = fs.path.join("locks");
+    let ran = env.path("ran");
+    let q = |id: &str| {
+        let mut c = env.qsem();
+        c.arg("--dir")
+            .arg(&locks)
+            .args(["--id", id, "-j2", "--wait", "2s"]);
+        c
+    };
+    // An id used before the disk filled up keeps working: its files exist.
+    assert_eq!(run(q("old").args(job(&ran, "0"))).0, 0);
+    std::fs::remove_file(&ran).unwrap();
+    fs.fill();
+    assert_eq!(run_bounded(q("old").args(job(&ran, "0"))).0, 0);
+    assert!(ran.exists());
+    std::fs::remove_file(&ran).unwrap();
+    // A new id needs a block for its slot record: the job runs all the same,
+    // the record being only for --status.
+    let (code, _, err) = run_bounded(q("new").args(job(&ran, "0")));
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert!(ran.exists());
+    // --status still answers.
+    let (code, _, err) = run_bounded(env.qsem().arg("--dir").arg(&locks).arg("--status"));
+    assert_eq!((code, err.as_str()), (0, ""));
+    // No inode left: a waiter cannot queue, and says so.
+    let _ = std::fs::remove_file(&ran);
+    let marker = env.path("holding");
+    let mut first = holder(&env, &locks, "old", "2", &marker);
+    let mut second = holder(&env, &locks, "old", "2", &env.path("holding2"));
+    let mut i = 0;
+    while std::fs::File::create(fs.path.join(format!("f{i}"))).is_ok() {
+        i += 1;
+    }
+    let result = run_bounded(q("old").args(job(&ran, "0")));
+    assert_own_failure(result, &ran, "No space left on device");
+    for c in [&mut first, &mut second] {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
 }
 
 #[test]

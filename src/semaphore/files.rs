@@ -468,8 +468,9 @@ impl IdDir {
                 command: req.command.to_string(),
             },
         };
-        slot.write_record()
-            .with_context(|| format!("cannot write to {}", path.display()))?;
+        // The record is for --status only: a full disk must not stop the job,
+        // which holds its slot all the same.
+        let _ = slot.write_record();
         Ok(Some(slot))
     }
 
@@ -636,10 +637,18 @@ struct SlotFile {
 }
 
 impl SlotFile {
+    /// Writes the record for --status. A record that cannot be written whole
+    /// (a full disk) is cut off rather than left half stale.
     fn write_record(&mut self) -> io::Result<()> {
         let text = self.record.render();
-        self.file.write_all_at(text.as_bytes(), 0)?;
-        self.file.set_len(text.len() as u64)
+        let written = self
+            .file
+            .write_all_at(text.as_bytes(), 0)
+            .and_then(|()| self.file.set_len(text.len() as u64));
+        if written.is_err() {
+            let _ = self.file.set_len(0);
+        }
+        written
     }
 }
 
