@@ -476,8 +476,9 @@ fn judge(work: &Path, inv: &Invocation, status: std::process::ExitStatus, f: &mu
         // was stopped by the forwarded signal (and a line says so).
         (Plan::Signal(sig), Some(c)) if acted && c == 128 + sig => {
             let killed = err.contains(&format!("killed by {}", signame(sig)));
-            // The signal may also have reached the job before it could say it started.
-            !done && (killed || (!started && err.is_empty()))
+            // The signal may have reached the job before it could say it
+            // started, or after it said it was done but before it exited.
+            killed || (!started && !done && err.is_empty())
         }
         // Killed before its handlers were in place: as good as 128+N to a
         // shell, and nothing had been taken yet.
@@ -485,7 +486,7 @@ fn judge(work: &Path, inv: &Invocation, status: std::process::ExitStatus, f: &mu
             f.signals_before_ready += 1;
             true
         }
-        (Plan::KillJob, Some(137)) if acted && started && !done => err.contains("SIGKILL"),
+        (Plan::KillJob, Some(137)) if acted && started => err.contains("SIGKILL"),
         (Plan::KillQsem, None) if acted && status.signal() == Some(libc::SIGKILL) => true,
         _ => false,
     };
