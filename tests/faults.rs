@@ -382,3 +382,65 @@ fn odd_files_where_slot_files_should_be() {
     .next()
     .is_none()));
 }
+
+/// The lock directory removed (rm -rf, a tmp cleaner) while a job holds a slot
+/// and another waits. The holder's lock lives on in the removed file, where
+/// nobody can see it; so the holder puts its slot back within about a second,
+/// and the waiter queues again in the new directory. Only a newcomer in that
+/// first second can be admitted beside the running job (see the manual).
+#[test]
+fn lock_directory_removed_while_a_job_holds_a_slot() {
+    let env = Env::new();
+    let (held, waited) = (env.path("held"), env.path("waited"));
+    let holder = env
+        .qsem()
+        .args(["--id", "x", "-j1", "--", "sh", "-c"])
+        .arg(format!(
+            "touch '{}'; sleep 4; touch '{}.done'",
+            held.display(),
+            held.display()
+        ))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_for_file(&held, SOON));
+    let waiter = env
+        .qsem()
+        .args(["--id", "x", "-j1", "--wait", "30s", "--", "sh", "-c"])
+        .arg(format!(
+            "test -e '{}.done' && touch '{}'",
+            held.display(),
+            waited.display()
+        ))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waiting = || {
+        let (_, out, _) = run(env.qsem().args(["--status", "--id", "x"]));
+        out.contains("1 waiting")
+    };
+    assert!(eventually(SOON, waiting));
+    std::fs::remove_dir_all(&env.locks).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // The slot is back: a newcomer finds it held, --status shows it.
+    let (code, _, err) = run(env
+        .qsem()
+        .args(["--id", "x", "-j1", "--wait", "0", "-E", "75", "true"]));
+    assert_eq!((code, err.as_str()), (75, ""));
+    let (_, out, _) = run(env.qsem().args(["--status", "--id", "x"]));
+    assert!(out.contains("1 held"), "{out}");
+    // The waiter runs only after the holder's job has ended.
+    let out = holder.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("removed") && err.lines().count() == 1, "{err}");
+    let out = waiter.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(waited.exists(), "the waiter ran beside the holder");
+    // And nothing is left held.
+    let (code, _, _) = run(env
+        .qsem()
+        .args(["--id", "x", "--wait", "0", "-E", "75", "true"]));
+    assert_eq!(code, 0);
+}

@@ -56,10 +56,15 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How often a chain head re-checks when no inotify instance can be had.
 pub const FALLBACK_POLL: Duration = Duration::from_millis(20);
+
+/// How often a holder checks that its slot file is still there; see [`Guard`].
+pub const GUARD_POLL: Duration = Duration::from_millis(500);
 
 const QUEUE: &str = "queue";
 const MUTEX: &str = "lock";
@@ -269,6 +274,19 @@ impl LockDir {
     }
 }
 
+/// Whether `path` no longer names the directory open as `fd` (removed, or
+/// replaced).
+fn moved_away(path: &Path, fd: BorrowedFd) -> bool {
+    sys::fstat(fd).is_ok_and(|st| gone(path, st.st_dev, st.st_ino))
+}
+
+impl LockDir {
+    /// Whether the lock directory was removed or replaced since it was opened.
+    fn vanished(&self) -> bool {
+        moved_away(&self.path, self.fd.as_fd())
+    }
+}
+
 /// Says precisely why `name` is unusable: a symlink, or not a `what`.
 fn not_what_it_should_be(
     parent: BorrowedFd,
@@ -347,6 +365,19 @@ fn parse_slot(name: &OsStr) -> Option<u32> {
 }
 
 impl IdDir {
+    /// Whether this id's directory or its queue was removed or replaced.
+    fn vanished(&self) -> bool {
+        moved_away(&self.path, self.fd.as_fd()) || moved_away(&self.queue_path, self.queue.as_fd())
+    }
+
+    /// Whether slot `k` is free (or has no file). Call under the mutex.
+    fn is_free(&self, lock_dir: &LockDir, k: u32) -> Result<bool> {
+        match self.open_slot_probe(lock_dir, k)? {
+            None => Ok(true),
+            Some(fd) => Ok(sys::probe_shared(fd.as_fd())? == Probe::Taken),
+        }
+    }
+
     /// The per-id mutex, exclusive for takers, shared for `--status`. Held for
     /// microseconds at a time, so a blocking lock is right.
     fn mutex(&self, lock_dir: &LockDir, shared: bool) -> Result<OwnedFd> {
@@ -460,6 +491,8 @@ impl IdDir {
         let mut slot = SlotFile {
             file: File::from(fd),
             number: k,
+            path,
+            guard: None,
             record: Record {
                 pid: std::process::id(),
                 host: sys::hostname(),
@@ -634,6 +667,10 @@ struct SlotFile {
     file: File,
     number: u32,
     record: Record,
+    path: PathBuf,
+    /// Puts the slot back if its file is removed; `None` for a slot taken
+    /// back by a guard, which watches it itself.
+    guard: Option<Guard>,
 }
 
 impl SlotFile {
@@ -663,9 +700,171 @@ impl Slot for SlotFile {
 
     fn set_child(&mut self, pid: u32) {
         self.record.pid = pid;
+        if let Some(guard) = &self.guard {
+            guard.child.store(pid, Ordering::Relaxed);
+        }
         // The record is informational: a failure to update it changes nothing.
         let _ = self.write_record();
     }
+}
+
+/// Puts a held slot back when its file is removed or replaced from outside
+/// (`rm -rf` of the lock directory, a tmp cleaner). The lock lives on in the
+/// removed file, where no taker can see it, so without this a newcomer would
+/// be admitted beside the running job. A thread that looks every
+/// [`GUARD_POLL`] (two `stat`s; no inotify instance, which waiters need more),
+/// stopped and joined when the slot is released. It cannot close the window
+/// between the removal and its next look, nor act once qsem is killed.
+struct Guard {
+    /// Closing it stops the thread.
+    stop: Option<OwnedFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The child's pid, for the record of a slot taken back.
+    child: Arc<AtomicU32>,
+}
+
+/// What a guard watches, and what it needs to take the slot back.
+struct Watch {
+    lock_path: PathBuf,
+    id: Id,
+    jobs: u32,
+    command: String,
+    started: SystemTime,
+    number: u32,
+    path: PathBuf,
+    dev: libc::dev_t,
+    ino: libc::ino_t,
+}
+
+impl Guard {
+    /// `None` if no thread can be had: the slot is then simply unguarded.
+    fn start(watch: Watch) -> Option<Guard> {
+        let (read, write) = sys::pipe().ok()?;
+        let child = Arc::new(AtomicU32::new(0));
+        let pid = child.clone();
+        let thread = std::thread::Builder::new()
+            .name("qsem-guard".into())
+            .stack_size(64 * 1024)
+            .spawn(move || guard(watch, read, &pid))
+            .ok()?;
+        Some(Guard {
+            stop: Some(write),
+            thread: Some(thread),
+            child,
+        })
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // The thread's poll sees the pipe hang up, and it releases what it holds.
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn guard(mut w: Watch, stop: OwnedFd, child: &AtomicU32) {
+    // The slot taken back, held until the job ends.
+    let mut _again: Option<SlotFile> = None;
+    let mut complained = false;
+    loop {
+        let until = Instant::now() + GUARD_POLL;
+        match sys::poll_readable(&[stop.as_raw_fd()], Some(until)) {
+            Ok(ready) if ready.is_empty() => {}
+            _ => return,
+        }
+        if !gone(&w.path, w.dev, w.ino) {
+            continue;
+        }
+        match retake(&w) {
+            Ok((mut slot, others)) => {
+                // The record is the job's, as before the removal.
+                slot.record.started = w.started;
+                match child.load(Ordering::Relaxed) {
+                    0 => {
+                        let _ = slot.write_record();
+                    }
+                    pid => slot.set_child(pid),
+                }
+                let msg = if others >= w.jobs {
+                    format!(
+                        "{} was removed while this job held slot {}; {others} other jobs \
+                         took slots meanwhile, so the limit of {} is exceeded until this job ends",
+                        w.path.display(),
+                        w.number,
+                        w.jobs
+                    )
+                } else {
+                    format!(
+                        "{} was removed while this job held slot {}; took slot {} again",
+                        w.path.display(),
+                        w.number,
+                        slot.number
+                    )
+                };
+                report::line(&w.id, &msg);
+                let Ok(st) = sys::fstat(slot.file.as_fd()) else {
+                    return;
+                };
+                (w.number, w.dev, w.ino) = (slot.number, st.st_dev, st.st_ino);
+                w.path.clone_from(&slot.path);
+                _again = Some(slot);
+                complained = false;
+            }
+            Err(e) if !complained => {
+                report::line(
+                    &w.id,
+                    &format!(
+                        "{} was removed while this job held it, and cannot be put back: {e:#}",
+                        w.path.display()
+                    ),
+                );
+                complained = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Whether `path` no longer names the file (dev, ino). Errors other than
+/// "not there" are no evidence: false.
+fn gone(path: &Path, dev: libc::dev_t, ino: libc::ino_t) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => m.dev() != dev || m.ino() != ino,
+        Err(e) => matches!(
+            e.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+        ),
+    }
+}
+
+/// Takes the watched slot back (its own number if free, else the lowest free
+/// one), re-creating the directories; also says how many others hold slots.
+fn retake(w: &Watch) -> Result<(SlotFile, u32)> {
+    let dir = LockDir::open(&w.lock_path, true)?;
+    let id_dir = dir.id_dir(&w.id, true)?.expect("created");
+    let _mutex = id_dir.mutex(&dir, false)?;
+    let req = Request {
+        id: &w.id,
+        jobs: w.jobs,
+        deadline: None,
+        command: &w.command,
+    };
+    for _ in 0..100 {
+        let scan = id_dir.scan(&dir)?;
+        let k = if id_dir.is_free(&dir, w.number)? {
+            w.number
+        } else {
+            scan.lowest_free
+        };
+        if let Some(slot) = id_dir.take(&dir, k, &req)? {
+            return Ok((slot, scan.held));
+        }
+    }
+    bail!("slot files in {} keep changing", id_dir.path.display())
 }
 
 /// The lock-file engine.
@@ -785,17 +984,52 @@ fn follow(pred: OwnedFd, signals: &mut Signals, deadline: Option<Instant>) -> Re
     sleep_on(Some(read.as_raw_fd()), signals, deadline)
 }
 
-impl Semaphore for Files {
-    fn acquire(&mut self, req: &Request, signals: &mut Signals) -> Result<Acquired> {
-        let dir = self.dir.id_dir(req.id, true)?.expect("created");
-        let (decision, ticket) = self.attempt(&dir, req, None)?;
+/// `Ok(None)` for an error explained by the directories having vanished.
+fn unless_vanished<T>(dir: &IdDir, r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(_) if dir.vanished() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl Files {
+    /// A taken slot, with a guard that puts it back should its file be removed.
+    fn guarded(&self, mut slot: SlotFile, req: &Request) -> Acquired {
+        if let Ok(st) = sys::fstat(slot.file.as_fd()) {
+            slot.guard = Guard::start(Watch {
+                lock_path: self.dir.path.clone(),
+                id: req.id.clone(),
+                jobs: req.jobs,
+                command: req.command.to_string(),
+                started: slot.record.started,
+                number: slot.number,
+                path: slot.path.clone(),
+                dev: st.st_dev,
+                ino: st.st_ino,
+            });
+        }
+        Acquired::Slot(Box::new(slot))
+    }
+
+    /// One acquisition in the current directories; `None` if they were
+    /// removed meanwhile (the caller starts again in new ones).
+    fn acquire_here(&mut self, req: &Request, signals: &mut Signals) -> Result<Option<Acquired>> {
+        let dir = match self.dir.id_dir(req.id, true) {
+            Ok(dir) => dir.expect("created"),
+            Err(_) if self.dir.vanished() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some((decision, ticket)) = unless_vanished(&dir, self.attempt(&dir, req, None))? else {
+            return Ok(None);
+        };
         let (held, mut defer_to) = match decision {
-            Decision::Took(slot) => return Ok(Acquired::Slot(Box::new(slot))),
+            Decision::Took(slot) => return Ok(Some(self.guarded(slot, req))),
             Decision::Wait { held, defer_to } => (held, defer_to),
         };
         let Some(ticket) = ticket else {
             self.say(req, "no free slot; giving up at once");
-            return Ok(Acquired::TimedOut);
+            return Ok(Some(Acquired::TimedOut));
         };
         self.say(
             req,
@@ -805,7 +1039,13 @@ impl Semaphore for Files {
         let mut watcher: Option<(Inotify, i32)> = None;
         let mut deferred_wd = None;
         loop {
-            let woke = if let Some(pred) = dir.predecessor(&ticket)? {
+            if dir.vanished() {
+                return Ok(None);
+            }
+            let Some(pred) = unless_vanished(&dir, dir.predecessor(&ticket))? else {
+                return Ok(None);
+            };
+            let woke = if let Some(pred) = pred {
                 follow(pred, signals, req.deadline)?
             } else {
                 // A chain head: watch the slots before looking at them, so that
@@ -838,11 +1078,14 @@ impl Semaphore for Files {
                         req.deadline,
                     )?
                 } else {
-                    let (decision, _) = self.attempt(&dir, req, Some(&ticket))?;
+                    let attempt = self.attempt(&dir, req, Some(&ticket));
+                    let Some((decision, _)) = unless_vanished(&dir, attempt)? else {
+                        return Ok(None);
+                    };
                     match decision {
                         Decision::Took(slot) => {
                             drop(ticket);
-                            return Ok(Acquired::Slot(Box::new(slot)));
+                            return Ok(Some(self.guarded(slot, req)));
                         }
                         Decision::Wait {
                             defer_to: Some(blocker),
@@ -873,11 +1116,29 @@ impl Semaphore for Files {
                             since.elapsed().as_secs_f64()
                         ),
                     );
-                    return Ok(Acquired::TimedOut);
+                    return Ok(Some(Acquired::TimedOut));
                 }
-                Woke::Signal(signo) => return Ok(Acquired::Interrupted(signo)),
+                Woke::Signal(signo) => return Ok(Some(Acquired::Interrupted(signo))),
             }
         }
+    }
+}
+
+impl Semaphore for Files {
+    fn acquire(&mut self, req: &Request, signals: &mut Signals) -> Result<Acquired> {
+        for _ in 0..100 {
+            if let Some(done) = self.acquire_here(req, signals)? {
+                return Ok(done);
+            }
+            // Removed while we waited (rm -rf, a tmp cleaner): our queue is
+            // gone with it, so queue again in new directories.
+            self.say(req, "the lock directory was removed; queueing again");
+            self.dir = LockDir::open(&self.dir.path, true)?;
+        }
+        bail!(
+            "lock directory {} keeps disappearing; is something removing it?",
+            self.dir.path.display()
+        )
     }
 
     fn status(&mut self, only: Option<&Id>) -> Result<Vec<IdStatus>> {
