@@ -473,6 +473,8 @@ impl IdDir {
         let fd = sys::open_at(self.fd.as_fd(), &name, flags, lock_dir.file_mode())
             .map_err(|e| self.open_error(e, self.fd.as_fd(), &name, &path))?;
         let st = check_regular(lock_dir, &fd, &path)?;
+        #[cfg(test)]
+        tests::BETWEEN_OPEN_AND_LOCK.with_borrow_mut(|hook| hook.as_mut().map(|h| h(&path)));
         if st.st_uid == lock_dir.euid && st.st_mode & 0o777 != lock_dir.file_mode() {
             sys::fchmod(fd.as_fd(), lock_dir.file_mode())
                 .with_context(|| format!("cannot set the mode of {}", path.display()))?;
@@ -1195,6 +1197,119 @@ impl Semaphore for Files {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    type Hook = Box<dyn FnMut(&Path)>;
+
+    thread_local! {
+        /// Runs in `take` between the open and the lock of a slot file: the
+        /// moment a file replaced from outside must be caught.
+        pub static BETWEEN_OPEN_AND_LOCK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// A scratch lock directory, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Takes a slot of a fresh id while `hook` runs between open and lock.
+    fn take_with(name: &str, hook: impl FnMut(&Path) + 'static) -> (Scratch, Result<SlotFile>) {
+        let root = std::env::temp_dir().join(format!("qsem-unit-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let scratch = Scratch(root.clone());
+        let files = Files::new(LockDir::open(&root, true).unwrap(), false);
+        let id = Id::new(OsStr::new("x")).unwrap();
+        let dir = files.dir.id_dir(&id, true).unwrap().unwrap();
+        // Slot 1 exists, so that there is something to replace.
+        std::fs::write(root.join("x/1"), "").unwrap();
+        let req = Request {
+            id: &id,
+            jobs: 1,
+            deadline: None,
+            command: "test",
+        };
+        BETWEEN_OPEN_AND_LOCK.set(Some(Box::new(hook)));
+        let got = files.attempt(&dir, &req, None);
+        BETWEEN_OPEN_AND_LOCK.set(None);
+        let got = got.map(|(decision, _)| match decision {
+            Decision::Took(slot) => slot,
+            Decision::Wait { .. } => panic!("a free slot was not taken"),
+        });
+        (scratch, got)
+    }
+
+    /// Replaces the file at `path` once, by `make` on a temporary name, then rename.
+    fn replace_once(make: impl Fn(&Path) + 'static) -> impl FnMut(&Path) {
+        let mut done = false;
+        move |path: &Path| {
+            if !done {
+                done = true;
+                let tmp = path.with_extension("new");
+                make(&tmp);
+                std::fs::rename(&tmp, path).unwrap();
+            }
+        }
+    }
+
+    fn inode(path: &Path) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).unwrap();
+        (m.dev(), m.ino())
+    }
+
+    #[test]
+    fn a_slot_file_replaced_between_open_and_lock_is_caught() {
+        // By a regular file: the lock taken is the new file's, never the old one's.
+        let (s, got) = take_with("regular", replace_once(|p| std::fs::write(p, "").unwrap()));
+        let slot = got.unwrap();
+        let st = sys::fstat(slot.file.as_fd()).unwrap();
+        assert_eq!((st.st_dev, st.st_ino), inode(&s.0.join("x/1")));
+        // Removed: a new file is made and locked.
+        let (s, got) = take_with("removed", {
+            let mut done = false;
+            move |p: &Path| {
+                if !done {
+                    done = true;
+                    std::fs::remove_file(p).unwrap();
+                }
+            }
+        });
+        let slot = got.unwrap();
+        let st = sys::fstat(slot.file.as_fd()).unwrap();
+        assert_eq!((st.st_dev, st.st_ino), inode(&s.0.join("x/1")));
+    }
+
+    #[test]
+    fn a_slot_file_replaced_by_a_fifo_or_symlink_is_refused_without_hanging() {
+        let fifo = |p: &Path| {
+            let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+            // SAFETY: `c` is a valid C string.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        };
+        let (_s, got) = take_with("fifo", replace_once(fifo));
+        let err = format!("{:#}", got.err().expect("refused"));
+        assert!(err.contains("not a regular file"), "{err}");
+        let link = |p: &Path| std::os::unix::fs::symlink("/etc/passwd", p).unwrap();
+        let (_s, got) = take_with("symlink", replace_once(link));
+        let err = format!("{:#}", got.err().expect("refused"));
+        assert!(err.contains("symbolic link"), "{err}");
+    }
+
+    #[test]
+    fn a_slot_file_replaced_every_time_ends_in_a_clear_error() {
+        let always = |p: &Path| {
+            let tmp = p.with_extension("new");
+            std::fs::write(&tmp, "").unwrap();
+            std::fs::rename(&tmp, p).unwrap();
+        };
+        let (_s, got) = take_with("always", always);
+        let err = format!("{:#}", got.err().expect("gives up"));
+        assert!(err.contains("keep changing"), "{err}");
+    }
 
     #[test]
     fn ticket_names() {
