@@ -157,6 +157,16 @@ impl LockDir {
         }
     }
 
+    /// Gives a file of ours the mode it should have: the umask (often 022)
+    /// would otherwise leave a shared directory's files not group-writable.
+    fn fix_mode(&self, fd: &OwnedFd, st: &libc::stat, path: &Path) -> Result<()> {
+        if st.st_uid == self.euid && st.st_mode & 0o777 != self.file_mode() {
+            sys::fchmod(fd.as_fd(), self.file_mode())
+                .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+        }
+        Ok(())
+    }
+
     /// Refuses a file or directory of another user, unless the directory is
     /// shared by a group and the file belongs to that group.
     fn check_owner(&self, st: &libc::stat, path: &Path) -> Result<()> {
@@ -390,7 +400,8 @@ impl IdDir {
             lock_dir.file_mode(),
         )
         .map_err(|e| self.open_error(e, self.queue.as_fd(), OsStr::new(MUTEX), &path))?;
-        check_regular(lock_dir, &fd, &path)?;
+        let st = check_regular(lock_dir, &fd, &path)?;
+        lock_dir.fix_mode(&fd, &st, &path)?;
         sys::lock_blocking(fd.as_fd(), shared)
             .with_context(|| format!("cannot lock {}", path.display()))?;
         Ok(fd)
@@ -475,10 +486,7 @@ impl IdDir {
         let st = check_regular(lock_dir, &fd, &path)?;
         #[cfg(test)]
         tests::BETWEEN_OPEN_AND_LOCK.with_borrow_mut(|hook| hook.as_mut().map(|h| h(&path)));
-        if st.st_uid == lock_dir.euid && st.st_mode & 0o777 != lock_dir.file_mode() {
-            sys::fchmod(fd.as_fd(), lock_dir.file_mode())
-                .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-        }
+        lock_dir.fix_mode(&fd, &st, &path)?;
         if sys::try_lock_exclusive(fd.as_fd())
             .with_context(|| format!("cannot lock {}", path.display()))?
             == Probe::Busy
@@ -517,6 +525,9 @@ impl IdDir {
         let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
         let fd = sys::open_at(self.queue.as_fd(), &name, flags, lock_dir.file_mode())
             .with_context(|| format!("cannot create {}", path.display()))?;
+        let st =
+            sys::fstat(fd.as_fd()).with_context(|| format!("cannot stat {}", path.display()))?;
+        lock_dir.fix_mode(&fd, &st, &path)?;
         let queue = self
             .queue
             .try_clone()
