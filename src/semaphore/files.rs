@@ -392,13 +392,29 @@ impl IdDir {
     /// microseconds at a time, so a blocking lock is right.
     fn mutex(&self, lock_dir: &LockDir, shared: bool) -> Result<OwnedFd> {
         let path = self.queue_path.join(MUTEX);
-        let flags = libc::O_RDONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK;
-        let fd = sys::open_at(
-            self.queue.as_fd(),
-            OsStr::new(MUTEX),
-            flags,
-            lock_dir.file_mode(),
-        )
+        let open = |access| {
+            let flags = access | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+            sys::open_at(
+                self.queue.as_fd(),
+                OsStr::new(MUTEX),
+                flags,
+                lock_dir.file_mode(),
+            )
+        };
+        // Over NFS, flock is emulated with byte-range locks, and an exclusive
+        // one needs a descriptor open for writing. Locally any will do, so a
+        // file we may not write (another member's, a read-only filesystem)
+        // is still locked through a read-only one.
+        let fd = if shared {
+            open(libc::O_RDONLY)
+        } else {
+            match open(libc::O_RDWR) {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS)) => {
+                    open(libc::O_RDONLY)
+                }
+                other => other,
+            }
+        }
         .map_err(|e| self.open_error(e, self.queue.as_fd(), OsStr::new(MUTEX), &path))?;
         let st = check_regular(lock_dir, &fd, &path)?;
         lock_dir.fix_mode(&fd, &st, &path)?;
