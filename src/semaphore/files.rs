@@ -819,10 +819,11 @@ fn guard(mut w: Watch, stop: OwnedFd, child: &AtomicU32) {
                 }
                 let msg = if others >= w.jobs {
                     format!(
-                        "{} was removed while this job held slot {}; {others} other jobs \
-                         took slots meanwhile, so the limit of {} is exceeded until this job ends",
+                        "{} was removed while this job held slot {}; meanwhile others took \
+                         {others} slot{}, so the limit of {} is exceeded until this job ends",
                         w.path.display(),
                         w.number,
+                        if others == 1 { "" } else { "s" },
                         w.jobs
                     )
                 } else {
