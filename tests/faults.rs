@@ -446,3 +446,30 @@ fn lock_directory_removed_while_a_job_holds_a_slot() {
         .args(["--id", "x", "--wait", "0", "-E", "75", "true"]));
     assert_eq!(code, 0);
 }
+
+/// A lock directory given through a symlink (~/.local/state on another disk)
+/// works, and errors inside it are reported as themselves.
+#[test]
+fn a_lock_directory_reached_through_a_symlink() {
+    let env = Env::new();
+    let real = env.path("real");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::set_permissions(&real, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let link = env.path("link");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let q = |id: &str| {
+        let mut c = env.qsem();
+        c.arg("--dir")
+            .arg(&link)
+            .args(["--id", id, "--wait", "1s", "true"]);
+        c
+    };
+    assert_eq!(
+        run_bounded(&mut q("fine")),
+        (0, String::new(), String::new())
+    );
+    std::os::unix::fs::symlink("/etc", real.join("evil")).unwrap();
+    let (code, _, err) = run_bounded(&mut q("evil"));
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("symbolic link"), "{err}");
+}

@@ -292,8 +292,19 @@ fn moved_away(path: &Path, fd: BorrowedFd) -> bool {
 
 impl LockDir {
     /// Whether the lock directory was removed or replaced since it was opened.
+    /// Its path may be a symlink (it is opened following one), so follow it.
     fn vanished(&self) -> bool {
-        moved_away(&self.path, self.fd.as_fd())
+        use std::os::unix::fs::MetadataExt;
+        let Ok(st) = sys::fstat(self.fd.as_fd()) else {
+            return false;
+        };
+        match std::fs::metadata(&self.path) {
+            Ok(m) => m.dev() != st.st_dev || m.ino() != st.st_ino,
+            Err(e) => matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ),
+        }
     }
 }
 
