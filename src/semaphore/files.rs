@@ -37,6 +37,14 @@
 //! waiter takes its slot or leaves. A newcomer that finds an older admissible
 //! waiter queues behind it instead of overtaking it.
 //!
+//! **Removal** from outside (`rm -rf`, a tmp cleaner) is the one thing the
+//! kernel's locks cannot cover: a lock in a removed file is invisible to
+//! takers. So a holder keeps a [`Guard`] thread that looks every
+//! [`GUARD_POLL`] whether its slot file is still there and, if not, re-creates
+//! the directories and takes its slot again; a waiter whose queue vanished
+//! queues again. A newcomer in the window before the guard's look is admitted
+//! beside the job, and the guard then says the limit is exceeded.
+//!
 //! **Paths**: every file is opened relative to its directory's descriptor with
 //! `O_NOFOLLOW` and `O_CLOEXEC`; symlinks, non-regular files and files of other
 //! users are refused, except that a setgid, group-writable lock directory is a
