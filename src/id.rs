@@ -293,18 +293,20 @@ mod tests {
             /// prefix of the other.
             #[test]
             fn injective_and_prefix_free(a in id(), b in id()) {
-                prop_assume!(a != b);
-                let (pa, pb) = (parts(&a), parts(&b));
-                prop_assert!(!pb.starts_with(&pa) && !pa.starts_with(&pb), "{:?} {:?}", pa, pb);
+                // (Not prop_assume: at a million cases its rejects add up.)
+                if a != b {
+                    let (pa, pb) = (parts(&a), parts(&b));
+                    prop_assert!(!pb.starts_with(&pa) && !pa.starts_with(&pb), "{:?} {:?}", pa, pb);
+                }
             }
 
             /// Near-identical ids (one byte changed) still differ when encoded.
             #[test]
-            fn one_byte_apart(a in id(), at in any::<prop::sample::Index>(), to in 1u8..=255) {
+            fn one_byte_apart(a in id(), at in any::<prop::sample::Index>(), to in 1u8..=254) {
                 let mut b = a.clone();
                 let i = at.index(b.len());
-                prop_assume!(b[i] != to);
-                b[i] = to;
+                // Any byte but NUL and the one there.
+                b[i] = if to >= b[i] { to + 1 } else { to };
                 prop_assert_ne!(parts(&a), parts(&b));
             }
 
