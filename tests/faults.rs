@@ -24,7 +24,9 @@ impl Tmpfs {
     /// `None` (with a loud message) when not root.
     fn mount(env: &Env, name: &str, options: &str) -> Option<Tmpfs> {
         if !is_root() {
-            eprintln!("SKIPPED: {name} needs root to mount a tmpfs (CI runs as root)");
+            common::skipped(&format!(
+                "{name} needs root to mount a tmpfs (CI runs as root)"
+            ));
             return None;
         }
         let path = env.path(name);

@@ -87,7 +87,7 @@ fn chmod(path: &Path, mode: u32) {
 fn a_group_shares_a_lock_directory() {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: several users needs root to create users (CI runs as root)");
+        common::skipped("several users needs root to create users (CI runs as root)");
         return;
     }
     assert!(

@@ -82,3 +82,10 @@ pub fn kill(pid: u32, signal: i32) {
 
 /// A generous bound for anything that should take milliseconds.
 pub const SOON: Duration = Duration::from_secs(10);
+
+/// Says that a test is skipped, straight to stderr: the test harness captures
+/// `eprintln!` of passing tests, and a skip must not go unseen.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
