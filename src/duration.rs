@@ -74,7 +74,10 @@ pub fn parse(input: &str) -> Result<Duration, DurationError> {
     let mut place = scale;
     for b in fraction.bytes() {
         place /= 10;
-        nanos += u128::from(b - b'0') * place;
+        // Checked: a whole part just under the limit plus a fraction can overflow.
+        nanos = nanos
+            .checked_add(u128::from(b - b'0') * place)
+            .ok_or_else(|| fail("it is too large"))?;
     }
     let secs = u64::try_from(nanos / 1_000_000_000).map_err(|_| fail("it is too large"))?;
     Ok(Duration::new(secs, (nanos % 1_000_000_000) as u32))
@@ -134,12 +137,93 @@ mod tests {
             ("5124095576030432h", "too large"),
             ("1 s", "unit"),
             ("+1", "unit"),
+            // Whole part fits a u128 of nanoseconds, the fraction tips it over.
+            ("340282366920938463463374607431.9s", "too large"),
+            ("340282366920938463463374607431768211.9ms", "too large"),
         ];
         for (input, why) in bad {
             let err = parse(input).expect_err(input);
             let msg = err.to_string();
             assert!(msg.contains(why), "{input}: {msg}");
             assert!(msg.contains(&format!("'{input}'")), "{input}: {msg}");
+        }
+    }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        const UNITS: [(&str, u128); 8] = [
+            ("", 1_000_000_000),
+            ("s", 1_000_000_000),
+            ("sec", 1_000_000_000),
+            ("ms", 1_000_000),
+            ("m", 60_000_000_000),
+            ("min", 60_000_000_000),
+            ("h", 3_600_000_000_000),
+            ("ms", 1_000_000),
+        ];
+
+        fn nanos(d: Duration) -> u128 {
+            d.as_nanos()
+        }
+
+        proptest! {
+            /// Whatever the input, the parser answers and never panics; what it
+            /// accepts is a plain number with at most one unit.
+            #[test]
+            fn never_panics(s in "\\PC*") {
+                if parse(&s).is_ok() {
+                    let t = s.trim();
+                    prop_assert!(t.bytes().next().is_some_and(|b| b.is_ascii_digit() || b == b'.'));
+                }
+            }
+
+            /// Digits, dots, signs, units and exponents: the near misses.
+            #[test]
+            fn never_panics_on_near_misses(s in "[-+ 0-9.eEsmhinfaINF]{0,60}") {
+                let _ = parse(&s);
+            }
+
+            /// `W.F<unit>` is exactly W.F units, to the nanosecond (finer digits dropped).
+            #[test]
+            fn exact(whole in 0u64..=u64::MAX, fraction in "[0-9]{0,12}", unit in 0usize..8) {
+                let (name, scale) = UNITS[unit];
+                let input = format!("{whole}.{fraction}{name}");
+                let mut want = u128::from(whole) * scale;
+                let mut place = scale;
+                for b in fraction.bytes() {
+                    place /= 10;
+                    want += u128::from(b - b'0') * place;
+                }
+                match parse(&input) {
+                    Ok(d) => prop_assert_eq!(nanos(d), want),
+                    Err(e) => {
+                        prop_assert!(want / 1_000_000_000 > u128::from(u64::MAX), "{}", e);
+                        prop_assert!(e.to_string().contains("too large"));
+                    }
+                }
+            }
+
+            /// Whole parts at the edge of the arithmetic, with a fraction on top,
+            /// are refused as too large: never a panic, never a wrapped value.
+            #[test]
+            fn no_wrap_at_the_edge(below in 0u128..3, fraction in "[0-9]{1,12}", unit in 0usize..8) {
+                let (name, scale) = UNITS[unit];
+                let whole = u128::MAX / scale - below;
+                let err = parse(&format!("{whole}.{fraction}{name}")).expect_err("too large");
+                prop_assert!(err.to_string().contains("too large"));
+            }
+
+            /// Any digits at all: accepted values are at least their whole part.
+            #[test]
+            fn no_wrap_anywhere(digits in "[1-9][0-9]{17,40}", fraction in "[0-9]{1,9}", unit in 0usize..8) {
+                let (name, scale) = UNITS[unit];
+                if let Ok(d) = parse(&format!("{digits}.{fraction}{name}")) {
+                    let whole: u128 = digits.parse().unwrap_or(u128::MAX);
+                    prop_assert!(nanos(d) >= whole.saturating_mul(scale));
+                }
+            }
         }
     }
 

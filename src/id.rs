@@ -248,6 +248,80 @@ mod tests {
         assert!(Id::new(OsStr::from_bytes(&[b'a'; 255])).is_ok());
     }
 
+    mod fuzz {
+        use super::super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        /// Any valid id, with the bytes that matter to the encoding made common.
+        fn id() -> impl Strategy<Value = Vec<u8>> {
+            let byte = prop_oneof![1u8..=255, prop::sample::select(b"%./+-_Aa09\xff".to_vec()),];
+            prop_oneof![vec(byte.clone(), 1..=20), vec(byte, 70..=MAX_ID_LEN)]
+        }
+
+        fn parts(id: &[u8]) -> Vec<OsString> {
+            Id::new(OsStr::from_bytes(id)).unwrap().components()
+        }
+
+        fn refs(parts: &[OsString]) -> Vec<&OsStr> {
+            parts.iter().map(|p| p.as_os_str()).collect()
+        }
+
+        proptest! {
+            /// Every component is a safe single file name: not empty, not too
+            /// long, no `/` or NUL, never `.`, `..` or hidden.
+            #[test]
+            fn components_are_safe(id in id()) {
+                for p in parts(&id) {
+                    let p = p.as_bytes();
+                    prop_assert!(!p.is_empty() && p.len() <= NAME_MAX, "{:?}", p);
+                    prop_assert!(!p.contains(&b'/') && !p.contains(&0), "{:?}", p);
+                    prop_assert!(!p.starts_with(b"."), "{:?}", p);
+                }
+            }
+
+            /// decode(encode(x)) == x.
+            #[test]
+            fn round_trips(id in id()) {
+                let parts = parts(&id);
+                let back = Id::from_components(&refs(&parts));
+                prop_assert_eq!(back.map(|b| b.as_bytes().to_vec()), Some(id));
+            }
+
+            /// Injective, and no id's directory lies inside another's: the
+            /// component lists of two different ids are never equal, nor one a
+            /// prefix of the other.
+            #[test]
+            fn injective_and_prefix_free(a in id(), b in id()) {
+                // (Not prop_assume: at a million cases its rejects add up.)
+                if a != b {
+                    let (pa, pb) = (parts(&a), parts(&b));
+                    prop_assert!(!pb.starts_with(&pa) && !pa.starts_with(&pb), "{:?} {:?}", pa, pb);
+                }
+            }
+
+            /// Near-identical ids (one byte changed) still differ when encoded.
+            #[test]
+            fn one_byte_apart(a in id(), at in any::<prop::sample::Index>(), to in 1u8..=254) {
+                let mut b = a.clone();
+                let i = at.index(b.len());
+                // Any byte but NUL and the one there.
+                b[i] = if to >= b[i] { to + 1 } else { to };
+                prop_assert_ne!(parts(&a), parts(&b));
+            }
+
+            /// Whatever names are found in a lock directory, decoding never
+            /// panics, and accepts only the canonical spelling of an id.
+            #[test]
+            fn decodes_only_canonical_names(names in vec("(%[+-])?[%0-9A-Fa-f.x/+-]{0,12}", 1..4)) {
+                let names: Vec<OsString> = names.into_iter().map(OsString::from).collect();
+                if let Some(id) = Id::from_components(&refs(&names)) {
+                    prop_assert_eq!(id.components(), names);
+                }
+            }
+        }
+    }
+
     #[test]
     fn display_is_terminal_safe() {
         let id = Id::new(OsStr::from_bytes(b"a\x1b[2J\xff")).unwrap();

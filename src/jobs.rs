@@ -92,6 +92,52 @@ mod tests {
         }
     }
 
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever the input, an answer and never a panic; what is accepted
+            /// is always a slot count from 1 to MAX_JOBS.
+            #[test]
+            fn never_panics(s in "\\PC*", cpus in any::<u32>()) {
+                if let Ok(n) = parse(&s, cpus) {
+                    prop_assert!((1..=MAX_JOBS).contains(&n));
+                }
+            }
+
+            #[test]
+            fn near_misses(s in "[-+% 0-9.eEinfa]{0,30}", cpus in any::<u32>()) {
+                if let Ok(n) = parse(&s, cpus) {
+                    prop_assert!((1..=MAX_JOBS).contains(&n));
+                }
+            }
+
+            /// Each form computes what GNU parallel documents, or refuses to
+            /// exceed MAX_JOBS; it never wraps.
+            #[test]
+            fn forms_compute_exactly(k in any::<u64>(), cpus in 0u32..=4096, form in 0usize..4) {
+                let c = u128::from(cpus.max(1));
+                let k128 = u128::from(k);
+                let (input, want) = match form {
+                    0 => (k.to_string(), k128),
+                    1 => (format!("+{k}"), c + k128),
+                    2 => (format!("-{k}"), c.saturating_sub(k128).max(1)),
+                    _ => (format!("{k}%"), (c * k128 / 100).max(1)),
+                };
+                match parse(&input, cpus) {
+                    Ok(n) => prop_assert_eq!(u128::from(n), want),
+                    Err(e) => prop_assert!(
+                        want > u128::from(MAX_JOBS) || want == 0
+                            // the product saturated in u64: it is huge anyway
+                            || (form == 3 && c * k128 > u128::from(u64::MAX)),
+                        "{}: {}", input, e
+                    ),
+                }
+            }
+        }
+    }
+
     #[test]
     fn rejects() {
         let table = [

@@ -56,18 +56,26 @@ fn main() -> ExitCode {
                 } else {
                     ("qsem", cli::Cli::command().render_usage())
                 };
-                eprintln!("{name}: {usage}\n\n{hint}\n\nFor more information, try '--help'.");
+                say(&format!(
+                    "{name}: {usage}\n\n{hint}\n\nFor more information, try '--help'."
+                ));
                 Exit::USAGE
             } else if let Some(failure) = err.downcast_ref::<Failure>() {
-                eprintln!("{failure}");
+                say(&failure.to_string());
                 failure.exit
             } else {
-                eprintln!("qsem: {err:#}");
+                say(&format!("qsem: {err:#}"));
                 Exit::OWN_FAILURE
             };
             exit.into()
         }
     }
+}
+
+/// Writes qsem's one error line. Unlike `eprintln!`, a closed or full stderr
+/// is ignored: the exit status must still say what happened.
+fn say(text: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
 /// The engine for a shared server, if this qsem was built with one.

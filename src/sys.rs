@@ -195,15 +195,19 @@ fn retry(mut attempt: impl FnMut() -> Result<(), TryLockError>) -> io::Result<Pr
 }
 
 /// Moves a descriptor to the lowest free number at or above `min` (keeping
-/// `FD_CLOEXEC`), closing the original.
-pub fn move_fd_above(fd: File, min: RawFd) -> io::Result<File> {
+/// `FD_CLOEXEC`), closing the original. Where that cannot be done (a
+/// descriptor limit at or below `min`, or none free above it), the descriptor
+/// stays where it is: the move is a precaution, not a need.
+pub fn move_fd_above(fd: File, min: RawFd) -> File {
     if fd.as_raw_fd() >= min {
-        return Ok(fd);
+        return fd;
     }
-    // SAFETY: no memory is passed; the new descriptor is fresh and ours.
-    let new = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) })?;
-    // SAFETY: as above.
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(new) }))
+    // SAFETY: no memory is passed; on success the new descriptor is fresh and ours.
+    match check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) }) {
+        // SAFETY: as above.
+        Ok(new) => File::from(unsafe { OwnedFd::from_raw_fd(new) }),
+        Err(_) => fd,
+    }
 }
 
 /// Sets or clears `FD_CLOEXEC`.

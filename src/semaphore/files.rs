@@ -44,6 +44,14 @@
 //! mutex) whenever a slot or a ticket is closed. The failure file lives in
 //! `queue/`, not beside the slots, so that writing it never wakes a waiter.
 //!
+//! **Removal** from outside (`rm -rf`, a tmp cleaner) is the one thing the
+//! kernel's locks cannot cover: a lock in a removed file is invisible to
+//! takers. So a holder keeps a [`Guard`] thread that looks every
+//! [`GUARD_POLL`] whether its slot file is still there and, if not, re-creates
+//! the directories and takes its slot again; a waiter whose queue vanished
+//! queues again. A newcomer in the window before the guard's look is admitted
+//! beside the job, and the guard then says the limit is exceeded.
+//!
 //! **Paths**: every file is opened relative to its directory's descriptor with
 //! `O_NOFOLLOW` and `O_CLOEXEC`; symlinks, non-regular files and files of other
 //! users are refused, except that a setgid, group-writable lock directory is a
@@ -59,14 +67,19 @@ use anyhow::{Context, Result, anyhow, bail};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How often a chain head re-checks when no inotify instance can be had.
 pub const FALLBACK_POLL: Duration = Duration::from_millis(20);
+
+/// How often a holder checks that its slot file is still there; see [`Guard`].
+pub const GUARD_POLL: Duration = Duration::from_millis(500);
 
 const QUEUE: &str = "queue";
 const MUTEX: &str = "lock";
@@ -158,6 +171,16 @@ impl LockDir {
         } else {
             0o700
         }
+    }
+
+    /// Gives a file of ours the mode it should have: the umask (often 022)
+    /// would otherwise leave a shared directory's files not group-writable.
+    fn fix_mode(&self, fd: &File, st: &libc::stat, path: &Path) -> Result<()> {
+        if st.st_uid == self.euid && st.st_mode & 0o777 != self.file_mode() {
+            sys::fchmod(fd.as_fd(), self.file_mode())
+                .with_context(|| format!("cannot set the mode of {}", path.display()))?;
+        }
+        Ok(())
     }
 
     /// Refuses a file or directory of another user, unless the directory is
@@ -277,6 +300,30 @@ impl LockDir {
     }
 }
 
+/// Whether `path` no longer names the directory open as `fd` (removed, or
+/// replaced).
+fn moved_away(path: &Path, fd: BorrowedFd) -> bool {
+    sys::fstat(fd).is_ok_and(|st| gone(path, st.st_dev, st.st_ino))
+}
+
+impl LockDir {
+    /// Whether the lock directory was removed or replaced since it was opened.
+    /// Its path may be a symlink (it is opened following one), so follow it.
+    fn vanished(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(st) = sys::fstat(self.fd.as_fd()) else {
+            return false;
+        };
+        match std::fs::metadata(&self.path) {
+            Ok(m) => m.dev() != st.st_dev || m.ino() != st.st_ino,
+            Err(e) => matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+            ),
+        }
+    }
+}
+
 /// Says precisely why `name` is unusable: a symlink, or not a `what`.
 fn not_what_it_should_be(
     parent: BorrowedFd,
@@ -355,19 +402,49 @@ fn parse_slot(name: &OsStr) -> Option<u32> {
 }
 
 impl IdDir {
+    /// Whether this id's directory or its queue was removed or replaced.
+    fn vanished(&self) -> bool {
+        moved_away(&self.path, self.fd.as_fd()) || moved_away(&self.queue_path, self.queue.as_fd())
+    }
+
+    /// Whether slot `k` is free (or has no file). Call under the mutex.
+    fn is_free(&self, lock_dir: &LockDir, k: u32) -> Result<bool> {
+        match self.open_slot_probe(lock_dir, k)? {
+            None => Ok(true),
+            Some(fd) => Ok(sys::probe_shared(&fd)? == Probe::Taken),
+        }
+    }
+
     /// The per-id mutex, exclusive for takers, shared for `--status`. Held for
     /// microseconds at a time, so a blocking lock is right.
     fn mutex(&self, lock_dir: &LockDir, shared: bool) -> Result<File> {
         let path = self.queue_path.join(MUTEX);
-        let flags = libc::O_RDONLY | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK;
-        let fd = sys::open_at(
-            self.queue.as_fd(),
-            OsStr::new(MUTEX),
-            flags,
-            lock_dir.file_mode(),
-        )
+        let open = |access| {
+            let flags = access | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+            sys::open_at(
+                self.queue.as_fd(),
+                OsStr::new(MUTEX),
+                flags,
+                lock_dir.file_mode(),
+            )
+        };
+        // Over NFS, flock is emulated with byte-range locks, and an exclusive
+        // one needs a descriptor open for writing. Locally any will do, so a
+        // file we may not write (another member's, a read-only filesystem)
+        // is still locked through a read-only one.
+        let fd = if shared {
+            open(libc::O_RDONLY)
+        } else {
+            match open(libc::O_RDWR) {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES | libc::EROFS)) => {
+                    open(libc::O_RDONLY)
+                }
+                other => other,
+            }
+        }
         .map_err(|e| self.open_error(e, self.queue.as_fd(), OsStr::new(MUTEX), &path))?;
-        check_regular(lock_dir, &fd, &path)?;
+        let st = check_regular(lock_dir, &fd, &path)?;
+        lock_dir.fix_mode(&fd, &st, &path)?;
         sys::lock_blocking(&fd, shared)
             .with_context(|| format!("cannot lock {}", path.display()))?;
         Ok(fd)
@@ -450,10 +527,9 @@ impl IdDir {
         let fd = sys::open_at(self.fd.as_fd(), &name, flags, lock_dir.file_mode())
             .map_err(|e| self.open_error(e, self.fd.as_fd(), &name, &path))?;
         let st = check_regular(lock_dir, &fd, &path)?;
-        if st.st_uid == lock_dir.euid && st.st_mode & 0o777 != lock_dir.file_mode() {
-            sys::fchmod(fd.as_fd(), lock_dir.file_mode())
-                .with_context(|| format!("cannot set the mode of {}", path.display()))?;
-        }
+        #[cfg(test)]
+        tests::BETWEEN_OPEN_AND_LOCK.with_borrow_mut(|hook| hook.as_mut().map(|h| h(&path)));
+        lock_dir.fix_mode(&fd, &st, &path)?;
         if sys::try_lock_exclusive(&fd)
             .with_context(|| format!("cannot lock {}", path.display()))?
             == Probe::Busy
@@ -468,11 +544,12 @@ impl IdDir {
         // The command inherits this descriptor. Shell scripts name descriptors
         // 0-9 in redirections (`exec 9>lock; flock 9` is flock(1)'s own idiom),
         // so keep it above them, where a script cannot close it by accident.
-        let fd = sys::move_fd_above(fd, 10)
-            .with_context(|| format!("cannot keep {} open", path.display()))?;
+        let fd = sys::move_fd_above(fd, 10);
         let mut slot = SlotFile {
             file: fd,
             number: k,
+            path,
+            guard: None,
             record: Record {
                 pid: std::process::id(),
                 host: sys::hostname(),
@@ -481,8 +558,9 @@ impl IdDir {
                 command: req.command.to_string(),
             },
         };
-        slot.write_record()
-            .with_context(|| format!("cannot write to {}", path.display()))?;
+        // The record is for --status only: a full disk must not stop the job,
+        // which holds its slot all the same.
+        let _ = slot.write_record();
         Ok(Some(slot))
     }
 
@@ -494,6 +572,9 @@ impl IdDir {
         let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
         let fd = sys::open_at(self.queue.as_fd(), &name, flags, lock_dir.file_mode())
             .with_context(|| format!("cannot create {}", path.display()))?;
+        let st =
+            sys::fstat(fd.as_fd()).with_context(|| format!("cannot stat {}", path.display()))?;
+        lock_dir.fix_mode(&fd, &st, &path)?;
         let queue = self
             .queue
             .try_clone()
@@ -646,13 +727,25 @@ struct SlotFile {
     file: File,
     number: u32,
     record: Record,
+    path: PathBuf,
+    /// Puts the slot back if its file is removed; `None` for a slot taken
+    /// back by a guard, which watches it itself.
+    guard: Option<Guard>,
 }
 
 impl SlotFile {
+    /// Writes the record for --status. A record that cannot be written whole
+    /// (a full disk) is cut off rather than left half stale.
     fn write_record(&mut self) -> io::Result<()> {
         let text = self.record.render();
-        self.file.write_all_at(text.as_bytes(), 0)?;
-        self.file.set_len(text.len() as u64)
+        let written = self
+            .file
+            .write_all_at(text.as_bytes(), 0)
+            .and_then(|()| self.file.set_len(text.len() as u64));
+        if written.is_err() {
+            let _ = self.file.set_len(0);
+        }
+        written
     }
 }
 
@@ -667,9 +760,172 @@ impl Slot for SlotFile {
 
     fn set_child(&mut self, pid: u32) {
         self.record.pid = pid;
+        if let Some(guard) = &self.guard {
+            guard.child.store(pid, Ordering::Relaxed);
+        }
         // The record is informational: a failure to update it changes nothing.
         let _ = self.write_record();
     }
+}
+
+/// Puts a held slot back when its file is removed or replaced from outside
+/// (`rm -rf` of the lock directory, a tmp cleaner). The lock lives on in the
+/// removed file, where no taker can see it, so without this a newcomer would
+/// be admitted beside the running job. A thread that looks every
+/// [`GUARD_POLL`] (two `stat`s; no inotify instance, which waiters need more),
+/// stopped and joined when the slot is released. It cannot close the window
+/// between the removal and its next look, nor act once qsem is killed.
+struct Guard {
+    /// Closing it stops the thread.
+    stop: Option<OwnedFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The child's pid, for the record of a slot taken back.
+    child: Arc<AtomicU32>,
+}
+
+/// What a guard watches, and what it needs to take the slot back.
+struct Watch {
+    lock_path: PathBuf,
+    id: Id,
+    jobs: u32,
+    command: String,
+    started: SystemTime,
+    number: u32,
+    path: PathBuf,
+    dev: libc::dev_t,
+    ino: libc::ino_t,
+}
+
+impl Guard {
+    /// `None` if no thread can be had: the slot is then simply unguarded.
+    fn start(watch: Watch) -> Option<Guard> {
+        let (read, write) = sys::pipe().ok()?;
+        let child = Arc::new(AtomicU32::new(0));
+        let pid = child.clone();
+        let thread = std::thread::Builder::new()
+            .name("qsem-guard".into())
+            .stack_size(64 * 1024)
+            .spawn(move || guard(watch, read, &pid))
+            .ok()?;
+        Some(Guard {
+            stop: Some(write),
+            thread: Some(thread),
+            child,
+        })
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        // The thread's poll sees the pipe hang up, and it releases what it holds.
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn guard(mut w: Watch, stop: OwnedFd, child: &AtomicU32) {
+    // The slot taken back, held until the job ends.
+    let mut _again: Option<SlotFile> = None;
+    let mut complained = false;
+    loop {
+        let until = Instant::now() + GUARD_POLL;
+        match sys::poll_readable(&[stop.as_raw_fd()], Some(until)) {
+            Ok(ready) if ready.is_empty() => {}
+            _ => return,
+        }
+        if !gone(&w.path, w.dev, w.ino) {
+            continue;
+        }
+        match retake(&w) {
+            Ok((mut slot, others)) => {
+                // The record is the job's, as before the removal.
+                slot.record.started = w.started;
+                match child.load(Ordering::Relaxed) {
+                    0 => {
+                        let _ = slot.write_record();
+                    }
+                    pid => slot.set_child(pid),
+                }
+                let msg = if others >= w.jobs {
+                    format!(
+                        "{} was removed while this job held slot {}; meanwhile others took \
+                         {others} slot{}, so the limit of {} is exceeded until this job ends",
+                        w.path.display(),
+                        w.number,
+                        if others == 1 { "" } else { "s" },
+                        w.jobs
+                    )
+                } else {
+                    format!(
+                        "{} was removed while this job held slot {}; took slot {} again",
+                        w.path.display(),
+                        w.number,
+                        slot.number
+                    )
+                };
+                report::line(&w.id, &msg);
+                let Ok(st) = sys::fstat(slot.file.as_fd()) else {
+                    return;
+                };
+                (w.number, w.dev, w.ino) = (slot.number, st.st_dev, st.st_ino);
+                w.path.clone_from(&slot.path);
+                _again = Some(slot);
+                complained = false;
+            }
+            Err(e) if !complained => {
+                report::line(
+                    &w.id,
+                    &format!(
+                        "{} was removed while this job held it, and cannot be put back: {e:#}",
+                        w.path.display()
+                    ),
+                );
+                complained = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Whether `path` no longer names the file (dev, ino). Errors other than
+/// "not there" are no evidence: false.
+fn gone(path: &Path, dev: libc::dev_t, ino: libc::ino_t) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => m.dev() != dev || m.ino() != ino,
+        Err(e) => matches!(
+            e.kind(),
+            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+        ),
+    }
+}
+
+/// Takes the watched slot back (its own number if free, else the lowest free
+/// one), re-creating the directories; also says how many others hold slots.
+fn retake(w: &Watch) -> Result<(SlotFile, u32)> {
+    let dir = LockDir::open(&w.lock_path, true)?;
+    let id_dir = dir.id_dir(&w.id, true)?.expect("created");
+    let _mutex = id_dir.mutex(&dir, false)?;
+    let req = Request {
+        id: &w.id,
+        jobs: w.jobs,
+        deadline: None,
+        command: &w.command,
+    };
+    for _ in 0..100 {
+        let scan = id_dir.scan(&dir)?;
+        let k = if id_dir.is_free(&dir, w.number)? {
+            w.number
+        } else {
+            scan.lowest_free
+        };
+        if let Some(slot) = id_dir.take(&dir, k, &req)? {
+            return Ok((slot, scan.held));
+        }
+    }
+    bail!("slot files in {} keep changing", id_dir.path.display())
 }
 
 /// The lock-file engine.
@@ -789,17 +1045,52 @@ fn follow(pred: File, signals: &mut Signals, deadline: Option<Instant>) -> Resul
     sleep_on(Some(read.as_raw_fd()), signals, deadline)
 }
 
-impl Semaphore for Files {
-    fn acquire(&mut self, req: &Request, signals: &mut Signals) -> Result<Acquired> {
-        let dir = self.dir.id_dir(req.id, true)?.expect("created");
-        let (decision, ticket) = self.attempt(&dir, req, None)?;
+/// `Ok(None)` for an error explained by the directories having vanished.
+fn unless_vanished<T>(dir: &IdDir, r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(_) if dir.vanished() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl Files {
+    /// A taken slot, with a guard that puts it back should its file be removed.
+    fn guarded(&self, mut slot: SlotFile, req: &Request) -> Acquired {
+        if let Ok(st) = sys::fstat(slot.file.as_fd()) {
+            slot.guard = Guard::start(Watch {
+                lock_path: self.dir.path.clone(),
+                id: req.id.clone(),
+                jobs: req.jobs,
+                command: req.command.to_string(),
+                started: slot.record.started,
+                number: slot.number,
+                path: slot.path.clone(),
+                dev: st.st_dev,
+                ino: st.st_ino,
+            });
+        }
+        Acquired::Slot(Box::new(slot))
+    }
+
+    /// One acquisition in the current directories; `None` if they were
+    /// removed meanwhile (the caller starts again in new ones).
+    fn acquire_here(&mut self, req: &Request, signals: &mut Signals) -> Result<Option<Acquired>> {
+        let dir = match self.dir.id_dir(req.id, true) {
+            Ok(dir) => dir.expect("created"),
+            Err(_) if self.dir.vanished() => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Some((decision, ticket)) = unless_vanished(&dir, self.attempt(&dir, req, None))? else {
+            return Ok(None);
+        };
         let (held, mut defer_to) = match decision {
-            Decision::Took(slot) => return Ok(Acquired::Slot(Box::new(slot))),
+            Decision::Took(slot) => return Ok(Some(self.guarded(slot, req))),
             Decision::Wait { held, defer_to } => (held, defer_to),
         };
         let Some(ticket) = ticket else {
             self.say(req, "no free slot; giving up at once");
-            return Ok(Acquired::TimedOut);
+            return Ok(Some(Acquired::TimedOut));
         };
         self.say(
             req,
@@ -809,7 +1100,13 @@ impl Semaphore for Files {
         let mut watcher: Option<(Inotify, i32)> = None;
         let mut deferred_wd = None;
         loop {
-            let woke = if let Some(pred) = dir.predecessor(&ticket)? {
+            if dir.vanished() {
+                return Ok(None);
+            }
+            let Some(pred) = unless_vanished(&dir, dir.predecessor(&ticket))? else {
+                return Ok(None);
+            };
+            let woke = if let Some(pred) = pred {
                 follow(pred, signals, req.deadline)?
             } else {
                 // A chain head: watch the slots before looking at them, so that
@@ -842,11 +1139,14 @@ impl Semaphore for Files {
                         req.deadline,
                     )?
                 } else {
-                    let (decision, _) = self.attempt(&dir, req, Some(&ticket))?;
+                    let attempt = self.attempt(&dir, req, Some(&ticket));
+                    let Some((decision, _)) = unless_vanished(&dir, attempt)? else {
+                        return Ok(None);
+                    };
                     match decision {
                         Decision::Took(slot) => {
                             drop(ticket);
-                            return Ok(Acquired::Slot(Box::new(slot)));
+                            return Ok(Some(self.guarded(slot, req)));
                         }
                         Decision::Wait {
                             defer_to: Some(blocker),
@@ -877,11 +1177,29 @@ impl Semaphore for Files {
                             since.elapsed().as_secs_f64()
                         ),
                     );
-                    return Ok(Acquired::TimedOut);
+                    return Ok(Some(Acquired::TimedOut));
                 }
-                Woke::Signal(signo) => return Ok(Acquired::Interrupted(signo)),
+                Woke::Signal(signo) => return Ok(Some(Acquired::Interrupted(signo))),
             }
         }
+    }
+}
+
+impl Semaphore for Files {
+    fn acquire(&mut self, req: &Request, signals: &mut Signals) -> Result<Acquired> {
+        for _ in 0..100 {
+            if let Some(done) = self.acquire_here(req, signals)? {
+                return Ok(done);
+            }
+            // Removed while we waited (rm -rf, a tmp cleaner): our queue is
+            // gone with it, so queue again in new directories.
+            self.say(req, "the lock directory was removed; queueing again");
+            self.dir = LockDir::open(&self.dir.path, true)?;
+        }
+        bail!(
+            "lock directory {} keeps disappearing; is something removing it?",
+            self.dir.path.display()
+        )
     }
 
     fn status(&mut self, only: Option<&Id>) -> Result<Vec<IdStatus>> {
@@ -1021,6 +1339,119 @@ impl Semaphore for Files {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+
+    type Hook = Box<dyn FnMut(&Path)>;
+
+    thread_local! {
+        /// Runs in `take` between the open and the lock of a slot file: the
+        /// moment a file replaced from outside must be caught.
+        pub static BETWEEN_OPEN_AND_LOCK: RefCell<Option<Hook>> = const { RefCell::new(None) };
+    }
+
+    /// A scratch lock directory, removed on drop.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Takes a slot of a fresh id while `hook` runs between open and lock.
+    fn take_with(name: &str, hook: impl FnMut(&Path) + 'static) -> (Scratch, Result<SlotFile>) {
+        let root = std::env::temp_dir().join(format!("qsem-unit-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let scratch = Scratch(root.clone());
+        let files = Files::new(LockDir::open(&root, true).unwrap(), false);
+        let id = Id::new(OsStr::new("x")).unwrap();
+        let dir = files.dir.id_dir(&id, true).unwrap().unwrap();
+        // Slot 1 exists, so that there is something to replace.
+        std::fs::write(root.join("x/1"), "").unwrap();
+        let req = Request {
+            id: &id,
+            jobs: 1,
+            deadline: None,
+            command: "test",
+        };
+        BETWEEN_OPEN_AND_LOCK.set(Some(Box::new(hook)));
+        let got = files.attempt(&dir, &req, None);
+        BETWEEN_OPEN_AND_LOCK.set(None);
+        let got = got.map(|(decision, _)| match decision {
+            Decision::Took(slot) => slot,
+            Decision::Wait { .. } => panic!("a free slot was not taken"),
+        });
+        (scratch, got)
+    }
+
+    /// Replaces the file at `path` once, by `make` on a temporary name, then rename.
+    fn replace_once(make: impl Fn(&Path) + 'static) -> impl FnMut(&Path) {
+        let mut done = false;
+        move |path: &Path| {
+            if !done {
+                done = true;
+                let tmp = path.with_extension("new");
+                make(&tmp);
+                std::fs::rename(&tmp, path).unwrap();
+            }
+        }
+    }
+
+    fn inode(path: &Path) -> (u64, u64) {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).unwrap();
+        (m.dev(), m.ino())
+    }
+
+    #[test]
+    fn a_slot_file_replaced_between_open_and_lock_is_caught() {
+        // By a regular file: the lock taken is the new file's, never the old one's.
+        let (s, got) = take_with("regular", replace_once(|p| std::fs::write(p, "").unwrap()));
+        let slot = got.unwrap();
+        let st = sys::fstat(slot.file.as_fd()).unwrap();
+        assert_eq!((st.st_dev, st.st_ino), inode(&s.0.join("x/1")));
+        // Removed: a new file is made and locked.
+        let (s, got) = take_with("removed", {
+            let mut done = false;
+            move |p: &Path| {
+                if !done {
+                    done = true;
+                    std::fs::remove_file(p).unwrap();
+                }
+            }
+        });
+        let slot = got.unwrap();
+        let st = sys::fstat(slot.file.as_fd()).unwrap();
+        assert_eq!((st.st_dev, st.st_ino), inode(&s.0.join("x/1")));
+    }
+
+    #[test]
+    fn a_slot_file_replaced_by_a_fifo_or_symlink_is_refused_without_hanging() {
+        let fifo = |p: &Path| {
+            let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+            // SAFETY: `c` is a valid C string.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        };
+        let (_s, got) = take_with("fifo", replace_once(fifo));
+        let err = format!("{:#}", got.err().expect("refused"));
+        assert!(err.contains("not a regular file"), "{err}");
+        let link = |p: &Path| std::os::unix::fs::symlink("/etc/passwd", p).unwrap();
+        let (_s, got) = take_with("symlink", replace_once(link));
+        let err = format!("{:#}", got.err().expect("refused"));
+        assert!(err.contains("symbolic link"), "{err}");
+    }
+
+    #[test]
+    fn a_slot_file_replaced_every_time_ends_in_a_clear_error() {
+        let always = |p: &Path| {
+            let tmp = p.with_extension("new");
+            std::fs::write(&tmp, "").unwrap();
+            std::fs::rename(&tmp, p).unwrap();
+        };
+        let (_s, got) = take_with("always", always);
+        let err = format!("{:#}", got.err().expect("gives up"));
+        assert!(err.contains("keep changing"), "{err}");
+    }
 
     #[test]
     fn ticket_names() {

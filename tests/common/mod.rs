@@ -114,3 +114,10 @@ pub fn release(mut child: std::process::Child) {
     kill(child.id(), libc::SIGTERM);
     child.wait().unwrap();
 }
+
+/// Says that a test is skipped, straight to stderr: the test harness captures
+/// `eprintln!` of passing tests, and a skip must not go unseen.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
