@@ -110,8 +110,11 @@ fn print_status(ids: Vec<semaphore::IdStatus>, json: bool) -> Result<Exit> {
     } else {
         status::table(&ids, now)
     };
-    std::io::stdout().lock().write_all(text.as_bytes())?;
-    Ok(Exit::OK)
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        // `qsem --status | head`: the reader has all it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(Exit::OK),
+        other => other.map(|()| Exit::OK).map_err(Into::into),
+    }
 }
 
 fn run(cfg: Config) -> Result<Exit> {

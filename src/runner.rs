@@ -64,8 +64,10 @@ fn run_as(
     sem: &mut dyn Semaphore,
     mut notify: Option<OwnedFd>,
 ) -> Result<Exit> {
-    let program = resolve_or_fail(cfg, cmd)?;
+    // Catch signals first: one that comes before the handlers would kill qsem
+    // outright instead of ending it with 128+N.
     let mut signals = Signals::install()?;
+    let program = resolve_or_fail(cfg, cmd)?;
     let display = cmd.display();
     let deadline = cfg.wait.deadline();
     let request = Request {
