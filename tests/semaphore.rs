@@ -9,67 +9,50 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 #[test]
 fn mixed_limits_on_one_id_follow_gnu_sem() {
     let env = Env::new();
+    // One attempt at -j N: the slot the job got, or "" if it was not admitted.
+    let slot_for = |jobs: &str| {
+        let args = [
+            "--id",
+            "proc",
+            "-j",
+            jobs,
+            "--wait",
+            "0",
+            "--",
+            "sh",
+            "-c",
+            "echo $QSEM_SLOT",
+        ];
+        let (code, out, err) = run(env.qsem().args(args));
+        assert_eq!((code, err.as_str()), (0, ""), "-j{jobs}");
+        out.trim().to_string()
+    };
     let mut holders = Vec::new();
-    for i in 0..2 {
-        let ready = env.path(&format!("summary{i}"));
-        holders.push(holder(&env, &["--id", "proc", "-j7"], &ready));
+    let mut hold = |jobs: &str, name: String| {
+        let ready = env.path(&name);
+        holders.push(holder(&env, &["--id", "proc", "-j", jobs], &ready));
         assert!(wait_for_file(&ready, SOON));
+    };
+    for i in 0..2 {
+        hold("7", format!("summary{i}"));
     }
-    // Two held: an import (-j2) may not start, silently.
+    // Two held: an import (-j2) may not start, silently, even after waiting.
     let (code, out, err) = run(env.qsem().args([
         "--id", "proc", "-j2", "--wait", "1s", "--", "echo", "import",
     ]));
     assert_eq!((code, out.as_str(), err.as_str()), (0, "", ""));
     // A transform (-j5) may, in the lowest free slot.
-    let (code, out, _) = run(env.qsem().args([
-        "--id",
-        "proc",
-        "-j5",
-        "--wait",
-        "0",
-        "--",
-        "sh",
-        "-c",
-        "echo $QSEM_SLOT",
-    ]));
-    assert_eq!((code, out.as_str()), (0, "3\n"));
+    assert_eq!(slot_for("5"), "3");
     for i in 2..5 {
-        let ready = env.path(&format!("transform{i}"));
-        holders.push(holder(&env, &["--id", "proc", "-j5"], &ready));
-        assert!(wait_for_file(&ready, SOON));
+        hold("5", format!("transform{i}"));
     }
     // Five held: no more transforms, but summaries still (5 < 7).
-    let (_, out, _) = run(env
-        .qsem()
-        .args(["--id", "proc", "-j5", "--wait", "0", "--", "echo", "t"]));
-    assert_eq!(out, "");
-    let (_, out, _) = run(env.qsem().args([
-        "--id",
-        "proc",
-        "-j7",
-        "--wait",
-        "0",
-        "--",
-        "sh",
-        "-c",
-        "echo $QSEM_SLOT",
-    ]));
-    assert_eq!(out, "6\n");
+    assert_eq!(slot_for("5"), "");
+    assert_eq!(slot_for("7"), "6");
     assert_eq!(held_and_waiting(&env, "proc"), (5, 0));
     // Free slot 1: the lowest free one is taken next.
     release(holders.remove(0));
-    let (_, out, _) = run(env.qsem().args([
-        "--id",
-        "proc",
-        "-j7",
-        "--wait",
-        "0",
-        "--",
-        "sh",
-        "-c",
-        "echo $QSEM_SLOT",
-    ]));
-    assert_eq!(out, "1\n");
+    assert_eq!(slot_for("7"), "1");
     holders.into_iter().for_each(release);
     assert_eq!(held_and_waiting(&env, "proc"), (0, 0));
 }
