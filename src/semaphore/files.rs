@@ -467,6 +467,7 @@ impl IdDir {
                 jobs: req.jobs,
                 command: req.command.to_string(),
             },
+            _watcher: None,
         };
         slot.write_record()
             .with_context(|| format!("cannot write to {}", path.display()))?;
@@ -633,6 +634,11 @@ struct SlotFile {
     file: File,
     number: u32,
     record: Record,
+    /// The inotify instance this process waited with, if it was a chain head.
+    /// Closing one waits for the kernel's fsnotify mark reaper (an SRCU grace
+    /// period, several milliseconds), so it is closed here, after `file` (fields
+    /// drop in order): once the job has ended, not between the slot and its start.
+    _watcher: Option<Inotify>,
 }
 
 impl SlotFile {
@@ -831,8 +837,9 @@ impl Semaphore for Files {
                 } else {
                     let (decision, _) = self.attempt(&dir, req, Some(&ticket))?;
                     match decision {
-                        Decision::Took(slot) => {
+                        Decision::Took(mut slot) => {
                             drop(ticket);
+                            slot._watcher = watcher.take().map(|(ino, _)| ino);
                             return Ok(Acquired::Slot(Box::new(slot)));
                         }
                         Decision::Wait {
