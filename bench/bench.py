@@ -290,7 +290,7 @@ def pipeline():
     emit("Scripts:")
     emit()
     for k, s in scripts.items():
-        emit(f"- {k}: `{s.replace(QSEM, 'qsem').replace(SEM, 'sem')}`")
+        emit(f"- {k}: `{s.replace(QSEM, 'qsem').replace(SEM, 'sem').replace(pid_, 'p')}`")
     emit()
     return {"pipe_ideal": med[qsem_label] / 2.5e9, "pipe_xargs": med[qsem_label] / med["xargs -P4"]}
 
