@@ -22,6 +22,7 @@ import time
 QSEM, STAMP, WORK = sys.argv[1], sys.argv[2], sys.argv[3]
 QUICK = "--quick" in sys.argv
 ONLY = None
+STATIC = sys.argv[sys.argv.index("--static") + 1] if "--static" in sys.argv else None
 if "--only" in sys.argv:
     ONLY = set(sys.argv[sys.argv.index("--only") + 1].split(","))
 
@@ -108,6 +109,8 @@ def overhead():
         "qsem --id b -j2 -- true": [QSEM, "--id", sid, "-j2", "--", "true"],
         "sem --fg --id b -j2 true": [SEM, "--fg", "--id", sid, "-j2", "true"],
     }
+    if STATIC:
+        cmds["qsem, static-pie build (proposal)"] = [STATIC, "--id", sid, "-j2", "--", "true"]
     rounds = 60 if QUICK else 400
     sem_every = 10
     samples = {k: [] for k in cmds}
@@ -136,6 +139,10 @@ def overhead():
     emit()
     emit(f"- qsem overhead / flock overhead = **{q / f:.2f}x** (target <= 1.2x)")
     emit(f"- GNU sem overhead / qsem overhead = **{s / q:.0f}x** (target >= 40x)")
+    if STATIC:
+        st = ov["qsem, static-pie build (proposal)"]
+        emit(f"- the same qsem linked static-pie: **{st / f:.2f}x** flock's overhead, "
+             f"{s / st:.0f}x below GNU sem's")
     emit()
     return {"ov_ratio_flock": q / f, "ov_ratio_sem": s / q}
 

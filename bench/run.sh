@@ -20,8 +20,19 @@ if [ -n "$need" ]; then
     $sudo apt-get update -qq && $sudo apt-get install -y -qq $need >&2
 fi
 cargo build --release --locked >&2
+# The same source linked statically (static-pie): not how install.sh builds
+# qsem, but measured beside it, since startup is most of qsem's overhead.
+# QSEM_BENCH_STATIC=0 skips it.
+static=""
+if [ "${QSEM_BENCH_STATIC:-1}" != 0 ]; then
+    host=$(rustc -vV | sed -n 's/^host: //p')
+    if RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \
+        --target "$host" --target-dir target/bench-static >&2; then
+        static="--static $PWD/target/bench-static/$host/release/qsem"
+    fi
+fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/qsem-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT INT TERM
 rustc -O --edition 2024 bench/stamp.rs -o "$work/stamp" >&2
 mkdir -p bench/out
-python3 bench/bench.py "$PWD/target/release/qsem" "$work/stamp" "$work" "$@" | tee bench/out/latest.md
+python3 bench/bench.py "$PWD/target/release/qsem" "$work/stamp" "$work" $static "$@" | tee bench/out/latest.md
