@@ -169,7 +169,10 @@ def overhead():
         emit(f"- the same qsem linked static-pie: **{st / f:.2f}x** flock's overhead, "
              f"{s / st:.0f}x below GNU sem's")
     emit()
-    return {"ov_ratio_flock": q / f, "ov_ratio_sem": s / q}
+    res = {"ov_ratio_flock": q / f, "ov_ratio_sem": s / q}
+    if STATIC:
+        res["static_ratio"] = ov["qsem, static-pie build (proposal)"] / f
+    return res
 
 
 # 2. Handoff latency ----------------------------------------------------------
@@ -324,7 +327,8 @@ def pipeline():
     for k, s in scripts.items():
         emit(f"- {k}: `{s.replace(QSEM, 'qsem').replace(SEM, 'sem').replace(pid_, 'p')}`")
     emit()
-    return {"pipe_ideal": med[qsem_label] / 2.5e9, "pipe_xargs": med[qsem_label] / med["xargs -P4"]}
+    return {"pipe_ideal": med[qsem_label] / 2.5e9, "pipe_xargs": med[qsem_label] / med["xargs -P4"],
+            "xargs_ideal": med["xargs -P4"] / 2.5e9}
 
 
 # 4. Idle waiters ------------------------------------------------------------
@@ -467,7 +471,8 @@ def scale():
     emit(f"| `qsem --id many{nid // 2} -- true` among {nid} ids | {ms(mm['acq_many'])} |")
     emit(f"| same in a lock directory with 1 id | {ms(mm['acq_empty'])} |")
     emit()
-    return {"j1000_ratio": ratio}
+    return {"j1000_ratio": ratio,
+            "j1000_ov_ratio": (m["big"] - m["true"]) / (m["small"] - m["true"])}
 
 
 # 6. Memory ------------------------------------------------------------------
@@ -531,6 +536,53 @@ def machine():
     emit()
 
 
+def targets(sm):
+    """The issue's targets against this run's numbers."""
+    rows = []
+
+    def row(what, target, got, ok, floor=""):
+        rows.append(f"| {what} | {target} | {got} | {'met' if ok else '**missed**'} | {floor} |")
+
+    if "overhead" in sm:
+        o = sm["overhead"]
+        row("overhead vs flock(1)'s", "<= 1.2x", f"{o['ov_ratio_flock']:.2f}x",
+            o["ov_ratio_flock"] <= 1.2,
+            f"static-pie build: {o['static_ratio']:.2f}x" if "static_ratio" in o else "")
+        row("overhead below GNU sem's", ">= 40x", f"{o['ov_ratio_sem']:.0f}x", o["ov_ratio_sem"] >= 40)
+    if "handoff" in sm:
+        h = sm["handoff"]
+        for mode in ["exit", "kill"]:
+            p50, p99 = h[("qsem", mode)]
+            f50, f99 = h[("flock", mode)]
+            row(f"handoff p50 after {mode}", "<= 1 ms", f"{p50 / 1e6:.2f} ms", p50 <= 1e6,
+                f"flock(1) same run: {f50 / 1e6:.2f} ms")
+            row(f"handoff p99 after {mode}", "<= 5 ms", f"{p99 / 1e6:.2f} ms", p99 <= 5e6,
+                f"flock(1) same run: {f99 / 1e6:.2f} ms")
+    if "pipeline" in sm:
+        p = sm["pipeline"]
+        row("pipeline vs ideal 2.5 s", "<= 1.15x", f"{p['pipe_ideal']:.2f}x", p["pipe_ideal"] <= 1.15,
+            f"xargs -P4: {p['xargs_ideal']:.2f}x")
+        row("pipeline vs xargs -P4", "<= 1.10x", f"{p['pipe_xargs']:.2f}x", p["pipe_xargs"] <= 1.10)
+    if "idle" in sm:
+        i = sm["idle"]
+        row("100 idle waiters, CPU over 5 s", "< 0.05 s", f"{i['qsem']:.4f} s", i["qsem"] < 0.05,
+            f"GNU sem: {i['sem']:.2f} s")
+    if "scale" in sm:
+        r = sm["scale"]["j1000_ratio"]
+        row("-j1000 acquisition vs -j2", "<= 2x", f"{r:.2f}x", r <= 2,
+            f"overhead only: {sm['scale']['j1000_ov_ratio']:.2f}x")
+    if "memory" in sm:
+        k = sm["memory"]["rss_kib"]
+        row("peak RSS of qsem", "<= 4 MiB", f"{k / 1024:.2f} MiB", k <= 4096)
+    emit("## Targets")
+    emit()
+    emit("| what | target | this run | | for comparison |")
+    emit("|---|---|---|---|---|")
+    for r in rows:
+        emit(r)
+    emit()
+
+
 def main():
     os.makedirs(LOCKS, exist_ok=True)
     machine()
@@ -540,6 +592,7 @@ def main():
         if section(name):
             say(f"== {name} ({time.strftime('%H:%M:%S')})")
             summary[name] = fn()
+    targets(summary)
     emit(f"Finished {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, "
          f"load average {open('/proc/loadavg').read().strip()}.")
 
