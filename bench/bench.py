@@ -512,7 +512,8 @@ def memory():
         emit(f"| `{k}` | {res[k]:.0f} |")
     size = os.path.getsize(QSEM)
     stripped = os.path.join(WORK, "qsem.stripped")
-    subprocess.run(["strip", "-o", stripped, QSEM], check=False)
+    if shutil.which("strip"):
+        subprocess.run(["strip", "-o", stripped, QSEM], check=False)
     ss = os.path.getsize(stripped) if os.path.exists(stripped) else 0
     emit()
     emit(f"- binary: {size} bytes ({size / 1048576:.2f} MiB); stripped: {ss} bytes "
