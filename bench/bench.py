@@ -111,8 +111,8 @@ def overhead():
     }
     if STATIC:
         cmds["qsem, static-pie build (proposal)"] = [STATIC, "--id", sid, "-j2", "--", "true"]
-    rounds = 60 if QUICK else 400
-    sem_every = 10
+    rounds = 60 if QUICK else 800
+    sem_every = 20
     samples = {k: [] for k in cmds}
     cpu = {k: [] for k in cmds}  # user+system CPU of the command and its child
     paired = {k: [] for k in cmds}  # X - true, within one round

@@ -33,6 +33,8 @@ if [ "${QSEM_BENCH_STATIC:-1}" != 0 ]; then
 fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/qsem-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT INT TERM
-rustc -O --edition 2024 bench/stamp.rs -o "$work/stamp" >&2
+# Static, so that its own start (part of every handoff, for every tool) is short.
+rustc -O --edition 2024 -C target-feature=+crt-static bench/stamp.rs -o "$work/stamp" >&2 \
+    || rustc -O --edition 2024 bench/stamp.rs -o "$work/stamp" >&2
 mkdir -p bench/out
 python3 bench/bench.py "$PWD/target/release/qsem" "$work/stamp" "$work" $static "$@" | tee bench/out/latest.md
