@@ -183,10 +183,15 @@ impl LockDir {
         Ok(())
     }
 
+    /// A file or directory of ours, or of the group that shares the directory.
+    fn owns(&self, st: &libc::stat) -> bool {
+        st.st_uid == self.euid || self.shared_gid == Some(st.st_gid)
+    }
+
     /// Refuses a file or directory of another user, unless the directory is
     /// shared by a group and the file belongs to that group.
     fn check_owner(&self, st: &libc::stat, path: &Path) -> Result<()> {
-        if st.st_uid == self.euid || self.shared_gid == Some(st.st_gid) {
+        if self.owns(st) {
             return Ok(());
         }
         bail!(
@@ -396,9 +401,13 @@ fn parse_ticket(name: &OsStr) -> Option<TicketName> {
 
 /// A slot file's name is its number, written canonically.
 fn parse_slot(name: &OsStr) -> Option<u32> {
-    let s = std::str::from_utf8(name.as_bytes()).ok()?;
-    let n: u32 = s.parse().ok()?;
-    (n > 0 && n.to_string() == s).then_some(n)
+    // Canonical: digits only, no leading zero (so no "0" either). Allocation-free,
+    // since a scan parses every name in the id's directory.
+    let b = name.as_bytes();
+    if b.first().is_none_or(|&c| c == b'0') || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(b).ok()?.parse().ok()
 }
 
 impl IdDir {
@@ -479,7 +488,13 @@ impl IdDir {
         let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
         match sys::open_at(self.fd.as_fd(), &name, flags, 0) {
             Ok(fd) => {
-                check_regular(lock_dir, &fd, &self.path.join(&name))?;
+                // A scan probes every slot file: build the path only for an error.
+                let fine = sys::fstat(fd.as_fd()).is_ok_and(|st| {
+                    st.st_mode & libc::S_IFMT == libc::S_IFREG && lock_dir.owns(&st)
+                });
+                if !fine {
+                    check_regular(lock_dir, &fd, &self.path.join(&name))?;
+                }
                 Ok(Some(fd))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -557,6 +572,7 @@ impl IdDir {
                 jobs: req.jobs,
                 command: req.command.to_string(),
             },
+            _watcher: None,
         };
         // The record is for --status only: a full disk must not stop the job,
         // which holds its slot all the same.
@@ -731,6 +747,11 @@ struct SlotFile {
     /// Puts the slot back if its file is removed; `None` for a slot taken
     /// back by a guard, which watches it itself.
     guard: Option<Guard>,
+    /// The inotify instance this process waited with, if it was a chain head.
+    /// Closing one waits for the kernel's fsnotify mark reaper (an SRCU grace
+    /// period, several milliseconds), so it is closed here, after `file` (fields
+    /// drop in order): once the job has ended, not between the slot and its start.
+    _watcher: Option<Inotify>,
 }
 
 impl SlotFile {
@@ -1144,8 +1165,9 @@ impl Files {
                         return Ok(None);
                     };
                     match decision {
-                        Decision::Took(slot) => {
+                        Decision::Took(mut slot) => {
                             drop(ticket);
+                            slot._watcher = watcher.take().map(|(ino, _)| ino);
                             return Ok(Some(self.guarded(slot, req)));
                         }
                         Decision::Wait {

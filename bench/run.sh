@@ -1,0 +1,40 @@
+#!/bin/sh
+# The qsem benchmark (issue 3): qsem against bare `true`, flock(1), GNU sem and
+# xargs -P4, in one run on this machine. Installs the peers if missing (Debian),
+# builds qsem (release) and the timing helper, runs bench/bench.py, and writes
+# the report to bench/out/latest.md (and stdout).
+#
+#   bench/run.sh            full run (about 5 minutes)
+#   bench/run.sh --quick    smaller counts, for trying things out
+#   bench/run.sh --only overhead,handoff,pipeline,idle,scale,memory
+set -eu
+cd "$(dirname "$0")/.."
+need=""
+command -v sem >/dev/null 2>&1 || need="$need parallel"
+command -v flock >/dev/null 2>&1 || need="$need util-linux"
+command -v python3 >/dev/null 2>&1 || need="$need python3"
+command -v xargs >/dev/null 2>&1 || need="$need findutils"
+if [ -n "$need" ]; then
+    echo "bench: installing$need" >&2
+    sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq $need >&2
+fi
+cargo build --release --locked >&2
+# The same source linked statically (static-pie): not how install.sh builds
+# qsem, but measured beside it, since startup is most of qsem's overhead.
+# QSEM_BENCH_STATIC=0 skips it.
+static=""
+if [ "${QSEM_BENCH_STATIC:-1}" != 0 ]; then
+    host=$(rustc -vV | sed -n 's/^host: //p')
+    if RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \
+        --target "$host" --target-dir target/bench-static >&2; then
+        static="--static $PWD/target/bench-static/$host/release/qsem"
+    fi
+fi
+work=$(mktemp -d "${TMPDIR:-/tmp}/qsem-bench.XXXXXX")
+trap 'rm -rf "$work"' EXIT INT TERM
+# Static, so that its own start (part of every handoff, for every tool) is short.
+rustc -O --edition 2024 -C target-feature=+crt-static bench/stamp.rs -o "$work/stamp" >&2 \
+    || rustc -O --edition 2024 bench/stamp.rs -o "$work/stamp" >&2
+mkdir -p bench/out
+python3 bench/bench.py "$PWD/target/release/qsem" "$work/stamp" "$work" $static "$@" | tee bench/out/latest.md
