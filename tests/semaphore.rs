@@ -130,10 +130,13 @@ fn files_are_private() {
 fn kill_qsem_leaving_its_job(env: &Env, args: &[&str]) -> std::path::PathBuf {
     let ready = env.path("ready");
     let go = env.path("go");
+    // The job also ends when the test's directory goes, so that a failing
+    // test leaves no process behind.
     let script = format!(
-        "touch {}; while [ ! -e {} ]; do sleep 0.05; done",
-        ready.display(),
-        go.display()
+        "touch {ready}; while [ -d {root} ] && [ ! -e {go} ]; do sleep 0.05; done",
+        ready = ready.display(),
+        root = env.root.display(),
+        go = go.display()
     );
     let mut qsem = env.qsem().args(args).args(["-c", &script]).spawn().unwrap();
     assert!(wait_for_file(&ready, SOON));
