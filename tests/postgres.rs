@@ -252,10 +252,13 @@ impl Drop for Job {
 fn hold(env: &Env, c: &Cluster, args: &[&str], name: &str) -> Job {
     let started = env.path(&format!("{name}.started"));
     let stop = env.path("stop");
+    // The job also ends when the test's directory goes: no process outlives a
+    // failing test.
     let script = format!(
-        "echo $QSEM_SLOT > {}; while [ ! -e {} ]; do sleep 0.05; done",
-        started.display(),
-        stop.display()
+        "echo $QSEM_SLOT > {started}; while [ -d {root} ] && [ ! -e {stop} ]; do sleep 0.05; done",
+        started = started.display(),
+        root = env.root.display(),
+        stop = stop.display()
     );
     let child = qsem(env, c)
         .args(args)
