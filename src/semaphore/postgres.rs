@@ -535,6 +535,15 @@ fn admit(held: &[u32], jobs: u32, waiters: &[Waiter], me: Option<(i64, i32)>) ->
     (1..=MAX_SLOT).find(|k| !held.contains(k))
 }
 
+/// The slot numbers in the answer to [`Keys::slot_locks`] (the mutex, 0, is none).
+fn slots(rows: Option<&Vec<Vec<Option<String>>>>) -> Vec<u32> {
+    rows.into_iter()
+        .flatten()
+        .filter_map(|row| row.first().cloned().flatten()?.parse().ok())
+        .filter(|k| (1..=MAX_SLOT).contains(k))
+        .collect()
+}
+
 /// What one admission attempt came to.
 enum Attempt {
     Took(u32),
@@ -585,15 +594,7 @@ async fn attempt(
                 .flatten()
                 .ok_or_else(|| anyhow!("unexpected answer from the server (statement {stmt})"))
         };
-        let held: Vec<u32> = res
-            .get(2)
-            .map(|rows| {
-                rows.iter()
-                    .filter_map(|row| row.first().cloned().flatten()?.parse().ok())
-                    .filter(|k| (1..=MAX_SLOT).contains(k))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let held = slots(res.get(2));
         let mut waiters = Vec::new();
         for row in res.get(3).into_iter().flatten() {
             let pid = col(3, row, 0)?.parse().unwrap_or(0);
@@ -704,6 +705,52 @@ async fn stop_signal(fd: &AsyncFd<SignalFd>, signals: &mut Signals) -> Result<li
     }
 }
 
+/// Why a waiter's sleep ended.
+enum Woke {
+    /// A NOTIFY, or the slow poll: look again.
+    Look,
+    Expired,
+    Signal(libc::c_int),
+}
+
+/// The one way a waiter sleeps: until a NOTIFY on the channels its session
+/// listens to, the slow poll (a holder that crashed sends no NOTIFY), the
+/// deadline, or a stop signal. A signal that came earlier is seen at once:
+/// the pipe is still readable.
+async fn sleep(
+    s: &mut Session,
+    deadline: Option<Instant>,
+    signals: &mut Signals,
+    target: &str,
+) -> Result<Woke> {
+    // SAFETY: `signals` owns the descriptor, keeps it open, and outlives
+    // `sig_fd`, which lives only in this call.
+    let sig_fd =
+        unsafe { AsyncFd::register_with_interest(SignalFd(signals.fd()), Interest::READABLE) }
+            .map_err(|e| anyhow!("cannot watch signals: {e}"))?;
+    let expired = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        news = s.news.recv() => match news {
+            Some(News::Notified) => {
+                while let Ok(News::Notified) = s.news.try_recv() {}
+                Ok(Woke::Look)
+            }
+            Some(News::Closed(why)) => {
+                bail!("lost the connection to PostgreSQL at {target} while waiting: {why}")
+            }
+            None => bail!("lost the connection to PostgreSQL at {target}"),
+        },
+        _ = tokio::time::sleep(SLOW_POLL) => Ok(Woke::Look),
+        _ = expired => Ok(Woke::Expired),
+        signo = stop_signal(&sig_fd, signals) => Ok(Woke::Signal(signo?)),
+    }
+}
+
 impl Semaphore for Postgres {
     fn acquire(&mut self, req: &Request, signals: &mut Signals) -> Result<Acquired> {
         let rt = Self::runtime()?;
@@ -721,12 +768,6 @@ impl Semaphore for Postgres {
             let mut s = self.open().await?;
             let mut place = None;
             let mut since = None;
-            // SAFETY: `signals` owns the descriptor, keeps it open, and
-            // outlives `sig_fd`, which lives only in this block.
-            let sig_fd = unsafe {
-                AsyncFd::register_with_interest(SignalFd(signals.fd()), Interest::READABLE)
-            }
-            .map_err(|e| anyhow!("cannot watch signals: {e}"))?;
             loop {
                 match attempt(&s, &keys, req.jobs, &rec, place, may_wait).await? {
                     Attempt::Took(slot) => return Ok(Some((s, slot))),
@@ -745,34 +786,17 @@ impl Semaphore for Postgres {
                         place = p;
                     }
                 }
-                let deadline = req.deadline.map(tokio::time::Instant::from_std);
-                let expired = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    news = s.news.recv() => match news {
-                        Some(News::Notified) => {
-                            while let Ok(News::Notified) = s.news.try_recv() {}
-                        }
-                        Some(News::Closed(why)) => bail!(
-                            "lost the connection to PostgreSQL at {} while waiting: {why}",
-                            self.target
-                        ),
-                        None => bail!("lost the connection to PostgreSQL at {}", self.target),
-                    },
-                    _ = tokio::time::sleep(SLOW_POLL) => {}
-                    _ = expired => {
+                match sleep(&mut s, req.deadline, signals, &self.target).await? {
+                    Woke::Look => {}
+                    Woke::Expired => {
                         let waited = since.map_or(0.0, |t| t.elapsed().as_secs_f64());
                         self.say(req, &format!("no slot within {waited:.3}s; giving up"));
                         leave(&s, &keys).await;
-                        return Err(TimedOut.into());
+                        return Err(anyhow::Error::new(TimedOut));
                     }
-                    signo = stop_signal(&sig_fd, signals) => {
+                    Woke::Signal(signo) => {
                         leave(&s, &keys).await;
-                        return Err(Interrupted(signo?).into());
+                        return Err(anyhow::Error::new(Interrupted(signo)));
                     }
                 }
             }
