@@ -822,3 +822,64 @@ fn wait_all_waits_for_the_waiters_too() {
     );
     assert!(waiter.wait().unwrap().success());
 }
+
+#[test]
+fn a_role_that_may_not_create_tables_uses_the_one_a_dba_made() {
+    let Some((env, c)) = setup() else { return };
+    // Since PostgreSQL 15 an ordinary role may not create tables in `public`.
+    c.sql(
+        "CREATE ROLE qsem_limited LOGIN PASSWORD 'limited-pw'; CREATE SCHEMA limited; \
+         GRANT USAGE ON SCHEMA limited TO qsem_limited; \
+         ALTER ROLE qsem_limited SET search_path = limited",
+    );
+    let url = format!(
+        "postgres://qsem_limited:limited-pw@127.0.0.1:{}/postgres",
+        c.port
+    );
+    let q = |args: &[&str]| {
+        let mut cmd = env.qsem();
+        cmd.arg("--backend")
+            .arg(&url)
+            .args(["--id", "lim"])
+            .args(args);
+        cmd
+    };
+    let bg_err = || std::fs::read_to_string(env.path("bg.err")).unwrap_or_default();
+    let bg = |args: &[&str]| {
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(env.path("bg.err"))
+            .unwrap();
+        q(args).stderr(err).status().unwrap().code()
+    };
+    // No table, and none can be made: the failure is said, and the job's
+    // supervisor fails (125), loudly.
+    assert_eq!(bg(&["--bg", "--", "sh", "-c", "exit 3"]), Some(0));
+    assert!(
+        eventually(SOON, || bg_err()
+            .contains("permission denied for schema limited")),
+        "{}",
+        bg_err()
+    );
+    assert!(
+        bg_err().contains("qsem: cannot record a failed job of 'lim' on PostgreSQL at"),
+        "{}",
+        bg_err()
+    );
+    assert_eq!(
+        run(&mut q(&["--wait-all"])),
+        (0, String::new(), String::new())
+    );
+    // Once a DBA has made the table and granted its use, failures count.
+    c.sql(
+        "CREATE TABLE limited.qsem_failures (id bytea NOT NULL, \
+         failed_at timestamptz NOT NULL DEFAULT now(), host text NOT NULL, line text NOT NULL); \
+         GRANT SELECT, INSERT, DELETE ON limited.qsem_failures TO qsem_limited",
+    );
+    assert_eq!(bg(&["--bg", "--", "sh", "-c", "exit 4"]), Some(0));
+    let (code, _, err) = run(&mut q(&["--wait-all"]));
+    assert_eq!(code, 1, "{err} {}", bg_err());
+    assert!(err.contains("1 background job failed"), "{err}");
+    assert_eq!(c.sql("SELECT count(*) FROM limited.qsem_failures"), "0");
+}
