@@ -28,7 +28,19 @@
 //! by every releaser, and by a waiter that takes a slot or gives up), its
 //! deadline, a signal, or a slow poll that catches holders that crashed
 //! without a word. Fairness is the lock-file engine's rule: a request is
-//! admitted only if no older waiter would also be admitted now.
+//! admitted only if no older waiter would also be admitted now. `--wait-all`
+//! sleeps the same way on the same channel, until a look under the mutex
+//! finds no slot of the key held and no session waiting (two ids whose keys
+//! collide share their slots, and so wait for each other here too).
+//!
+//! **Failures** of background jobs must outlive every session (the next
+//! `--wait-all` may run on another machine, after the job's qsem has gone),
+//! so they are the one thing kept in a table: `qsem_failures` (id bytes,
+//! time, host, report line), created by the first failure in the first
+//! schema of the `search_path` (or by a DBA, with INSERT, SELECT and DELETE
+//! granted to qsem's roles). A supervisor inserts its row before it releases
+//! the slot; `--wait-all` counts and deletes the id's rows in one statement.
+//! Locks, waiters and holders stay out of tables: no row can outlive a crash.
 //!
 //! **Connection**: a `postgres://` URL completed by the `PG*` variables, as
 //! libpq would; `sslmode=require` means TLS with the server's certificate
@@ -39,7 +51,7 @@
 //! every user) and a comment in the session's last query (id, start, command;
 //! readable by the same role or `pg_read_all_stats`) say who they are.
 
-use super::{Acquired, Holder, IdStatus, Request, Semaphore, Slot, SlotEvent};
+use super::{Acquired, Holder, IdStatus, Idle, Request, Semaphore, Slot, SlotEvent};
 use crate::id::Id;
 use crate::signals::Signals;
 use crate::{report, sys};
@@ -535,6 +547,62 @@ fn admit(held: &[u32], jobs: u32, waiters: &[Waiter], me: Option<(i64, i32)>) ->
     (1..=MAX_SLOT).find(|k| !held.contains(k))
 }
 
+/// The table of failed background jobs, created by the first failure.
+const FAILURES_TABLE: &str = "CREATE TABLE IF NOT EXISTS qsem_failures (\
+     id bytea NOT NULL, failed_at timestamptz NOT NULL DEFAULT now(), \
+     host text NOT NULL, line text NOT NULL); \
+     COMMENT ON TABLE qsem_failures IS 'qsem: failed background (--bg) jobs, \
+     counted and deleted by the next qsem --wait-all of the id'";
+
+/// The lock that serialises creating the table (two concurrent `CREATE TABLE
+/// IF NOT EXISTS` can clash): "qsem" in ASCII, in the one-bigint key form,
+/// which `pg_locks` keeps apart from the two-int keys of slots and mutexes.
+const CREATE_LOCK: i64 = 0x7173_656d;
+
+/// Whether `qsem_failures` is on the search path (and visible to this role).
+async fn failures_table(s: &Session) -> Result<bool> {
+    let res = s
+        .query("SELECT (to_regclass('qsem_failures') IS NOT NULL)::text")
+        .await?;
+    Ok(res
+        .first()
+        .and_then(|rows| rows.first())
+        .and_then(|row| row.first().cloned().flatten())
+        .is_some_and(|t| t == "true"))
+}
+
+/// The slot numbers in the answer to [`Keys::slot_locks`] (the mutex, 0, is none).
+fn slots(rows: Option<&Vec<Vec<Option<String>>>>) -> Vec<u32> {
+    rows.into_iter()
+        .flatten()
+        .filter_map(|row| row.first().cloned().flatten()?.parse().ok())
+        .filter(|k| (1..=MAX_SLOT).contains(k))
+        .collect()
+}
+
+/// How many slots of the id are held and how many sessions wait for one:
+/// what `--wait-all` waits to see at zero. Read under the id's mutex, since
+/// everything that adds a waiter or a holder happens under it: while we hold
+/// it both numbers can only fall, so two zeros are zeros at one instant.
+async fn busy(s: &Session, keys: &Keys) -> Result<(u32, u32)> {
+    let sql = format!(
+        "BEGIN; SELECT pg_advisory_xact_lock({k}, 0); \
+         SELECT count(*)::text FROM pg_stat_activity WHERE application_name LIKE 'qsem w {hex} %' \
+         AND datname = current_database(); {locks}; COMMIT",
+        k = key_i32(keys.k),
+        hex = keys.hex(),
+        locks = keys.slot_locks(),
+    );
+    let res = s.query(&sql).await?;
+    let waiting = res
+        .get(2)
+        .and_then(|rows| rows.first())
+        .and_then(|row| row.first().cloned().flatten())
+        .and_then(|n| n.parse().ok())
+        .context("unexpected answer from the server")?;
+    Ok((slots(res.get(3)).len() as u32, waiting))
+}
+
 /// What one admission attempt came to.
 enum Attempt {
     Took(u32),
@@ -585,15 +653,7 @@ async fn attempt(
                 .flatten()
                 .ok_or_else(|| anyhow!("unexpected answer from the server (statement {stmt})"))
         };
-        let held: Vec<u32> = res
-            .get(2)
-            .map(|rows| {
-                rows.iter()
-                    .filter_map(|row| row.first().cloned().flatten()?.parse().ok())
-                    .filter(|k| (1..=MAX_SLOT).contains(k))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let held = slots(res.get(2));
         let mut waiters = Vec::new();
         for row in res.get(3).into_iter().flatten() {
             let pid = col(3, row, 0)?.parse().unwrap_or(0);
@@ -704,6 +764,52 @@ async fn stop_signal(fd: &AsyncFd<SignalFd>, signals: &mut Signals) -> Result<li
     }
 }
 
+/// Why a waiter's sleep ended.
+enum Woke {
+    /// A NOTIFY, or the slow poll: look again.
+    Look,
+    Expired,
+    Signal(libc::c_int),
+}
+
+/// The one way a waiter sleeps: until a NOTIFY on the channels its session
+/// listens to, the slow poll (a holder that crashed sends no NOTIFY), the
+/// deadline, or a stop signal. A signal that came earlier is seen at once:
+/// the pipe is still readable.
+async fn sleep(
+    s: &mut Session,
+    deadline: Option<Instant>,
+    signals: &mut Signals,
+    target: &str,
+) -> Result<Woke> {
+    // SAFETY: `signals` owns the descriptor, keeps it open, and outlives
+    // `sig_fd`, which lives only in this call.
+    let sig_fd =
+        unsafe { AsyncFd::register_with_interest(SignalFd(signals.fd()), Interest::READABLE) }
+            .map_err(|e| anyhow!("cannot watch signals: {e}"))?;
+    let expired = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        news = s.news.recv() => match news {
+            Some(News::Notified) => {
+                while let Ok(News::Notified) = s.news.try_recv() {}
+                Ok(Woke::Look)
+            }
+            Some(News::Closed(why)) => {
+                bail!("lost the connection to PostgreSQL at {target} while waiting: {why}")
+            }
+            None => bail!("lost the connection to PostgreSQL at {target}"),
+        },
+        _ = tokio::time::sleep(SLOW_POLL) => Ok(Woke::Look),
+        _ = expired => Ok(Woke::Expired),
+        signo = stop_signal(&sig_fd, signals) => Ok(Woke::Signal(signo?)),
+    }
+}
+
 impl Semaphore for Postgres {
     fn acquire(&mut self, req: &Request, signals: &mut Signals) -> Result<Acquired> {
         let rt = Self::runtime()?;
@@ -721,12 +827,6 @@ impl Semaphore for Postgres {
             let mut s = self.open().await?;
             let mut place = None;
             let mut since = None;
-            // SAFETY: `signals` owns the descriptor, keeps it open, and
-            // outlives `sig_fd`, which lives only in this block.
-            let sig_fd = unsafe {
-                AsyncFd::register_with_interest(SignalFd(signals.fd()), Interest::READABLE)
-            }
-            .map_err(|e| anyhow!("cannot watch signals: {e}"))?;
             loop {
                 match attempt(&s, &keys, req.jobs, &rec, place, may_wait).await? {
                     Attempt::Took(slot) => return Ok(Some((s, slot))),
@@ -745,34 +845,17 @@ impl Semaphore for Postgres {
                         place = p;
                     }
                 }
-                let deadline = req.deadline.map(tokio::time::Instant::from_std);
-                let expired = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    news = s.news.recv() => match news {
-                        Some(News::Notified) => {
-                            while let Ok(News::Notified) = s.news.try_recv() {}
-                        }
-                        Some(News::Closed(why)) => bail!(
-                            "lost the connection to PostgreSQL at {} while waiting: {why}",
-                            self.target
-                        ),
-                        None => bail!("lost the connection to PostgreSQL at {}", self.target),
-                    },
-                    _ = tokio::time::sleep(SLOW_POLL) => {}
-                    _ = expired => {
+                match sleep(&mut s, req.deadline, signals, &self.target).await? {
+                    Woke::Look => {}
+                    Woke::Expired => {
                         let waited = since.map_or(0.0, |t| t.elapsed().as_secs_f64());
                         self.say(req, &format!("no slot within {waited:.3}s; giving up"));
                         leave(&s, &keys).await;
-                        return Err(TimedOut.into());
+                        return Err(anyhow::Error::new(TimedOut));
                     }
-                    signo = stop_signal(&sig_fd, signals) => {
+                    Woke::Signal(signo) => {
                         leave(&s, &keys).await;
-                        return Err(Interrupted(signo?).into());
+                        return Err(anyhow::Error::new(Interrupted(signo)));
                     }
                 }
             }
@@ -937,6 +1020,107 @@ impl Semaphore for Postgres {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+
+    fn wait_idle(
+        &mut self,
+        id: &Id,
+        deadline: Option<Instant>,
+        signals: &mut Signals,
+    ) -> Result<Idle> {
+        let rt = Self::runtime()?;
+        let keys = Keys { k: key(id) };
+        rt.block_on(async {
+            let mut s = self.open().await?;
+            // Listen before looking, so that no release between the look
+            // and the sleep goes unheard.
+            s.query(&format!("LISTEN {}", keys.channel())).await?;
+            let mut told = None;
+            loop {
+                let (held, waiting) = busy(&s, &keys).await?;
+                if held == 0 && waiting == 0 {
+                    return Ok(Idle::Reached);
+                }
+                if self.verbose && told != Some((held, waiting)) {
+                    told = Some((held, waiting));
+                    report::line(
+                        id,
+                        &format!("waiting for {held} held slot(s) and {waiting} waiter(s)"),
+                    );
+                }
+                match sleep(&mut s, deadline, signals, &self.target).await? {
+                    Woke::Look => {}
+                    Woke::Expired => return Ok(Idle::TimedOut),
+                    Woke::Signal(signo) => return Ok(Idle::Interrupted(signo)),
+                }
+            }
+        })
+    }
+
+    fn record_failure(&mut self, id: &Id, line: &str) -> Result<()> {
+        let rt = Self::runtime()?;
+        let record = async {
+            let s = self.open().await?;
+            // Created only when missing: `CREATE ... IF NOT EXISTS` needs the
+            // CREATE privilege even when the table is there, and a role may
+            // have been granted only INSERT, SELECT and DELETE on it.
+            if !failures_table(&s).await? {
+                s.query(&format!(
+                    "BEGIN; SELECT pg_advisory_xact_lock({CREATE_LOCK}); {FAILURES_TABLE}; COMMIT"
+                ))
+                .await
+                .context("cannot create the table qsem_failures")?;
+            }
+            s.client
+                .execute(
+                    "INSERT INTO qsem_failures (id, host, line) VALUES ($1, $2, $3)",
+                    &[&id.as_bytes(), &sys::hostname(), &line.replace('\0', "")],
+                )
+                .await
+                .map_err(|e| anyhow!(error_text(&e)))?;
+            anyhow::Ok(())
+        };
+        // The job's slot is still held: a server that does not answer must
+        // not keep it so for ever.
+        rt.block_on(async { tokio::time::timeout(self.lost_after, record).await })
+            .map_err(|_| anyhow!("no answer within --lost-after"))
+            .and_then(|r| r)
+            .with_context(|| {
+                format!(
+                    "cannot record a failed job of '{id}' on PostgreSQL at {}",
+                    self.target
+                )
+            })
+    }
+
+    fn take_failures(&mut self, id: &Id) -> Result<u32> {
+        let rt = Self::runtime()?;
+        let n: i64 = rt
+            .block_on(async {
+                let s = self.open().await?;
+                if !failures_table(&s).await? {
+                    return Ok(0);
+                }
+                // One statement: two barriers that end together count each
+                // failure once between them.
+                let row = s
+                    .client
+                    .query_one(
+                        "WITH gone AS (DELETE FROM qsem_failures WHERE id = $1 RETURNING 1) \
+                         SELECT count(*) FROM gone",
+                        &[&id.as_bytes()],
+                    )
+                    .await
+                    .map_err(|e| anyhow!(error_text(&e)))?;
+                anyhow::Ok(row.get(0))
+            })
+            .with_context(|| {
+                format!(
+                    "cannot count the failed jobs of '{id}' on PostgreSQL at {}",
+                    self.target
+                )
+            })?;
+        Ok(u32::try_from(n).unwrap_or(u32::MAX))
     }
 }
 
