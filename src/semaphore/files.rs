@@ -1050,6 +1050,19 @@ fn sleep_on(fd: Option<i32>, signals: &mut Signals, deadline: Option<Instant>) -
     }
 }
 
+/// Sleeps until `until`, unless a stop signal comes first.
+fn sleep_on_nothing(signals: &mut Signals, until: Instant) -> Result<Woke> {
+    loop {
+        if let Some(signo) = signals.take_stop() {
+            return Ok(Woke::Signal(signo));
+        }
+        if Instant::now() >= until {
+            return Ok(Woke::TimedOut);
+        }
+        sys::poll_readable(&[signals.fd()], Some(until)).context("cannot wait (poll)")?;
+    }
+}
+
 /// Sleeps until the predecessor's ticket is released: a helper thread blocks in
 /// `flock` on it while this thread polls the signal pipe and the deadline.
 fn follow(pred: File, signals: &mut Signals, deadline: Option<Instant>) -> Result<Woke> {
@@ -1214,8 +1227,18 @@ impl Semaphore for Files {
                 return Ok(done);
             }
             // Removed while we waited (rm -rf, a tmp cleaner): our queue is
-            // gone with it, so queue again in new directories.
+            // gone with it, so queue again in new directories — but only once
+            // the holders' guards have had time to put their slots back, or we
+            // would take a slot whose job still runs.
             self.say(req, "the lock directory was removed; queueing again");
+            let settle = Instant::now() + 2 * GUARD_POLL;
+            match sleep_on_nothing(signals, req.deadline.map_or(settle, |d| d.min(settle)))? {
+                Woke::Signal(signo) => return Ok(Acquired::Interrupted(signo)),
+                _ if req.deadline.is_some_and(|d| Instant::now() >= d) => {
+                    return Ok(Acquired::TimedOut);
+                }
+                _ => {}
+            }
             self.dir = LockDir::open(&self.dir.path, true)?;
         }
         bail!(
