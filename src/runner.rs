@@ -301,7 +301,14 @@ fn supervise(
                 .and_then(|s| s.events())
                 .map(|fd| fd.as_raw_fd()),
         );
-        sys::poll_readable(&fds, kill_at).context("cannot wait (poll)")?;
+        let upkeep_at = slot.as_deref().and_then(|s| s.upkeep_at());
+        let wake = [kill_at, upkeep_at].into_iter().flatten().min();
+        sys::poll_readable(&fds, wake).context("cannot wait (poll)")?;
+        if upkeep_at.is_some_and(|t| Instant::now() >= t)
+            && let Some(slot) = slot.as_deref_mut()
+        {
+            slot.upkeep();
+        }
     }
 }
 

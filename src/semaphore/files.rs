@@ -46,8 +46,9 @@
 //!
 //! **Removal** from outside (`rm -rf`, a tmp cleaner) is the one thing the
 //! kernel's locks cannot cover: a lock in a removed file is invisible to
-//! takers. So a holder keeps a [`Guard`] thread that looks every
-//! [`GUARD_POLL`] whether its slot file is still there and, if not, re-creates
+//! takers. So a holder whose command has run for [`GUARD_POLL`] starts a
+//! [`Guard`] thread that looks then, and every [`GUARD_POLL`] after, whether
+//! its slot file is still there and, if not, re-creates
 //! the directories and takes its slot again; a waiter whose queue vanished
 //! queues again. A newcomer in the window before the guard's look is admitted
 //! beside the job, and the guard then says the limit is exceeded.
@@ -565,6 +566,7 @@ impl IdDir {
             number: k,
             path,
             guard: None,
+            pending_guard: None,
             record: Record {
                 pid: std::process::id(),
                 host: sys::hostname(),
@@ -747,6 +749,8 @@ struct SlotFile {
     /// Puts the slot back if its file is removed; `None` for a slot taken
     /// back by a guard, which watches it itself.
     guard: Option<Guard>,
+    /// The guard to start once the command has run a while, and when.
+    pending_guard: Option<(Instant, Box<Watch>)>,
     /// The inotify instance this process waited with, if it was a chain head.
     /// Closing one waits for the kernel's fsnotify mark reaper (an SRCU grace
     /// period, several milliseconds), so it is closed here, after `file` (fields
@@ -786,6 +790,24 @@ impl Slot for SlotFile {
         }
         // The record is informational: a failure to update it changes nothing.
         let _ = self.write_record();
+    }
+
+    fn upkeep_at(&self) -> Option<Instant> {
+        self.pending_guard.as_ref().map(|(at, _)| *at)
+    }
+
+    /// Starts the guard once the command has run for one [`GUARD_POLL`]: its
+    /// first look would come no sooner, and a thread made at once would delay
+    /// every job's start (a clone and a malloc arena) for nothing.
+    fn upkeep(&mut self) {
+        if self.upkeep_at().is_some_and(|at| Instant::now() >= at)
+            && let Some((_, watch)) = self.pending_guard.take()
+        {
+            self.guard = Guard::start(*watch);
+            if let Some(guard) = &self.guard {
+                guard.child.store(self.record.pid, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -850,12 +872,17 @@ fn guard(mut w: Watch, stop: OwnedFd, child: &AtomicU32) {
     // The slot taken back, held until the job ends.
     let mut _again: Option<SlotFile> = None;
     let mut complained = false;
+    // Started one period after the slot was taken: the first look is at once.
+    let mut first = true;
     loop {
-        let until = Instant::now() + GUARD_POLL;
-        match sys::poll_readable(&[stop.as_raw_fd()], Some(until)) {
-            Ok(ready) if ready.is_empty() => {}
-            _ => return,
+        if !first {
+            let until = Instant::now() + GUARD_POLL;
+            match sys::poll_readable(&[stop.as_raw_fd()], Some(until)) {
+                Ok(ready) if ready.is_empty() => {}
+                _ => return,
+            }
         }
+        first = false;
         if !gone(&w.path, w.dev, w.ino) {
             continue;
         }
@@ -1090,19 +1117,24 @@ fn unless_vanished<T>(dir: &IdDir, r: Result<T>) -> Result<Option<T>> {
 
 impl Files {
     /// A taken slot, with a guard that puts it back should its file be removed.
+    /// The guard starts when the command has run for [`GUARD_POLL`] (see
+    /// [`Slot::upkeep`]).
     fn guarded(&self, mut slot: SlotFile, req: &Request) -> Acquired {
         if let Ok(st) = sys::fstat(slot.file.as_fd()) {
-            slot.guard = Guard::start(Watch {
-                lock_path: self.dir.path.clone(),
-                id: req.id.clone(),
-                jobs: req.jobs,
-                command: req.command.to_string(),
-                started: slot.record.started,
-                number: slot.number,
-                path: slot.path.clone(),
-                dev: st.st_dev,
-                ino: st.st_ino,
-            });
+            slot.pending_guard = Some((
+                Instant::now() + GUARD_POLL,
+                Box::new(Watch {
+                    lock_path: self.dir.path.clone(),
+                    id: req.id.clone(),
+                    jobs: req.jobs,
+                    command: req.command.to_string(),
+                    started: slot.record.started,
+                    number: slot.number,
+                    path: slot.path.clone(),
+                    dev: st.st_dev,
+                    ino: st.st_ino,
+                }),
+            ));
         }
         Acquired::Slot(Box::new(slot))
     }

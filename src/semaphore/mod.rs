@@ -60,6 +60,14 @@ pub trait Slot {
     fn take_events(&mut self) -> Vec<SlotEvent> {
         Vec::new()
     }
+    /// When the runner should next call [`Slot::upkeep`] while the command
+    /// runs; `None`: never.
+    fn upkeep_at(&self) -> Option<Instant> {
+        None
+    }
+    /// Work a held slot does only once its command has run a while, kept off
+    /// the path from taking the slot to starting the command.
+    fn upkeep(&mut self) {}
 }
 
 /// Something that happened to a held slot.
