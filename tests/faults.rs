@@ -102,6 +102,21 @@ fn run_bounded(cmd: &mut Command) -> (i32, String, String) {
     )
 }
 
+/// Runs `cmd` with at most `limit` open file descriptors (`ulimit -n`).
+fn with_fd_limit(cmd: &mut Command, limit: u64) {
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            let lim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            Ok(())
+        });
+    }
+}
+
 /// Asserts qsem's own failure: 125, one line naming `what`, the job not run.
 fn assert_own_failure(result: (i32, String, String), ran: &Path, what: &str) {
     let (code, _, err) = result;
@@ -237,17 +252,7 @@ fn out_of_file_descriptors() {
         let _ = std::fs::remove_file(&ran);
         let mut cmd = env.qsem();
         cmd.args(["--id", "fd", "-j1"]).args(job(&ran, "0"));
-        // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                let lim = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-                Ok(())
-            });
-        }
+        with_fd_limit(&mut cmd, limit);
         let (code, _, err) = run_bounded(&mut cmd);
         match code {
             0 => assert!(ran.exists(), "limit {limit}"),
@@ -262,17 +267,7 @@ fn out_of_file_descriptors() {
         let mut cmd = env.qsem();
         cmd.args(["--id", "fd", "-j1", "--wait", "300ms", "-E", "75"])
             .args(job(&ran, "0"));
-        // SAFETY: as above.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                let lim = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
-                };
-                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-                Ok(())
-            });
-        }
+        with_fd_limit(&mut cmd, limit);
         let _ = std::fs::remove_file(&ran);
         let (code, _, err) = run_bounded(&mut cmd);
         match code {
