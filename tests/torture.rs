@@ -69,9 +69,58 @@ fn flock(file: &File, op: libc::c_int) -> bool {
     unsafe { libc::flock(file.as_raw_fd(), op) == 0 }
 }
 
-/// Whether some process holds an exclusive lock on `path`.
+/// Whether a live process holds an exclusive lock on `path`. A holder that is
+/// already exiting does not count: the kernel releases a dying process's
+/// locks one file at a time, and may free its qsem slot (rightly) a moment
+/// before the marker that this checker looks at.
 fn is_locked(path: &Path) -> bool {
-    File::open(path).is_ok_and(|f| !flock(&f, libc::LOCK_SH | libc::LOCK_NB))
+    File::open(path).is_ok_and(|f| !flock(&f, libc::LOCK_SH | libc::LOCK_NB) && !holder_exiting(&f))
+}
+
+/// Opens a marker without truncating it (another job's pid may be in it).
+fn open_marker(path: &Path) -> File {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap()
+}
+
+/// Writes this process's pid into a marker it has locked.
+fn mark_pid(f: &File) {
+    use std::os::unix::fs::FileExt;
+    let pid = std::process::id().to_string();
+    let _ = f.set_len(0);
+    let _ = f.write_all_at(pid.as_bytes(), 0);
+}
+
+/// Whether the process whose pid is in the marker is gone or exiting
+/// (`PF_EXITING`, set before a dying process closes any file). An unknown pid
+/// (the holder has not written it yet) counts as live.
+fn holder_exiting(f: &File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 32];
+    let n = f.read_at(&mut buf, 0).unwrap_or(0);
+    let Some(pid) = std::str::from_utf8(&buf[..n])
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    else {
+        return false;
+    };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let state = fields.first().copied().unwrap_or("?");
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    const PF_EXITING: u64 = 0x4;
+    state == "Z" || state == "X" || flags & PF_EXITING != 0
 }
 
 /// Appends one line in one write, so that concurrent writers never interleave.
@@ -100,17 +149,24 @@ fn torture_job_helper() {
     if slot == 0 || slot > jobs {
         violation(format!("slot {slot} outside 1..{jobs}"));
     }
-    let slot_file = File::create(work.join("slot").join(&id).join(slot.to_string())).unwrap();
+    let slot_file = open_marker(&work.join("slot").join(&id).join(slot.to_string()));
     if !flock(&slot_file, libc::LOCK_EX | libc::LOCK_NB) {
-        violation(format!("slot {slot} already held by another live job"));
+        if holder_exiting(&slot_file) {
+            // Its last files are being closed: the lock comes in a moment.
+            flock(&slot_file, libc::LOCK_EX);
+        } else {
+            violation(format!("slot {slot} already held by another live job"));
+        }
     }
+    mark_pid(&slot_file);
     let live_dir = work.join("live").join(&id);
     let mine = live_dir.join(format!("{inv}.{jobs}"));
-    let live = File::create(&mine).unwrap();
+    let live = open_marker(&mine);
     // Only probes (shared, for microseconds) can be in the way of this lock.
     while !flock(&live, libc::LOCK_EX | libc::LOCK_NB) {
         std::thread::yield_now();
     }
+    mark_pid(&live);
     let mut limits = vec![jobs];
     for e in std::fs::read_dir(&live_dir).unwrap().flatten() {
         let path = e.path();
