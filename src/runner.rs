@@ -219,7 +219,8 @@ pub fn spawn(
         child.process_group(0);
     }
     // The slot's descriptor is close-on-exec like every other; the child gets
-    // it on purpose, for the time of the spawn only (qsem is single-threaded here).
+    // it on purpose, for the time of the spawn only (no other thread of qsem
+    // spawns processes, so no other child can inherit it meanwhile).
     let inherit = slot.filter(|_| !cfg.close).and_then(|s| s.inheritable());
     if let Some(fd) = inherit {
         sys::set_cloexec(fd, false)?;

@@ -316,17 +316,8 @@ impl LockDir {
     /// Whether the lock directory was removed or replaced since it was opened.
     /// Its path may be a symlink (it is opened following one), so follow it.
     fn vanished(&self) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(st) = sys::fstat(self.fd.as_fd()) else {
-            return false;
-        };
-        match std::fs::metadata(&self.path) {
-            Ok(m) => m.dev() != st.st_dev || m.ino() != st.st_ino,
-            Err(e) => matches!(
-                e.kind(),
-                io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-            ),
-        }
+        sys::fstat(self.fd.as_fd())
+            .is_ok_and(|st| names_another(std::fs::metadata(&self.path), st.st_dev, st.st_ino))
     }
 }
 
@@ -940,8 +931,14 @@ fn guard(mut w: Watch, stop: OwnedFd, child: &AtomicU32) {
 /// Whether `path` no longer names the file (dev, ino). Errors other than
 /// "not there" are no evidence: false.
 fn gone(path: &Path, dev: libc::dev_t, ino: libc::ino_t) -> bool {
+    names_another(std::fs::symlink_metadata(path), dev, ino)
+}
+
+/// Whether a path's metadata shows that it no longer names the file
+/// `(dev, ino)`: another file is there, or nothing is.
+fn names_another(meta: io::Result<std::fs::Metadata>, dev: libc::dev_t, ino: libc::ino_t) -> bool {
     use std::os::unix::fs::MetadataExt;
-    match std::fs::symlink_metadata(path) {
+    match meta {
         Ok(m) => m.dev() != dev || m.ino() != ino,
         Err(e) => matches!(
             e.kind(),
@@ -1054,8 +1051,27 @@ enum Woke {
     Signal(libc::c_int),
 }
 
-/// Sleeps until `fd` is readable, a signal arrives, or the deadline passes.
-fn sleep_on(fd: Option<i32>, signals: &mut Signals, deadline: Option<Instant>) -> Result<Woke> {
+/// What, besides a stop signal and the deadline, ends a sleep.
+#[derive(Clone, Copy)]
+enum Wake {
+    /// A descriptor becoming readable (inotify, a helper thread's pipe).
+    On(i32),
+    /// Nothing to watch (no inotify could be had): look again every
+    /// [`FALLBACK_POLL`].
+    Fallback,
+    /// Nothing: only a signal or the deadline.
+    Never,
+}
+
+impl Wake {
+    /// A chain head's watcher, or the fallback when no inotify could be had.
+    fn watcher(fd: Option<i32>) -> Wake {
+        fd.map_or(Wake::Fallback, Wake::On)
+    }
+}
+
+/// Sleeps until `wake` says so, a stop signal arrives, or the deadline passes.
+fn sleep_on(wake: Wake, signals: &mut Signals, deadline: Option<Instant>) -> Result<Woke> {
     loop {
         if let Some(signo) = signals.take_stop() {
             return Ok(Woke::Signal(signo));
@@ -1064,29 +1080,21 @@ fn sleep_on(fd: Option<i32>, signals: &mut Signals, deadline: Option<Instant>) -
             return Ok(Woke::TimedOut);
         }
         let mut fds = vec![signals.fd()];
-        let fallback = fd.is_none().then(|| Instant::now() + FALLBACK_POLL);
-        fds.extend(fd);
-        let until = match (deadline, fallback) {
-            (Some(d), Some(f)) => Some(d.min(f)),
-            (d, f) => d.or(f),
-        };
+        let mut until = deadline;
+        let mut look_again = None;
+        match wake {
+            Wake::On(fd) => fds.push(fd),
+            Wake::Fallback => {
+                let at = Instant::now() + FALLBACK_POLL;
+                until = Some(until.map_or(at, |d| d.min(at)));
+                look_again = Some(at);
+            }
+            Wake::Never => {}
+        }
         let ready = sys::poll_readable(&fds, until).context("cannot wait (poll)")?;
-        if ready.contains(&1) || fallback.is_some_and(|f| Instant::now() >= f) {
+        if ready.contains(&1) || look_again.is_some_and(|at| Instant::now() >= at) {
             return Ok(Woke::Changed);
         }
-    }
-}
-
-/// Sleeps until `until`, unless a stop signal comes first.
-fn sleep_on_nothing(signals: &mut Signals, until: Instant) -> Result<Woke> {
-    loop {
-        if let Some(signo) = signals.take_stop() {
-            return Ok(Woke::Signal(signo));
-        }
-        if Instant::now() >= until {
-            return Ok(Woke::TimedOut);
-        }
-        sys::poll_readable(&[signals.fd()], Some(until)).context("cannot wait (poll)")?;
     }
 }
 
@@ -1103,7 +1111,7 @@ fn follow(pred: File, signals: &mut Signals, deadline: Option<Instant>) -> Resul
             let _ = std::io::Write::write(&mut File::from(write), b"x");
         })
         .context("cannot start a thread")?;
-    sleep_on(Some(read.as_raw_fd()), signals, deadline)
+    sleep_on(Wake::On(read.as_raw_fd()), signals, deadline)
 }
 
 /// `Ok(None)` for an error explained by the directories having vanished.
@@ -1200,7 +1208,7 @@ impl Files {
                         continue;
                     }
                     sleep_on(
-                        watcher.as_ref().map(|(ino, _)| ino.fd()),
+                        Wake::watcher(watcher.as_ref().map(|(ino, _)| ino.fd())),
                         signals,
                         req.deadline,
                     )?
@@ -1225,7 +1233,7 @@ impl Files {
                         Decision::Wait { defer_to: None, .. } => {}
                     }
                     sleep_on(
-                        watcher.as_ref().map(|(ino, _)| ino.fd()),
+                        Wake::watcher(watcher.as_ref().map(|(ino, _)| ino.fd())),
                         signals,
                         req.deadline,
                     )?
@@ -1264,7 +1272,11 @@ impl Semaphore for Files {
             // would take a slot whose job still runs.
             self.say(req, "the lock directory was removed; queueing again");
             let settle = Instant::now() + 2 * GUARD_POLL;
-            match sleep_on_nothing(signals, req.deadline.map_or(settle, |d| d.min(settle)))? {
+            match sleep_on(
+                Wake::Never,
+                signals,
+                Some(req.deadline.map_or(settle, |d| d.min(settle))),
+            )? {
                 Woke::Signal(signo) => return Ok(Acquired::Interrupted(signo)),
                 _ if req.deadline.is_some_and(|d| Instant::now() >= d) => {
                     return Ok(Acquired::TimedOut);
@@ -1358,7 +1370,11 @@ impl Semaphore for Files {
                     &format!("waiting for {held} held slot(s) and {waiting} waiter(s)"),
                 );
             }
-            let woke = sleep_on(watcher.as_ref().map(Inotify::fd), signals, deadline)?;
+            let woke = sleep_on(
+                Wake::watcher(watcher.as_ref().map(Inotify::fd)),
+                signals,
+                deadline,
+            )?;
             if let Some(ino) = &watcher {
                 ino.drain();
             }
