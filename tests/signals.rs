@@ -60,6 +60,10 @@ fn a_command_that_ignores_the_signal_keeps_running_and_its_status_counts() {
 /// from util-linux. (That qsem does not send the terminal's SIGINT a second
 /// time is `runner::forwards`'s unit test: two SIGINTs microseconds apart are
 /// merged by the kernel, so a second one cannot be seen reliably from here.)
+///
+/// script(1) runs its command with `$SHELL -c`; the shell is pinned and
+/// `exec`s qsem, because a shell that waits instead (dash does) would take
+/// the Ctrl-C itself and end with 130 whatever qsem does.
 #[test]
 fn ctrl_c_at_a_terminal_interrupts_the_command_once() {
     use std::io::Write;
@@ -67,7 +71,7 @@ fn ctrl_c_at_a_terminal_interrupts_the_command_once() {
     let ready = env.path("ready");
     let log = env.path("log");
     let inner = format!(
-        "{qsem} -c 'trap \"echo got >> {log}\" INT; touch {ready}; while [ ! -e {log} ]; do sleep 0.05; done; sleep 0.5; exit 9'",
+        "exec {qsem} -c 'trap \"echo got >> {log}\" INT; touch {ready}; while [ ! -e {log} ]; do sleep 0.05; done; sleep 0.5; exit 9'",
         qsem = env!("CARGO_BIN_EXE_qsem"),
         log = log.display(),
         ready = ready.display()
@@ -75,6 +79,7 @@ fn ctrl_c_at_a_terminal_interrupts_the_command_once() {
     let mut term = std::process::Command::new("script")
         .args(["-qefc", &inner, "/dev/null"])
         .env("QSEM_DIR", &env.locks)
+        .env("SHELL", "/bin/sh")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
