@@ -250,3 +250,103 @@ fn a_signalled_waiter_stops_at_once_starting_nothing() {
     }
     release(h);
 }
+
+/// Slot 1 of `id`, held by the test itself through a descriptor of its own,
+/// after one real run has made the id's directories as qsem makes them.
+fn hold_slot_by_hand(env: &Env, id: &str) -> std::fs::File {
+    assert_eq!(run(env.qsem().args(["--id", id, "true"])).0, 0);
+    let slot = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(env.locks.join(id).join("1"))
+        .unwrap();
+    assert_eq!(flock(&slot, libc::LOCK_EX | libc::LOCK_NB), 0);
+    slot
+}
+
+fn flock(file: &std::fs::File, op: libc::c_int) -> libc::c_int {
+    use std::os::fd::AsRawFd;
+    // SAFETY: no memory is passed.
+    unsafe { libc::flock(file.as_raw_fd(), op) }
+}
+
+/// Makes the event the kernel sends when the last descriptor of a file open
+/// for writing is closed, without touching the lock the test holds on it.
+fn close_event(env: &Env, id: &str) {
+    let path = env.locks.join(id).join("1");
+    drop(std::fs::OpenOptions::new().write(true).open(path).unwrap());
+}
+
+/// Plays the kernel, slowly: once the waiter has settled past the looks that
+/// follow its own watch (4 s), a close event while the test still holds slot
+/// 1, and then the lock dropped with LOCK_UN, which makes no event at all.
+fn event_then_silent_release(env: &Env, id: &str, held: &std::fs::File) {
+    std::thread::sleep(Duration::from_secs(5));
+    close_event(env, id);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(flock(held, libc::LOCK_UN), 0);
+}
+
+/// The kernel reports the last close of a file (IN_CLOSE_WRITE) a moment
+/// before it drops the file's flock, so a waiter woken by the event can find
+/// the slot still held, and no second event comes.
+#[test]
+fn a_waiter_woken_before_the_lock_is_dropped_still_takes_the_slot() {
+    let env = Env::new();
+    let held = hold_slot_by_hand(&env, "early");
+    let ran = env.path("ran");
+    let mut w = env
+        .qsem()
+        .args(["--id", "early", "--wait", "120s", "-E", "99", "touch"])
+        .arg(&ran)
+        .spawn()
+        .unwrap();
+    assert!(eventually(SOON, || held_and_waiting(&env, "early") == (1, 1)));
+    event_then_silent_release(&env, "early", &held);
+    assert!(
+        wait_for_file(&ran, Duration::from_secs(30)),
+        "the waiter slept on beside a free slot"
+    );
+    assert_eq!(w.wait().unwrap().code(), Some(0));
+}
+
+/// The other half of the same race: a release whose event came just before
+/// the waiter's watch was set, and whose lock went just after the waiter's
+/// first look. The test drops its lock silently right after the waiter queued.
+#[test]
+fn a_release_between_the_waiters_watch_and_its_look_is_not_missed() {
+    let env = Env::new();
+    let held = hold_slot_by_hand(&env, "between");
+    let ran = env.path("ran");
+    let mut w = env
+        .qsem()
+        .args(["--id", "between", "--wait", "120s", "-E", "99", "touch"])
+        .arg(&ran)
+        .spawn()
+        .unwrap();
+    assert!(eventually(SOON, || held_and_waiting(&env, "between") == (1, 1)));
+    assert_eq!(flock(&held, libc::LOCK_UN), 0);
+    assert!(
+        wait_for_file(&ran, Duration::from_secs(30)),
+        "the waiter slept on beside a free slot"
+    );
+    assert_eq!(w.wait().unwrap().code(), Some(0));
+}
+
+/// `--wait-all` sleeps on the same events, and must not miss the same release.
+#[test]
+fn wait_all_woken_before_the_lock_is_dropped_still_returns() {
+    let env = Env::new();
+    let held = hold_slot_by_hand(&env, "drain");
+    let mut w = env
+        .qsem()
+        .args(["--id", "drain", "--wait-all", "--wait", "120s", "-E", "99"])
+        .spawn()
+        .unwrap();
+    event_then_silent_release(&env, "drain", &held);
+    assert!(
+        eventually(Duration::from_secs(30), || w.try_wait().unwrap().is_some()),
+        "--wait-all slept on after the last slot was freed"
+    );
+    assert_eq!(w.wait().unwrap().code(), Some(0));
+}

@@ -28,7 +28,9 @@
 //! is released exactly when the last descriptor of its holder's writable open
 //! file is closed — by exit, crash or `kill -9` — which the kernel reports as
 //! `IN_CLOSE_WRITE`. Probes open slot files read-only, so they never wake
-//! anyone. inotify instances are limited per user (often to 128), which is why
+//! anyone. The event comes a moment before the kernel drops the lock, so a
+//! head that still has to wait after a wake-up looks again a few times
+//! shortly after (see [`Relook`]). inotify instances are limited per user (often to 128), which is why
 //! only chain heads use one; should none be available, a head falls back to
 //! re-checking every [`FALLBACK_POLL`].
 //!
@@ -1047,6 +1049,8 @@ impl Files {
 enum Woke {
     /// Something changed: look again.
     Changed,
+    /// A scheduled look came due (see [`Relook`]); nothing was heard.
+    Due,
     TimedOut,
     Signal(libc::c_int),
 }
@@ -1070,29 +1074,108 @@ impl Wake {
     }
 }
 
-/// Sleeps until `wake` says so, a stop signal arrives, or the deadline passes.
-fn sleep_on(wake: Wake, signals: &mut Signals, deadline: Option<Instant>) -> Result<Woke> {
+/// Looks again shortly after each wake-up, because a close event can come
+/// before the lock it releases is gone.
+///
+/// The kernel reports the last close of a file (`IN_CLOSE_WRITE`) a moment
+/// *before* it drops the file's `flock`: `__fput` calls `fsnotify_close`
+/// before `locks_remove_file`. A waiter woken by the event can look in
+/// between, find the slot still held, and sleep; and a release whose event
+/// fell just before a watch was set can drop its lock just after the look
+/// that followed the watch. Either way no further event comes, and without
+/// a second look the waiter would sleep on beside a free slot. (With other
+/// inotify watchers on the directory slowing the event's delivery, 19 of
+/// 5,000 woken waiters on this machine found the lock still there.) The lock
+/// is on its way out in both cases, so after every wake-up and every new
+/// watch, a waiter that must still wait looks again after 1, 2, 4 … 2048 ms,
+/// and then sleeps until the next event: a few looks in the four seconds
+/// after something happened, none while nothing does.
+struct Relook {
+    /// When the next look is due, and how many came before it.
+    next: Option<(Instant, u32)>,
+}
+
+impl Relook {
+    /// Looks after the first this many ms, doubling, this many times.
+    const FIRST_MS: u64 = 1;
+    const LOOKS: u32 = 12;
+
+    fn new() -> Relook {
+        let mut r = Relook { next: None };
+        r.restart();
+        r
+    }
+
+    /// How long before look `n` of a series (counting from 0), if there is one.
+    fn gap(n: u32) -> Option<Duration> {
+        (n < Self::LOOKS).then(|| Duration::from_millis(Self::FIRST_MS << n))
+    }
+
+    fn schedule(&mut self, n: u32) {
+        self.next = Self::gap(n).map(|gap| (Instant::now() + gap, n));
+    }
+
+    /// Something happened: a new series of looks.
+    fn restart(&mut self) {
+        self.schedule(0);
+    }
+
+    /// After a wake: a new series if something was heard, the next look of
+    /// the series if one came due.
+    fn after(&mut self, woke: &Woke) {
+        match woke {
+            Woke::Changed => self.restart(),
+            // (Without inotify, the fallback's looks come due too; they
+            // do not start a series.)
+            Woke::Due => {
+                if let Some((_, n)) = self.next {
+                    self.schedule(n + 1);
+                }
+            }
+            Woke::TimedOut | Woke::Signal(_) => {}
+        }
+    }
+
+    fn due(&self) -> Option<Instant> {
+        self.next.map(|(at, _)| at)
+    }
+}
+
+/// Sleeps until `wake` says so, `look_at` comes, a stop signal arrives, or the
+/// deadline passes.
+fn sleep_on(
+    wake: Wake,
+    look_at: Option<Instant>,
+    signals: &mut Signals,
+    deadline: Option<Instant>,
+) -> Result<Woke> {
     loop {
         if let Some(signo) = signals.take_stop() {
             return Ok(Woke::Signal(signo));
         }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
             return Ok(Woke::TimedOut);
         }
         let mut fds = vec![signals.fd()];
-        let mut until = deadline;
-        let mut look_again = None;
+        let mut look_at = look_at;
         match wake {
             Wake::On(fd) => fds.push(fd),
             Wake::Fallback => {
-                let at = Instant::now() + FALLBACK_POLL;
-                until = Some(until.map_or(at, |d| d.min(at)));
-                look_again = Some(at);
+                let at = now + FALLBACK_POLL;
+                look_at = Some(look_at.map_or(at, |l| l.min(at)));
             }
             Wake::Never => {}
         }
+        if look_at.is_some_and(|at| now >= at) {
+            return Ok(Woke::Due);
+        }
+        let until = match (deadline, look_at) {
+            (Some(d), Some(l)) => Some(d.min(l)),
+            (d, l) => d.or(l),
+        };
         let ready = sys::poll_readable(&fds, until).context("cannot wait (poll)")?;
-        if ready.contains(&1) || look_again.is_some_and(|at| Instant::now() >= at) {
+        if ready.contains(&1) {
             return Ok(Woke::Changed);
         }
     }
@@ -1111,7 +1194,7 @@ fn follow(pred: File, signals: &mut Signals, deadline: Option<Instant>) -> Resul
             let _ = std::io::Write::write(&mut File::from(write), b"x");
         })
         .context("cannot start a thread")?;
-    sleep_on(Wake::On(read.as_raw_fd()), signals, deadline)
+    sleep_on(Wake::On(read.as_raw_fd()), None, signals, deadline)
 }
 
 /// `Ok(None)` for an error explained by the directories having vanished.
@@ -1173,6 +1256,7 @@ impl Files {
         let since = Instant::now();
         let mut watcher: Option<(Inotify, i32)> = None;
         let mut deferred_wd = None;
+        let mut relook = Relook::new();
         loop {
             if dir.vanished() {
                 return Ok(None);
@@ -1207,11 +1291,7 @@ impl Files {
                     if dir.open_live_ticket(&blocker).is_none() {
                         continue;
                     }
-                    sleep_on(
-                        Wake::watcher(watcher.as_ref().map(|(ino, _)| ino.fd())),
-                        signals,
-                        req.deadline,
-                    )?
+                    relook.restart();
                 } else {
                     let attempt = self.attempt(&dir, req, Some(&ticket));
                     let Some((decision, _)) = unless_vanished(&dir, attempt)? else {
@@ -1232,18 +1312,20 @@ impl Files {
                         }
                         Decision::Wait { defer_to: None, .. } => {}
                     }
-                    sleep_on(
-                        Wake::watcher(watcher.as_ref().map(|(ino, _)| ino.fd())),
-                        signals,
-                        req.deadline,
-                    )?
                 }
+                sleep_on(
+                    Wake::watcher(watcher.as_ref().map(|(ino, _)| ino.fd())),
+                    relook.due(),
+                    signals,
+                    req.deadline,
+                )?
             };
             if let Some((ino, _)) = &watcher {
                 ino.drain();
             }
+            relook.after(&woke);
             match woke {
-                Woke::Changed => {}
+                Woke::Changed | Woke::Due => {}
                 Woke::TimedOut => {
                     self.say(
                         req,
@@ -1274,6 +1356,7 @@ impl Semaphore for Files {
             let settle = Instant::now() + 2 * GUARD_POLL;
             match sleep_on(
                 Wake::Never,
+                None,
                 signals,
                 Some(req.deadline.map_or(settle, |d| d.min(settle))),
             )? {
@@ -1356,6 +1439,7 @@ impl Semaphore for Files {
                 .is_ok()
                 && ino.watch(&dir.queue_path, libc::IN_CLOSE_WRITE).is_ok()
         });
+        let mut relook = Relook::new();
         loop {
             let (held, waiting) = {
                 let _mutex = dir.mutex(&self.dir, true)?;
@@ -1372,14 +1456,16 @@ impl Semaphore for Files {
             }
             let woke = sleep_on(
                 Wake::watcher(watcher.as_ref().map(Inotify::fd)),
+                relook.due(),
                 signals,
                 deadline,
             )?;
             if let Some(ino) = &watcher {
                 ino.drain();
             }
+            relook.after(&woke);
             match woke {
-                Woke::Changed => {}
+                Woke::Changed | Woke::Due => {}
                 Woke::TimedOut => return Ok(Idle::TimedOut),
                 Woke::Signal(signo) => return Ok(Idle::Interrupted(signo)),
             }
@@ -1494,6 +1580,26 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::symlink_metadata(path).unwrap();
         (m.dev(), m.ino())
+    }
+
+    #[test]
+    fn relooks_double_then_stop_and_start_again_on_an_event() {
+        let gaps: Vec<u128> = (0..)
+            .map_while(Relook::gap)
+            .map(|g| g.as_millis())
+            .collect();
+        assert_eq!(gaps, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]);
+        let mut r = Relook::new();
+        let mut looks = 0;
+        while r.due().is_some() {
+            r.after(&Woke::Due);
+            looks += 1;
+        }
+        assert_eq!(looks, gaps.len());
+        r.after(&Woke::TimedOut);
+        assert!(r.due().is_none());
+        r.after(&Woke::Changed);
+        assert_eq!(r.next.map(|(_, n)| n), Some(0));
     }
 
     #[test]
