@@ -16,6 +16,7 @@ pub struct Env {
 
 impl Env {
     pub fn new() -> Env {
+        watchdog();
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let root = std::env::temp_dir().join(format!(
             "qsem-test-{}-{}",
@@ -113,6 +114,98 @@ pub fn held_and_waiting(env: &Env, id: &str) -> (u32, u32) {
 pub fn release(mut child: std::process::Child) {
     kill(child.id(), libc::SIGTERM);
     child.wait().unwrap();
+}
+
+/// How long a test binary may run before it is taken to be stuck: far more
+/// than the slowest takes on a slow machine (about 20 s), plus the length of
+/// a long torture run if one was asked for.
+fn stuck_after() -> Duration {
+    let secs = |name: &str| -> u64 {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_secs(600 + secs("QSEM_TORTURE_SECS"))
+}
+
+/// Ends a stuck test binary, after writing what its processes were doing,
+/// rather than letting it hang CI until its time runs out with nothing
+/// learned. Started by the first [`Env`].
+fn watchdog() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        std::thread::spawn(|| {
+            let limit = stuck_after();
+            std::thread::sleep(limit);
+            use std::io::Write;
+            let mut report = format!(
+                "\nSTUCK: this test binary has run for {} s; its processes:\n",
+                limit.as_secs()
+            );
+            report.push_str(&process_tree(std::process::id()));
+            let _ = std::io::stderr().write_all(report.as_bytes());
+            std::process::exit(101);
+        });
+    });
+}
+
+/// Every descendant of `root`, with its state, the kernel function it sleeps
+/// in, and (where readable) its kernel stack.
+fn process_tree(root: u32) -> String {
+    let read = |pid: &str, file: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default()
+    };
+    let mut parent = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        let stat = read(&pid, "stat");
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let (Ok(pid), Some(ppid)) = (pid.parse::<u32>(), ppid) {
+            parent.insert(pid, ppid);
+        }
+    }
+    let descends = |mut pid: u32| {
+        while let Some(&p) = parent.get(&pid) {
+            if p == root {
+                return true;
+            }
+            pid = p;
+        }
+        false
+    };
+    let mut out = String::new();
+    let mut pids: Vec<u32> = parent.keys().copied().filter(|&p| descends(p)).collect();
+    pids.sort_unstable();
+    for pid in pids {
+        let pid = pid.to_string();
+        let cmdline = read(&pid, "cmdline").replace('\0', " ");
+        let state = read(&pid, "stat");
+        let state = state.rsplit_once(')').map_or("", |(_, r)| r.trim());
+        out.push_str(&format!(
+            "{pid} [{}] {} wchan={}\n{}",
+            state.split(' ').next().unwrap_or("?"),
+            cmdline.trim(),
+            read(&pid, "wchan"),
+            read(&pid, "stack")
+        ));
+        if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+            for fd in fds.flatten() {
+                if let Ok(to) = std::fs::read_link(fd.path()) {
+                    out.push_str(&format!(
+                        "    fd {} -> {}\n",
+                        fd.file_name().to_string_lossy(),
+                        to.display()
+                    ));
+                }
+            }
+        }
+    }
+    out.push_str(&std::fs::read_to_string("/proc/locks").unwrap_or_default());
+    out
 }
 
 /// Says that a test is skipped, straight to stderr: the test harness captures
