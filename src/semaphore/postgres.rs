@@ -108,6 +108,9 @@ pub struct Postgres {
     target: String,
     lost_after: Duration,
     verbose: bool,
+    /// Whether this process has made sure that the server keeps session
+    /// locks (see [`Postgres::shares_sessions`]).
+    pooler_checked: bool,
 }
 
 impl Postgres {
@@ -195,6 +198,7 @@ impl Postgres {
             target,
             lost_after,
             verbose,
+            pooler_checked: false,
         })
     }
 
@@ -217,10 +221,13 @@ impl Postgres {
     /// gets the process of `s`. In a busy one another client may be quicker,
     /// so it looks a few times, each right after a query of `s`. A new
     /// session that cannot connect or get an answer in time (no connection
-    /// to spare) finds nothing: the later checks still look.
-    async fn shares_sessions(&self, s: &Session) -> bool {
+    /// to spare) finds nothing: the later checks still look. `other` was
+    /// opened alongside `s`, so that the check costs no extra round of
+    /// connecting; which of the two got which server process first does not
+    /// matter, as each look goes to the one freed last.
+    async fn shares_sessions(&self, s: &Session, other: Result<Session>) -> bool {
         let look = async {
-            let other = self.open().await?;
+            let other = other?;
             let mut shared = other.pid == s.pid;
             for _ in 0..POOLER_LOOKS {
                 shared = shared || backend_pid(s).await? != s.pid;
@@ -939,11 +946,25 @@ impl Semaphore for Postgres {
             command: req.command.to_string(),
         };
         let may_wait = req.deadline.is_none_or(|d| d > Instant::now());
+        // Once per process is enough: --each acquires many times.
+        let check = !self.pooler_checked;
         let got = rt.block_on(async {
-            let mut s = self.open().await?;
-            if self.shares_sessions(&s).await {
-                bail!(no_session_locks(&self.target, ""));
-            }
+            let mut s = if check {
+                let deadline = tokio::time::Instant::now() + POOLER_CHECK;
+                let other = async {
+                    tokio::time::timeout_at(deadline, self.open())
+                        .await
+                        .unwrap_or_else(|_| Err(anyhow!("no second session in time")))
+                };
+                let (s, other) = tokio::join!(self.open(), other);
+                let s = s?;
+                if self.shares_sessions(&s, other).await {
+                    bail!(no_session_locks(&self.target, ""));
+                }
+                s
+            } else {
+                self.open().await?
+            };
             let mut place = None;
             let mut since = None;
             loop {
@@ -980,6 +1001,7 @@ impl Semaphore for Postgres {
                 }
             }
         });
+        self.pooler_checked = true;
         let (s, slot) = match got {
             Ok(Some(taken)) => taken,
             Ok(None) => return Ok(Acquired::TimedOut),
