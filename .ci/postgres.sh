@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Makes sure the PostgreSQL backend's tests (tests/postgres.rs) can run here:
 # PostgreSQL's server binaries (initdb, pg_ctl, psql) and the `postgres` user
-# they run as, plus nftables for the network-partition test and openssl for
-# the TLS test's certificates. The tests start
-# their own throwaway cluster; nothing is started here. Idempotent, needs
-# root when something is missing, never reads stdin. Called by .ci/run.
+# they run as, plus nftables for the network-partition test, openssl for
+# the TLS test's certificates and PgBouncer for the pooler tests. The tests
+# start their own throwaway cluster and pooler; nothing is started here.
+# Idempotent, needs root when something is missing, never reads stdin.
+# Called by .ci/run.
 set -euo pipefail
 
 have_postgres() {
@@ -20,6 +21,8 @@ missing=()
 have_postgres || missing+=(postgresql)
 command -v nft >/dev/null 2>&1 || missing+=(nftables)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+have_pgbouncer() { command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]; }
+have_pgbouncer || missing+=(pgbouncer)
 
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
@@ -32,6 +35,13 @@ if [ ${#missing[@]} -gt 0 ]; then
     if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
         echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
     fi
+    # Debian's pgbouncer would start a service of its own: no service may
+    # start during the install (unless a policy is already in place).
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q </dev/null
     apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
@@ -40,5 +50,7 @@ fi
 have_postgres || { echo "postgres.sh: PostgreSQL binaries still missing" >&2; exit 1; }
 id postgres >/dev/null 2>&1 || { echo "postgres.sh: no 'postgres' user" >&2; exit 1; }
 command -v nft >/dev/null 2>&1 || { echo "postgres.sh: nft still missing" >&2; exit 1; }
+have_pgbouncer || { echo "postgres.sh: pgbouncer still missing" >&2; exit 1; }
 for d in /usr/lib/postgresql/*/bin; do [ -x "$d/initdb" ] && echo "postgres.sh: $("$d/initdb" --version)"; done
 echo "postgres.sh: $(nft --version)"
+echo "postgres.sh: $(PATH="$PATH:/usr/sbin" pgbouncer --version | head -n1)"

@@ -78,6 +78,11 @@ pub const HEARTBEAT: Duration = Duration::from_secs(5);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a releasing holder waits for the server before just hanging up.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the check for a pooler in transaction mode may take before qsem
+/// goes on without its answer.
+const POOLER_CHECK: Duration = Duration::from_secs(3);
+/// How many times that check looks again after its first look.
+const POOLER_LOOKS: u32 = 2;
 /// Slot numbers fit between the mutex (0) and this.
 const MAX_SLOT: u32 = crate::jobs::MAX_JOBS;
 
@@ -103,6 +108,9 @@ pub struct Postgres {
     target: String,
     lost_after: Duration,
     verbose: bool,
+    /// Whether this process has made sure that the server keeps session
+    /// locks (see [`Postgres::shares_sessions`]).
+    pooler_checked: bool,
 }
 
 impl Postgres {
@@ -190,6 +198,7 @@ impl Postgres {
             target,
             lost_after,
             verbose,
+            pooler_checked: false,
         })
     }
 
@@ -202,6 +211,57 @@ impl Postgres {
             .enable_all()
             .build()
             .context("cannot start the PostgreSQL client")
+    }
+
+    /// Whether a new session of ours is answered by the server process of
+    /// `s`, or `s` by another one: only a pooler that shares server
+    /// processes between clients does that. PgBouncer in transaction mode
+    /// puts the process back in its pool after each query, and hands out the
+    /// last freed first: in a pool nobody else uses, the new session always
+    /// gets the process of `s`. In a busy one another client may be quicker,
+    /// so it looks a few times, each right after a query of `s`. A new
+    /// session that cannot connect or get an answer in time (no connection
+    /// to spare) finds nothing: the later checks still look. `other` was
+    /// opened alongside `s`, so that the check costs no extra round of
+    /// connecting; which of the two got which server process first does not
+    /// matter, as each look goes to the one freed last.
+    async fn shares_sessions(&self, s: &Session, other: Result<Session>) -> bool {
+        let look = async {
+            let other = other?;
+            let mut shared = other.pid == s.pid;
+            for _ in 0..POOLER_LOOKS {
+                shared = shared || backend_pid(s).await? != s.pid;
+                shared = shared || backend_pid(&other).await? == s.pid;
+            }
+            anyhow::Ok(shared)
+        };
+        matches!(tokio::time::timeout(POOLER_CHECK, look).await, Ok(Ok(true)))
+    }
+
+    /// Whether the server keeps the session lock that `s` just took: our
+    /// next query, the heartbeat, may land on another server process in a
+    /// busy pool. If so the process that took it may be in use by another
+    /// client: catch it idle, or the slot stays taken as long as the pool
+    /// keeps that process.
+    async fn check_session_locks(
+        &self,
+        s: &Session,
+        keys: &Keys,
+        slot: u32,
+        rec: &Record,
+    ) -> Result<Locks> {
+        s.query(&format!("UNLISTEN {}", keys.channel())).await?;
+        if heartbeat(s, keys, slot, rec).await? {
+            return Ok(Locks::Kept);
+        }
+        let until = Instant::now() + POOLER_CHECK;
+        while Instant::now() < until {
+            if free_if_here(s, keys, slot).await? {
+                return Ok(Locks::NotKept);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Locks::NotKeptAndSlotLeft)
     }
 
     fn say(&self, req: &Request, msg: &str) {
@@ -288,6 +348,9 @@ enum News {
 struct Session {
     client: Client,
     news: mpsc::UnboundedReceiver<News>,
+    /// The server process that answered the first query. Only a pooler in
+    /// transaction or statement mode hands a later query to another one.
+    pid: i32,
 }
 
 /// The rows of each statement of a simple query, as text.
@@ -311,7 +374,11 @@ impl Session {
                 (client, drive(conn))
             }
         };
-        let s = Session { client, news };
+        let mut s = Session {
+            client,
+            news,
+            pid: 0,
+        };
         let ka = Keepalive::for_bound(bound);
         // Settings an ordinary user may change; those the server does not know
         // (an old version) are skipped rather than failing.
@@ -320,15 +387,23 @@ impl Session {
              ('idle_session_timeout', '0'), ('statement_timeout', '0'), ('lock_timeout', '0'), \
              ('tcp_keepalives_idle', '{}'), ('tcp_keepalives_interval', '{}'), \
              ('tcp_keepalives_count', '{}'), ('tcp_user_timeout', '{}')) AS s(name, value) \
-             WHERE s.name IN (SELECT name FROM pg_settings)",
+             WHERE s.name IN (SELECT name FROM pg_settings); \
+             SELECT pg_backend_pid()::text",
             ka.idle,
             ka.interval,
             ka.count,
             ka.total().as_millis()
         );
-        s.query(&sql)
+        let res = s
+            .query(&sql)
             .await
             .with_context(|| format!("cannot set up a session on PostgreSQL at {target}"))?;
+        s.pid = res
+            .get(1)
+            .and_then(|rows| rows.first())
+            .and_then(|row| row.first().cloned().flatten())
+            .and_then(|pid| pid.parse().ok())
+            .context("unexpected answer from the server")?;
         Ok(s)
     }
 
@@ -503,6 +578,14 @@ impl Keys {
     fn waiter_name(&self, arrival: i64, jobs: u32) -> String {
         format!("qsem w {} {arrival} {jobs}", self.hex())
     }
+    /// The condition on `pg_locks` for "this session's server process holds `slot`".
+    fn held_here(&self, slot: u32) -> String {
+        format!(
+            "locktype = 'advisory' AND granted AND pid = pg_backend_pid() \
+             AND classid = '{}'::oid AND objid = '{slot}'::oid AND objsubid = 2",
+            self.k
+        )
+    }
     fn slot_locks(&self) -> String {
         format!(
             "SELECT objid::text FROM pg_locks WHERE locktype = 'advisory' AND granted \
@@ -610,6 +693,9 @@ enum Attempt {
         held: u32,
         place: Option<(i64, i32)>,
     },
+    /// The look was answered by another server process than the session's
+    /// first query: a pooler shares them between clients.
+    Shared,
 }
 
 /// One admission attempt under the id's mutex. A newcomer that is not admitted
@@ -665,6 +751,11 @@ async fn attempt(
             .context("unexpected answer from the server")?;
         let now_us: i64 = col(4, clock, 0)?.parse().unwrap_or(0);
         let my_pid: i32 = col(4, clock, 1)?.parse().unwrap_or(0);
+        if my_pid != s.pid {
+            // Frees the id's mutex now rather than when the pooler notices.
+            s.query("ROLLBACK").await?;
+            return Ok(Attempt::Shared);
+        }
         let Some(slot) = admit(&held, jobs, &waiters, me) else {
             let place = match me {
                 Some(m) => Some(m),
@@ -727,12 +818,10 @@ async fn attempt(
 async fn heartbeat(s: &Session, keys: &Keys, slot: u32, rec: &Record) -> Result<bool> {
     let sql = format!(
         "{r}SELECT set_config('application_name', {name}, false); \
-         SELECT count(*)::text FROM pg_locks WHERE locktype = 'advisory' AND granted \
-         AND pid = pg_backend_pid() AND classid = '{k}'::oid AND objid = '{slot}'::oid \
-         AND objsubid = 2",
+         SELECT count(*)::text FROM pg_locks WHERE {mine}",
         r = rec.render(),
         name = lit(&keys.holder_name(slot, rec)),
-        k = keys.k,
+        mine = keys.held_here(slot),
     );
     let res = s.query(&sql).await?;
     Ok(res
@@ -740,6 +829,40 @@ async fn heartbeat(s: &Session, keys: &Keys, slot: u32, rec: &Record) -> Result<
         .and_then(|rows| rows.first())
         .and_then(|row| row.first().cloned().flatten())
         .is_some_and(|n| n == "1"))
+}
+
+/// The server process that answers this query of `s`.
+async fn backend_pid(s: &Session) -> Result<i32> {
+    let res = s.query("SELECT pg_backend_pid()::text").await?;
+    res.first()
+        .and_then(|rows| rows.first())
+        .and_then(|row| row.first().cloned().flatten())
+        .and_then(|pid| pid.parse().ok())
+        .context("unexpected answer from the server")
+}
+
+/// Frees `slot` if this session's server session holds it, which only a
+/// pooler that shares server sessions between clients makes possible for a
+/// session that did not take it.
+async fn free_if_here(s: &Session, keys: &Keys, slot: u32) -> Result<bool> {
+    let sql = format!(
+        "SELECT pg_advisory_unlock({}, {slot})::text FROM pg_locks WHERE {}",
+        key_i32(keys.k),
+        keys.held_here(slot)
+    );
+    let res = s.query(&sql).await?;
+    Ok(res.first().is_some_and(|rows| !rows.is_empty()))
+}
+
+/// What [`Postgres::check_session_locks`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Locks {
+    Kept,
+    /// A pooler shares server processes; the slot was freed.
+    NotKept,
+    /// A pooler shares server processes, and the one that holds the slot
+    /// could not be reached.
+    NotKeptAndSlotLeft,
 }
 
 /// The signal pipe, for tokio to watch (borrowed: `Signals` owns it).
@@ -823,13 +946,31 @@ impl Semaphore for Postgres {
             command: req.command.to_string(),
         };
         let may_wait = req.deadline.is_none_or(|d| d > Instant::now());
+        // Once per process is enough: --each acquires many times.
+        let check = !self.pooler_checked;
         let got = rt.block_on(async {
-            let mut s = self.open().await?;
+            let mut s = if check {
+                let deadline = tokio::time::Instant::now() + POOLER_CHECK;
+                let other = async {
+                    tokio::time::timeout_at(deadline, self.open())
+                        .await
+                        .unwrap_or_else(|_| Err(anyhow!("no second session in time")))
+                };
+                let (s, other) = tokio::join!(self.open(), other);
+                let s = s?;
+                if self.shares_sessions(&s, other).await {
+                    bail!(no_session_locks(&self.target, ""));
+                }
+                s
+            } else {
+                self.open().await?
+            };
             let mut place = None;
             let mut since = None;
             loop {
                 match attempt(&s, &keys, req.jobs, &rec, place, may_wait).await? {
                     Attempt::Took(slot) => return Ok(Some((s, slot))),
+                    Attempt::Shared => bail!(no_session_locks(&self.target, "")),
                     Attempt::Wait { held, place: p } => {
                         if p.is_none() {
                             self.say(req, "no free slot; giving up at once");
@@ -860,6 +1001,7 @@ impl Semaphore for Postgres {
                 }
             }
         });
+        self.pooler_checked = true;
         let (s, slot) = match got {
             Ok(Some(taken)) => taken,
             Ok(None) => return Ok(Acquired::TimedOut),
@@ -869,20 +1011,19 @@ impl Semaphore for Postgres {
                 Err(e) => return Err(e),
             },
         };
-        // The heartbeat right after taking: a pooler in transaction or
-        // statement mode hands the next query to another server session,
-        // which does not hold the lock.
         rec.started_ms = now_ms();
-        let held = rt.block_on(async {
-            s.query(&format!("UNLISTEN {}", keys.channel())).await?;
-            heartbeat(&s, &keys, slot, &rec).await
-        })?;
-        if !held {
-            bail!(
-                "PostgreSQL at {} does not keep session locks (a connection pooler in \
-                 transaction or statement mode?); point --backend at the server itself",
-                self.target
-            );
+        let locks = rt.block_on(self.check_session_locks(&s, &keys, slot, &rec))?;
+        if locks != Locks::Kept {
+            let left = if locks == Locks::NotKeptAndSlotLeft {
+                format!(
+                    "; slot {slot} of '{}' stays taken until the pooler closes the server \
+                     session that holds it",
+                    req.id
+                )
+            } else {
+                String::new()
+            };
+            bail!(no_session_locks(&self.target, &left));
         }
         Ok(Acquired::Slot(Box::new(PgSlot::start(
             rt,
@@ -1141,6 +1282,16 @@ impl std::fmt::Display for TimedOut {
 }
 impl std::error::Error for TimedOut {}
 
+/// The error for a server that does not keep session locks, and so cannot
+/// keep slots: in practice, a pooler in transaction or statement mode.
+fn no_session_locks(target: &str, more: &str) -> String {
+    format!(
+        "PostgreSQL at {target} does not keep session locks (a connection pooler in \
+         transaction or statement mode?); point --backend at the server itself, or at a \
+         pooler in session mode{more}"
+    )
+}
+
 /// A stop signal arrived while waiting.
 #[derive(Debug)]
 struct Interrupted(libc::c_int);
@@ -1331,7 +1482,7 @@ impl Holding {
             Attempt::Took(k) => Ok(heartbeat(&s, &self.keys, k, &self.rec)
                 .await?
                 .then_some((s, k))),
-            Attempt::Wait { .. } => Ok(None),
+            Attempt::Wait { .. } | Attempt::Shared => Ok(None),
         }
     }
 }
