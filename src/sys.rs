@@ -300,6 +300,29 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// What std's start-up does and qsem relies on, for a `main` that std does
+/// not call: descriptors 0-2 open (on /dev/null if closed), so that no lock
+/// file or pipe becomes a command's stdin or stdout; and SIGPIPE ignored, so
+/// that writing to a closed pipe is an error qsem reports (`std::process`
+/// still gives children the default).
+pub fn startup() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        let closed = unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1
+            && io::Error::last_os_error().raw_os_error() == Some(libc::EBADF);
+        if closed {
+            // SAFETY: a valid C string. The lowest free descriptor is `fd`
+            // (the ones below it are open), and it stays open for good.
+            if unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) } == -1 {
+                // As std does: running without a stdin or stdout is worse.
+                std::process::abort();
+            }
+        }
+    }
+    // SAFETY: SIG_IGN installs no handler.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
 /// The host name, or `?` if it cannot be read.
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];
