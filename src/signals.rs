@@ -29,6 +29,17 @@ pub const FORWARDED: [libc::c_int; 6] = [
     libc::SIGUSR2,
 ];
 
+/// Every signal qsem has a handler for: [`FORWARDED`] and `SIGCHLD`.
+pub const CAUGHT: [libc::c_int; 7] = [
+    FORWARDED[0],
+    FORWARDED[1],
+    FORWARDED[2],
+    FORWARDED[3],
+    FORWARDED[4],
+    FORWARDED[5],
+    libc::SIGCHLD,
+];
+
 /// One received signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
@@ -86,7 +97,7 @@ impl Signals {
             }
         };
         WAKE.store(write.as_raw_fd(), Ordering::SeqCst);
-        for signo in FORWARDED.iter().copied().chain([libc::SIGCHLD]) {
+        for signo in CAUGHT {
             // SAFETY: a zeroed sigaction is a valid value to fill in.
             let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
             action.sa_sigaction = note as *const () as libc::sighandler_t;
