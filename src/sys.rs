@@ -560,10 +560,11 @@ pub fn spawn(
         caught,
         errno: 0,
     };
-    // Ample for setpgid, sigaction, sigprocmask and execve; 16-byte aligned.
-    let mut stack = vec![0u128; 4096];
-    // SAFETY: one past the end of `stack`, where a downward stack starts.
-    let top = unsafe { stack.as_mut_ptr().add(stack.len()) };
+    // Ample for setpgid, sigaction, sigprocmask and execve; 16-byte aligned,
+    // and left uninitialised, so that only the pages the child uses are touched.
+    let mut stack = Vec::<u128>::with_capacity(4096);
+    // SAFETY: one past the end of `stack`'s buffer, where a downward stack starts.
+    let top = unsafe { stack.as_mut_ptr().add(stack.capacity()) };
     // SAFETY: the sets are initialised by sigfillset and pthread_sigmask;
     // `start` only reads `s` and writes its errno, and `s` and `stack` outlive
     // the child's use of them (CLONE_VFORK: clone returns once the child has
