@@ -178,7 +178,7 @@ impl Config {
     pub fn from_cli(cli: Cli) -> Result<Config> {
         let id = Id::new(cli.id.as_deref().unwrap_or(OsStr::new("default"))).map_err(usage)?;
         let jobs = match &cli.jobs {
-            Some(j) => jobs::parse(j, jobs::online_cpus()).map_err(usage)?,
+            Some(j) => jobs::parse_here(j).map_err(usage)?,
             None => 1,
         };
         let conflict = match &cli.conflict_exit_code {
@@ -280,7 +280,7 @@ impl Config {
         let jobs = match cli.jobs.as_deref().map(str::trim) {
             // GNU parallel's -j0: as many as possible.
             Some("0") => jobs::MAX_JOBS,
-            Some(j) => jobs::parse(j, jobs::online_cpus()).map_err(usage)?,
+            Some(j) => jobs::parse_here(j).map_err(usage)?,
             None => 1,
         };
         let (wait, on_timeout) = match &cli.semaphore_timeout {

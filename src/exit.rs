@@ -95,12 +95,6 @@ impl Exit {
     }
 }
 
-impl From<Exit> for std::process::ExitCode {
-    fn from(exit: Exit) -> Self {
-        std::process::ExitCode::from(exit.0)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

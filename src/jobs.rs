@@ -60,6 +60,13 @@ pub fn parse(input: &str, cpus: u32) -> Result<u32, JobsError> {
     Ok(jobs as u32)
 }
 
+/// [`parse`] with this machine's CPU count, which is read (from sysfs, about
+/// 5 us) only for the forms that use it.
+pub fn parse_here(input: &str) -> Result<u32, JobsError> {
+    let plain = input.trim().bytes().all(|b| b.is_ascii_digit());
+    parse(input, if plain { 1 } else { online_cpus() })
+}
+
 /// The number of online CPUs, at least 1.
 pub fn online_cpus() -> u32 {
     // SAFETY: sysconf has no preconditions; it returns -1 on error.
@@ -159,5 +166,16 @@ mod tests {
             assert!(msg.contains(why), "{input}: {msg}");
             assert!(msg.contains(&format!("'{input}'")), "{input}: {msg}");
         }
+    }
+
+    #[test]
+    fn here_reads_the_cpus_for_the_forms_that_use_them() {
+        let cpus = online_cpus();
+        assert_eq!(parse_here(" 3 "), Ok(3));
+        assert_eq!(parse_here("+0"), Ok(cpus));
+        assert_eq!(parse_here("+1"), Ok(cpus + 1));
+        assert_eq!(parse_here("100%"), Ok(cpus));
+        assert!(parse_here("").is_err());
+        assert!(parse_here("0").is_err());
     }
 }

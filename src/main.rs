@@ -2,6 +2,14 @@
 //!
 //! `main` is thin: `run()` does the work and returns the exit status it chose;
 //! errors become one line of text here and nowhere else.
+//!
+//! qsem starts at the C `main`, not at std's: std's start-up reads all of
+//! /proc/self/maps to place a guard for the main thread's stack and sets up
+//! a stack-overflow handler, about a tenth of an uncontended job's CPU time
+//! (bench/RESULTS.md), for a diagnostic qsem does not need. What qsem does need
+//! of that start-up, [`sys::startup`] does.
+
+#![cfg_attr(not(test), no_main)]
 
 mod background;
 mod cli;
@@ -25,9 +33,28 @@ use exit::{Exit, Failure};
 use semaphore::Semaphore;
 use semaphore::files::{Files, LockDir};
 use std::io::Write;
-use std::process::ExitCode;
 
-fn main() -> ExitCode {
+/// The program's entry point, called by the C runtime (see above).
+#[cfg(not(test))]
+#[unsafe(no_mangle)]
+extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
+    sys::startup();
+    let status = qsem();
+    // std's start-up would have flushed stdout on return.
+    let _ = std::io::stdout().flush();
+    status.into()
+}
+
+/// Under `cargo test` the harness has the entry point; this one keeps the
+/// code it calls checked as it is in the program.
+#[cfg(test)]
+fn main() {
+    sys::startup();
+    std::process::exit(qsem().into());
+}
+
+/// Parses the command line, runs, and says what went wrong; returns the exit status.
+fn qsem() -> u8 {
     let as_sem = cli::invoked_as_sem();
     let parsed = if as_sem {
         cli::SemCli::try_parse().map(Config::from_sem_cli)
@@ -40,15 +67,15 @@ fn main() -> ExitCode {
             // clap prints help and version to stdout (status 0), usage errors
             // with their hint to stderr (status 2).
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
+            return if e.use_stderr() {
                 Exit::USAGE.as_u8()
             } else {
                 0
-            });
+            };
         }
     };
     match cfg.and_then(run) {
-        Ok(exit) => exit.into(),
+        Ok(exit) => exit.as_u8(),
         Err(err) => {
             let exit = if let Some(usage) = err.downcast_ref::<UsageError>() {
                 let (name, hint) = if as_sem {
@@ -67,7 +94,7 @@ fn main() -> ExitCode {
                 say(&format!("qsem: {err:#}"));
                 Exit::OWN_FAILURE
             };
-            exit.into()
+            exit.as_u8()
         }
     }
 }

@@ -1,18 +1,23 @@
-//! Signals become events on a self-pipe (signal-hook's `SignalDelivery`), read
-//! by the one thread that waits for slots and children. Nothing is done inside
-//! a handler beyond writing to the pipe.
+//! Signals become events on a self-pipe, read by the one thread that waits
+//! for slots and children. The handler notes which signal came and from
+//! whom, and writes a byte to the pipe; nothing else.
 //!
 //! The handler records `si_code`, because "who sent it" decides forwarding: a
 //! signal the kernel generated for a terminal's foreground process group (Ctrl-C,
 //! Ctrl-\, hang-up) has already reached a child in that group, while one sent
 //! with kill(2) to qsem's pid has not.
+//!
+//! The handler is qsem's own rather than signal-hook's: signal-hook's registry
+//! is copied for every signal registered, which made catching these seven a
+//! tenth of an uncontended job's instructions (bench/RESULTS.md). Once
+//! installed, the handlers stay for the life of the process, like the
+//! registry's did; the pipe too.
 
+use crate::sys;
 use anyhow::{Context, Result};
-use signal_hook::iterator::backend::SignalDelivery;
-use signal_hook::iterator::exfiltrator::origin::WithOrigin;
-use signal_hook::low_level::siginfo::Cause;
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 
 /// The signals that stop a waiter and that are passed on to a running child.
 pub const FORWARDED: [libc::c_int; 6] = [
@@ -24,6 +29,17 @@ pub const FORWARDED: [libc::c_int; 6] = [
     libc::SIGUSR2,
 ];
 
+/// Every signal qsem has a handler for: [`FORWARDED`] and `SIGCHLD`.
+pub const CAUGHT: [libc::c_int; 7] = [
+    FORWARDED[0],
+    FORWARDED[1],
+    FORWARDED[2],
+    FORWARDED[3],
+    FORWARDED[4],
+    FORWARDED[5],
+    libc::SIGCHLD,
+];
+
 /// One received signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Received {
@@ -32,36 +48,97 @@ pub struct Received {
     pub from_kernel: bool,
 }
 
+/// Per signal number, what came since the last look: nothing, or the sender
+/// of the latest one (repeats coalesce, as they do in the kernel).
+static NOTED: [AtomicU8; 65] = [const { AtomicU8::new(NOTHING) }; 65];
+const NOTHING: u8 = 0;
+const SENT: u8 = 1;
+const FROM_KERNEL: u8 = 2;
+/// The pipe's write end, for the handler.
+static WAKE: AtomicI32 = AtomicI32::new(-1);
+/// The pipe: (read end, write end), both non-blocking.
+static PIPE: OnceLock<(OwnedFd, OwnedFd)> = OnceLock::new();
+
+extern "C" fn note(signo: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let code = unsafe { (*info).si_code };
+    let from = if code == libc::SI_KERNEL {
+        FROM_KERNEL
+    } else {
+        SENT
+    };
+    if let Some(slot) = usize::try_from(signo).ok().and_then(|s| NOTED.get(s)) {
+        slot.store(from, Ordering::SeqCst);
+    }
+    // SAFETY: errno is this thread's, and is put back for the code the signal
+    // interrupted; write(2) is async-signal-safe, and on a full pipe (EAGAIN)
+    // the reader is woken already.
+    unsafe {
+        let errno = *libc::__errno_location();
+        libc::write(WAKE.load(Ordering::SeqCst), b"s".as_ptr().cast(), 1);
+        *libc::__errno_location() = errno;
+    }
+}
+
+/// The caught signals, as an owned handle to read them through.
 pub struct Signals {
-    delivery: SignalDelivery<UnixStream, WithOrigin>,
+    read: RawFd,
 }
 
 impl Signals {
     /// Catches [`FORWARDED`] and `SIGCHLD`. Call before waiting or spawning, so
     /// that no signal can slip between the two.
     pub fn install() -> Result<Signals> {
-        let (read, write) = UnixStream::pair().context("cannot create the signal pipe")?;
-        read.set_nonblocking(true)
-            .context("cannot set up the signal pipe")?;
-        let signals = FORWARDED.iter().copied().chain([libc::SIGCHLD]);
-        let delivery = SignalDelivery::with_pipe(read, write, WithOrigin::default(), signals)
-            .context("cannot install signal handlers")?;
-        Ok(Signals { delivery })
+        let (read, write) = match PIPE.get() {
+            Some(pipe) => pipe,
+            None => {
+                let pipe = sys::pipe().context("cannot create the signal pipe")?;
+                PIPE.get_or_init(|| pipe)
+            }
+        };
+        WAKE.store(write.as_raw_fd(), Ordering::SeqCst);
+        for signo in CAUGHT {
+            // SAFETY: a zeroed sigaction is a valid value to fill in.
+            let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+            action.sa_sigaction = note as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            // SAFETY: `note` is async-signal-safe (atomics and write(2)), and
+            // the mask is emptied (it was zeroed) before use.
+            let rc = unsafe {
+                libc::sigemptyset(&mut action.sa_mask);
+                libc::sigaction(signo, &action, std::ptr::null_mut())
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .context("cannot install signal handlers");
+            }
+        }
+        Ok(Signals {
+            read: read.as_raw_fd(),
+        })
     }
 
     /// The descriptor to poll; readable when a signal is pending.
     pub fn fd(&self) -> RawFd {
-        self.delivery.get_read().as_raw_fd()
+        self.read
     }
 
     /// Signals received since the last call (repeats of one signal coalesce, as
-    /// they do in the kernel).
+    /// they do in the kernel), in the order of their numbers.
     pub fn pending(&mut self) -> Vec<Received> {
-        self.delivery
-            .pending()
-            .map(|origin| Received {
-                signo: origin.signal,
-                from_kernel: matches!(origin.cause, Cause::Kernel),
+        // Drain first, then look: a signal noted after the look has written
+        // a byte after the drain, so the pipe stays readable for it.
+        let mut buf = [0u8; 64];
+        if let Some((read, _)) = PIPE.get() {
+            while sys::read(read.as_fd(), &mut buf).is_ok_and(|n| n == buf.len()) {}
+        }
+        (0..NOTED.len())
+            .filter_map(|signo| match NOTED[signo].swap(NOTHING, Ordering::SeqCst) {
+                NOTHING => None,
+                from => Some(Received {
+                    signo: signo as libc::c_int,
+                    from_kernel: from == FROM_KERNEL,
+                }),
             })
             .collect()
     }

@@ -568,6 +568,7 @@ impl IdDir {
                 command: req.command.to_string(),
             },
             _watcher: None,
+            len: st.st_size as u64,
         };
         // The record is for --status only: a full disk must not stop the job,
         // which holds its slot all the same.
@@ -749,6 +750,10 @@ struct SlotFile {
     /// period, several milliseconds), so it is closed here, after `file` (fields
     /// drop in order): once the job has ended, not between the slot and its start.
     _watcher: Option<Inotify>,
+    /// The file's length as last known: a record overwrites the one before
+    /// it, and the file is cut only after a longer one (an ftruncate costs a
+    /// filesystem transaction, and a job writes its record twice).
+    len: u64,
 }
 
 impl SlotFile {
@@ -756,13 +761,16 @@ impl SlotFile {
     /// (a full disk) is cut off rather than left half stale.
     fn write_record(&mut self) -> io::Result<()> {
         let text = self.record.render();
-        let written = self
-            .file
-            .write_all_at(text.as_bytes(), 0)
-            .and_then(|()| self.file.set_len(text.len() as u64));
-        if written.is_err() {
-            let _ = self.file.set_len(0);
+        let len = text.len() as u64;
+        let mut written = self.file.write_all_at(text.as_bytes(), 0);
+        if written.is_ok() && self.len > len {
+            written = self.file.set_len(len);
         }
+        self.len = match written {
+            Ok(()) => len,
+            // Unknown if even this fails: cut the next record to size.
+            Err(_) => self.file.set_len(0).map_or(u64::MAX, |()| 0),
+        };
         written
     }
 }
