@@ -137,10 +137,17 @@ fn print_status(ids: Vec<semaphore::IdStatus>, json: bool) -> Result<Exit> {
     } else {
         status::table(&ids, now)
     };
-    match std::io::stdout().lock().write_all(text.as_bytes()) {
+    write_out(text.as_bytes())
+}
+
+/// Writes all of `bytes` to stdout; a reader that went away is no error.
+fn write_out(bytes: &[u8]) -> Result<Exit> {
+    match std::io::stdout().lock().write_all(bytes) {
         // `qsem --status | head`: the reader has all it wanted.
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(Exit::OK),
-        other => other.map(|()| Exit::OK).map_err(Into::into),
+        other => other
+            .map(|()| Exit::OK)
+            .context("cannot write to standard output"),
     }
 }
 
@@ -174,8 +181,10 @@ fn run(cfg: Config) -> Result<Exit> {
         }
         Mode::Completions(shell) => {
             let mut cmd = cli::completion_command();
-            clap_complete::generate(*shell, &mut cmd, "qsem", &mut std::io::stdout());
-            Ok(Exit::OK)
+            // Into memory first: clap_complete panics on a write error.
+            let mut script = Vec::new();
+            clap_complete::generate(*shell, &mut cmd, "qsem", &mut script);
+            write_out(&script)
         }
     }
 }

@@ -41,3 +41,15 @@ fn an_unknown_shell_is_bad_usage() {
     let env = Env::new();
     assert_eq!(run(env.qsem().args(["--completions", "tcsh"])).0, 2);
 }
+
+/// A full disk is an error that qsem reports, not a crash (clap_complete
+/// panics when its writer fails; qsem writes what it generated itself).
+#[test]
+fn a_write_error_is_reported_not_a_crash() {
+    let env = Env::new();
+    let full = std::fs::File::create("/dev/full").expect("/dev/full");
+    let (code, out, err) = run(env.qsem().args(["--completions", "bash"]).stdout(full));
+    assert_eq!(code, 125, "{err}");
+    assert_eq!(out, "");
+    assert!(err.contains("cannot write to standard output"), "{err}");
+}
