@@ -356,6 +356,18 @@ struct Session {
 /// The rows of each statement of a simple query, as text.
 type Results = Vec<Vec<Vec<Option<String>>>>;
 
+/// The first column of the first row of statement `i`'s result, if any.
+fn value(res: &Results, i: usize) -> Option<&str> {
+    res.get(i)?.first()?.first()?.as_deref()
+}
+
+/// [`value`] as a number; a missing or malformed one is an error.
+fn number<T: std::str::FromStr>(res: &Results, i: usize) -> Result<T> {
+    value(res, i)
+        .and_then(|v| v.parse().ok())
+        .context("unexpected answer from the server")
+}
+
 impl Session {
     async fn open(
         pg: &tokio_postgres::Config,
@@ -398,12 +410,7 @@ impl Session {
             .query(&sql)
             .await
             .with_context(|| format!("cannot set up a session on PostgreSQL at {target}"))?;
-        s.pid = res
-            .get(1)
-            .and_then(|rows| rows.first())
-            .and_then(|row| row.first().cloned().flatten())
-            .and_then(|pid| pid.parse().ok())
-            .context("unexpected answer from the server")?;
+        s.pid = number(&res, 1)?;
         Ok(s)
     }
 
@@ -647,11 +654,7 @@ async fn failures_table(s: &Session) -> Result<bool> {
     let res = s
         .query("SELECT (to_regclass('qsem_failures') IS NOT NULL)::text")
         .await?;
-    Ok(res
-        .first()
-        .and_then(|rows| rows.first())
-        .and_then(|row| row.first().cloned().flatten())
-        .is_some_and(|t| t == "true"))
+    Ok(value(&res, 0) == Some("true"))
 }
 
 /// The slot numbers in the answer to [`Keys::slot_locks`] (the mutex, 0, is none).
@@ -677,12 +680,7 @@ async fn busy(s: &Session, keys: &Keys) -> Result<(u32, u32)> {
         locks = keys.slot_locks(),
     );
     let res = s.query(&sql).await?;
-    let waiting = res
-        .get(2)
-        .and_then(|rows| rows.first())
-        .and_then(|row| row.first().cloned().flatten())
-        .and_then(|n| n.parse().ok())
-        .context("unexpected answer from the server")?;
+    let waiting = number(&res, 2)?;
     Ok((slots(res.get(3)).len() as u32, waiting))
 }
 
@@ -797,12 +795,7 @@ async fn attempt(
                 name = lit(&keys.holder_name(slot, rec)),
             ))
             .await?;
-        let took = res
-            .first()
-            .and_then(|rows| rows.first())
-            .and_then(|row| row.first().cloned().flatten())
-            .is_some_and(|t| t == "true");
-        if took {
+        if value(&res, 0) == Some("true") {
             return Ok(Attempt::Took(slot));
         }
         // Held by something that is not qsem (another mode, another tool): look again.
@@ -824,21 +817,12 @@ async fn heartbeat(s: &Session, keys: &Keys, slot: u32, rec: &Record) -> Result<
         mine = keys.held_here(slot),
     );
     let res = s.query(&sql).await?;
-    Ok(res
-        .get(1)
-        .and_then(|rows| rows.first())
-        .and_then(|row| row.first().cloned().flatten())
-        .is_some_and(|n| n == "1"))
+    Ok(value(&res, 1) == Some("1"))
 }
 
 /// The server process that answers this query of `s`.
 async fn backend_pid(s: &Session) -> Result<i32> {
-    let res = s.query("SELECT pg_backend_pid()::text").await?;
-    res.first()
-        .and_then(|rows| rows.first())
-        .and_then(|row| row.first().cloned().flatten())
-        .and_then(|pid| pid.parse().ok())
-        .context("unexpected answer from the server")
+    number(&s.query("SELECT pg_backend_pid()::text").await?, 0)
 }
 
 /// Frees `slot` if this session's server session holds it, which only a
