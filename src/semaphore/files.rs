@@ -30,9 +30,9 @@
 //! `IN_CLOSE_WRITE`. Probes open slot files read-only, so they never wake
 //! anyone. The event comes a moment before the kernel drops the lock, so a
 //! head that still has to wait after a wake-up looks again a few times
-//! shortly after (see [`Relook`]). inotify instances are limited per user (often to 128), which is why
-//! only chain heads use one; should none be available, a head falls back to
-//! re-checking every [`FALLBACK_POLL`].
+//! shortly after (see [`Relook`]). inotify instances are limited per user
+//! (often to 128), which is why only chain heads use one; should none be
+//! available, a head falls back to re-checking every [`FALLBACK_POLL`].
 //!
 //! **Fairness**: a request is admitted only if no older live waiter would also
 //! be admitted now (N > held). Within a chain that is plain FIFO; across chains
@@ -1178,10 +1178,7 @@ fn sleep_on(
         if look_at.is_some_and(|at| now >= at) {
             return Ok(Woke::Due);
         }
-        let until = match (deadline, look_at) {
-            (Some(d), Some(l)) => Some(d.min(l)),
-            (d, l) => d.or(l),
-        };
+        let until = deadline.into_iter().chain(look_at).min();
         let ready = sys::poll_readable(&fds, until).context("cannot wait (poll)")?;
         if ready.contains(&1) {
             return Ok(Woke::Changed);
