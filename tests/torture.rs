@@ -23,7 +23,7 @@
 //! mix (not its timing). The figures are printed on stdout.
 
 mod common;
-use common::{Env, eventually};
+use common::{Env, env_num, eventually, stat_fields};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -40,13 +40,6 @@ const IDS: [(&str, &[u32]); 3] = [("solo", &[1]), ("pool", &[3]), ("proc", &[2, 
 
 /// The status of an invocation whose wait expired.
 const CONFLICT: i32 = 75;
-
-fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// xorshift64*: small, seedable, good enough to mix a workload.
 struct Rng(u64);
@@ -109,15 +102,10 @@ fn holder_exiting(f: &File) -> bool {
     else {
         return false;
     };
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let Some(fields) = stat_fields(pid) else {
         return true;
     };
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let state = fields.first().copied().unwrap_or("?");
+    let state = fields.first().map_or("?", String::as_str);
     let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
     const PF_EXITING: u64 = 0x4;
     state == "Z" || state == "X" || flags & PF_EXITING != 0

@@ -2,18 +2,15 @@
 //! bounded by --wait, stopped by signals with nothing left behind.
 
 mod common;
-use common::{Env, SOON, eventually, held_and_waiting, holder, kill, release, run, wait_for_file};
+use common::{
+    Env, SOON, eventually, held_and_waiting, holder, kill, release, run, stat_fields, wait_for_file,
+};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// CPU time (user + system, in clock ticks) a process has used so far.
 fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
+    let fields = stat_fields(pid).unwrap_or_default();
     // After the command name: state is field 3, utime 14, stime 15.
     fields
         .get(11)

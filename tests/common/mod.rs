@@ -116,17 +116,27 @@ pub fn release(mut child: std::process::Child) {
     child.wait().unwrap();
 }
 
+/// A number from the environment, or `default` if it is unset or not one.
+pub fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The fields of `/proc/PID/stat` after the command name (the state first,
+/// then the parent's pid, …), or `None` if the process is gone.
+pub fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
 /// How long a test binary may run before it is taken to be stuck: far more
 /// than the slowest takes on a slow machine (about 20 s), plus the length of
 /// a long torture run if one was asked for.
 fn stuck_after() -> Duration {
-    let secs = |name: &str| -> u64 {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    Duration::from_secs(600 + secs("QSEM_TORTURE_SECS"))
+    Duration::from_secs(600 + env_num("QSEM_TORTURE_SECS", 0))
 }
 
 /// Ends a stuck test binary, after writing what its processes were doing,
@@ -158,13 +168,11 @@ fn process_tree(root: u32) -> String {
     };
     let mut parent = std::collections::HashMap::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let pid = entry.file_name().to_string_lossy().into_owned();
-        let stat = read(&pid, "stat");
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if let (Ok(pid), Some(ppid)) = (pid.parse::<u32>(), ppid) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let ppid = stat_fields(pid).and_then(|f| f.get(1)?.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
             parent.insert(pid, ppid);
         }
     }
@@ -181,13 +189,12 @@ fn process_tree(root: u32) -> String {
     let mut pids: Vec<u32> = parent.keys().copied().filter(|&p| descends(p)).collect();
     pids.sort_unstable();
     for pid in pids {
+        let state = stat_fields(pid).and_then(|f| f.into_iter().next());
         let pid = pid.to_string();
         let cmdline = read(&pid, "cmdline").replace('\0', " ");
-        let state = read(&pid, "stat");
-        let state = state.rsplit_once(')').map_or("", |(_, r)| r.trim());
         out.push_str(&format!(
             "{pid} [{}] {} wchan={}\n{}",
-            state.split(' ').next().unwrap_or("?"),
+            state.as_deref().unwrap_or("?"),
             cmdline.trim(),
             read(&pid, "wchan"),
             read(&pid, "stack")
