@@ -23,10 +23,9 @@
 //! mix (not its timing). The figures are printed on stdout.
 
 mod common;
-use common::{Env, env_num, eventually, stat_fields};
+use common::{Env, env_num, eventually, flock, stat_fields};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -55,11 +54,6 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-}
-
-fn flock(file: &File, op: libc::c_int) -> bool {
-    // SAFETY: no memory is passed.
-    unsafe { libc::flock(file.as_raw_fd(), op) == 0 }
 }
 
 /// Whether a live process holds an exclusive lock on `path`. A holder that is

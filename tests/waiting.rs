@@ -3,7 +3,8 @@
 
 mod common;
 use common::{
-    Env, SOON, eventually, held_and_waiting, holder, kill, release, run, stat_fields, wait_for_file,
+    Env, SOON, eventually, flock, held_and_waiting, holder, kill, release, run, stat_fields,
+    wait_for_file,
 };
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -257,14 +258,8 @@ fn hold_slot_by_hand(env: &Env, id: &str) -> std::fs::File {
         .write(true)
         .open(env.locks.join(id).join("1"))
         .unwrap();
-    assert_eq!(flock(&slot, libc::LOCK_EX | libc::LOCK_NB), 0);
+    assert!(flock(&slot, libc::LOCK_EX | libc::LOCK_NB));
     slot
-}
-
-fn flock(file: &std::fs::File, op: libc::c_int) -> libc::c_int {
-    use std::os::fd::AsRawFd;
-    // SAFETY: no memory is passed.
-    unsafe { libc::flock(file.as_raw_fd(), op) }
 }
 
 /// Makes the event the kernel sends when the last descriptor of a file open
@@ -281,7 +276,7 @@ fn event_then_silent_release(env: &Env, id: &str, held: &std::fs::File) {
     std::thread::sleep(Duration::from_secs(5));
     close_event(env, id);
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(flock(held, libc::LOCK_UN), 0);
+    assert!(flock(held, libc::LOCK_UN));
 }
 
 /// The kernel reports the last close of a file (IN_CLOSE_WRITE) a moment
@@ -322,7 +317,7 @@ fn a_release_between_the_waiters_watch_and_its_look_is_not_missed() {
         .spawn()
         .unwrap();
     assert!(eventually(SOON, || held_and_waiting(&env, "between") == (1, 1)));
-    assert_eq!(flock(&held, libc::LOCK_UN), 0);
+    assert!(flock(&held, libc::LOCK_UN));
     assert!(
         wait_for_file(&ran, Duration::from_secs(30)),
         "the waiter slept on beside a free slot"

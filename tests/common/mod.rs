@@ -116,6 +116,13 @@ pub fn release(mut child: std::process::Child) {
     child.wait().unwrap();
 }
 
+/// flock(2) on `file`; whether it succeeded.
+pub fn flock(file: &std::fs::File, op: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: no memory is passed.
+    unsafe { libc::flock(file.as_raw_fd(), op) == 0 }
+}
+
 /// A number from the environment, or `default` if it is unset or not one.
 pub fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
