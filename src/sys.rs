@@ -482,17 +482,22 @@ impl Child {
 
     /// Its status if it has ended (reaping it: call until it says so, then stop).
     pub fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
-        use std::os::unix::process::ExitStatusExt;
-        let mut status = 0;
-        loop {
-            // SAFETY: `status` is writable; the pid is our unreaped child.
-            let rc = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-            match check(rc) {
-                Ok(0) => return Ok(None),
-                Ok(_) => return Ok(Some(std::process::ExitStatus::from_raw(status))),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
+        wait_pid(self.pid, libc::WNOHANG)
+    }
+}
+
+/// `waitpid(2)` for our unreaped child `pid`: its status, or `None` if it is
+/// still running (with `WNOHANG`); `EINTR` is retried.
+fn wait_pid(pid: libc::pid_t, flags: libc::c_int) -> io::Result<Option<std::process::ExitStatus>> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status = 0;
+    loop {
+        // SAFETY: `status` is writable.
+        match check(unsafe { libc::waitpid(pid, &mut status, flags) }) {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(std::process::ExitStatus::from_raw(status))),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
     }
 }
@@ -591,11 +596,7 @@ pub fn spawn(
     }
     if s.errno != 0 {
         // It has exited (127), or is exiting: reap it, and say why it could not start.
-        let mut status = 0;
-        // SAFETY: `status` is writable; the pid is our unreaped child.
-        while unsafe { libc::waitpid(pid, &mut status, 0) } == -1
-            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
-        {}
+        let _ = wait_pid(pid, 0);
         return Err(io::Error::from_raw_os_error(s.errno));
     }
     Ok(Child { pid })
