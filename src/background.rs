@@ -97,7 +97,7 @@ pub fn wait_all(cfg: &Config, sem: &mut dyn Semaphore) -> Result<Exit> {
             // GNU sem's positive --st: stop waiting, carry on as if idle.
             OnTimeout::RunAnyway => {}
         },
-        Idle::Interrupted(signo) => return Ok(Exit::signal(signo)),
+        Idle::Interrupted(r) => return Ok(Exit::signal(r.signo)),
     }
     let failed = sem.take_failures(&cfg.id)?;
     if failed == 0 {

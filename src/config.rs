@@ -58,14 +58,23 @@ pub enum OnTimeout {
     RunAnyway,
 }
 
-/// Where the semaphore lives.
+/// Where the semaphore lives, with the settings of that engine alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
-    /// Lock files in [`Config::dir`]: one machine, no server.
-    Local,
-    /// A PostgreSQL server shared by a fleet: a `postgres://` or
-    /// `postgresql://` URL, completed by the standard `PG*` variables.
-    Postgres(String),
+    /// Lock files: one machine, no server.
+    Files {
+        /// The lock directory.
+        dir: PathBuf,
+    },
+    /// A PostgreSQL server shared by a fleet.
+    Postgres {
+        /// A `postgres://` or `postgresql://` URL, completed by the standard
+        /// `PG*` variables.
+        url: String,
+        /// How soon a holder cut off from the server loses its slot (the
+        /// server frees it, and the holder notices), at least 2s.
+        lost_after: Duration,
+    },
 }
 
 /// What a job whose shared-server slot is lost should do.
@@ -132,8 +141,6 @@ pub struct Config {
     pub wait: Wait,
     /// What happens when the wait expires.
     pub on_timeout: OnTimeout,
-    /// The lock directory.
-    pub dir: PathBuf,
     /// No report line for a failed command.
     pub quiet: bool,
     /// Progress lines on stderr.
@@ -148,10 +155,6 @@ pub struct Config {
     pub backend: Backend,
     /// With a shared server: what to do with a job whose slot is lost.
     pub on_lost: OnLost,
-    /// With a shared server: how soon a holder cut off from it loses its slot
-    /// (the server frees it, and the holder notices), at least 2s.
-    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-    pub lost_after: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -225,8 +228,7 @@ impl Config {
                 (false, false, _) => Mode::Run(command),
             }
         };
-        let dir = lock_dir(cli.dir)?;
-        let backend = parse_backend(cli.backend.as_deref())?;
+        let backend = parse_backend(cli.backend.as_deref(), cli.dir, cli.lost_after.as_deref())?;
         let on_lost = match cli.on_lost.as_deref() {
             None | Some("warn") => OnLost::Warn,
             Some("kill") => OnLost::Kill,
@@ -236,29 +238,13 @@ impl Config {
                 )));
             }
         };
-        let lost_after = match &cli.lost_after {
-            Some(d) => {
-                let d =
-                    duration::parse(d).map_err(|e| usage(format!("invalid --lost-after: {e}")))?;
-                if d < Duration::from_secs(2) {
-                    return Err(usage(format!(
-                        "invalid --lost-after '{}': at least 2s (TCP keepalives count in seconds)",
-                        cli.lost_after.as_deref().unwrap_or_default()
-                    )));
-                }
-                d
-            }
-            None => DEFAULT_LOST_AFTER,
-        };
         Ok(Config {
             backend,
             on_lost,
-            lost_after,
             id,
             jobs,
             wait,
             on_timeout,
-            dir,
             quiet: cli.quiet,
             verbose: cli.verbose,
             close: cli.close,
@@ -307,21 +293,18 @@ impl Config {
                 (false, None) => Mode::Background(command),
             }
         };
-        let dir = lock_dir(cli.dir)?;
         Ok(Config {
             id,
             jobs,
             wait,
             on_timeout,
-            dir,
             quiet: false,
             verbose: false,
             close: false,
             bg_stdin: true,
             // GNU sem has no such options; the environment still chooses.
-            backend: parse_backend(std::env::var("QSEM_BACKEND").ok().as_deref())?,
+            backend: parse_backend(std::env::var("QSEM_BACKEND").ok().as_deref(), cli.dir, None)?,
             on_lost: OnLost::Warn,
-            lost_after: DEFAULT_LOST_AFTER,
             mode,
         })
     }
@@ -362,18 +345,45 @@ fn command_from_words(words: Vec<OsString>) -> Result<Command> {
 }
 
 /// `--backend` / `QSEM_BACKEND`: empty or absent means lock files.
-fn parse_backend(url: Option<&str>) -> Result<Backend> {
+/// The engine: a shared server if `url` names one, else lock files in `dir`
+/// (or the default lock directory).
+fn parse_backend(
+    url: Option<&str>,
+    dir: Option<PathBuf>,
+    lost_after: Option<&str>,
+) -> Result<Backend> {
+    // Checked whatever the engine: a bad value is a mistake to point out.
+    let lost_after = parse_lost_after(lost_after)?;
     let Some(url) = url.map(str::trim).filter(|u| !u.is_empty()) else {
-        return Ok(Backend::Local);
+        return Ok(Backend::Files {
+            dir: lock_dir(dir)?,
+        });
     };
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Backend::Postgres(url.to_string()))
+        Ok(Backend::Postgres {
+            url: url.to_string(),
+            lost_after,
+        })
     } else {
         let shown = url.split_once('@').map_or(url, |(_, host)| host);
         Err(usage(format!(
             "unsupported backend '{shown}': expected postgres://[USER@]HOST[:PORT]/DATABASE"
         )))
     }
+}
+
+/// `--lost-after`: at least 2s, as TCP keepalives count in seconds.
+fn parse_lost_after(given: Option<&str>) -> Result<Duration> {
+    let Some(given) = given else {
+        return Ok(DEFAULT_LOST_AFTER);
+    };
+    let d = duration::parse(given).map_err(|e| usage(format!("invalid --lost-after: {e}")))?;
+    if d < Duration::from_secs(2) {
+        return Err(usage(format!(
+            "invalid --lost-after '{given}': at least 2s (TCP keepalives count in seconds)"
+        )));
+    }
+    Ok(d)
 }
 
 fn parse_exit_code(s: &str) -> Result<u8> {
@@ -580,11 +590,21 @@ mod tests {
 
     #[test]
     fn backends() {
-        assert_eq!(config(&["true"]).unwrap().backend, Backend::Local);
+        assert_eq!(
+            config(&["true"]).unwrap().backend,
+            Backend::Files {
+                dir: "/tmp/qsem-test".into()
+            }
+        );
         let c = config(&["--backend", "postgresql://h/db", "--on-lost=kill", "true"]).unwrap();
-        assert_eq!(c.backend, Backend::Postgres("postgresql://h/db".into()));
+        assert_eq!(
+            c.backend,
+            Backend::Postgres {
+                url: "postgresql://h/db".into(),
+                lost_after: DEFAULT_LOST_AFTER
+            }
+        );
         assert_eq!(c.on_lost, OnLost::Kill);
-        assert_eq!(c.lost_after, DEFAULT_LOST_AFTER);
         for (args, needle) in [
             (&["--backend", "redis://h", "true"][..], "'redis://h'"),
             (&["--backend", "mysql://u:secret@h", "true"], "'h'"),

@@ -64,9 +64,9 @@ pub fn run(cfg: &Config, cmd: &Command, separator: u8, sem: &mut dyn Semaphore) 
     let mut stopped = None;
     'items: loop {
         while let Some(item) = items.next() {
-            if let Some(signo) = signals.take_stop() {
-                pass_on(&relay, signo, None, own_group);
-                stopped = Some(signo);
+            if let Some(r) = signals.take_stop() {
+                pass_on(&relay, r.signo, None, own_group);
+                stopped = Some(r.signo);
                 break 'items;
             }
             let mut display = cmd.clone();
@@ -88,9 +88,9 @@ pub fn run(cfg: &Config, cmd: &Command, separator: u8, sem: &mut dyn Semaphore) 
                     }
                     OnTimeout::RunAnyway => None,
                 },
-                Acquired::Interrupted(signo) => {
-                    pass_on(&relay, signo, None, own_group);
-                    stopped = Some(signo);
+                Acquired::Interrupted(r) => {
+                    pass_on(&relay, r.signo, None, own_group);
+                    stopped = Some(r.signo);
                     break 'items;
                 }
             };
@@ -105,7 +105,7 @@ pub fn run(cfg: &Config, cmd: &Command, separator: u8, sem: &mut dyn Semaphore) 
                 Ok(child) => {
                     let mut slot = slot;
                     if let Some(slot) = slot.as_mut() {
-                        slot.set_child(child.id());
+                        slot.started(child.id());
                     }
                     relay.add(child, display.display(), started)?;
                     // The run holds the slot now; our copy must not outlive

@@ -30,8 +30,6 @@ use anyhow::{Context, Result};
 use clap::{CommandFactory, Parser};
 use config::{Backend, Config, Mode, UsageError};
 use exit::{Exit, Failure};
-use semaphore::Semaphore;
-use semaphore::files::{Files, LockDir};
 use std::io::Write;
 
 /// The program's entry point, called by the C runtime (see above).
@@ -105,31 +103,6 @@ fn say(text: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
-/// The engine for a shared server, if this qsem was built with one.
-#[cfg(feature = "postgres")]
-fn shared_server(cfg: &Config, url: &str) -> Result<Box<dyn Semaphore>> {
-    let engine = semaphore::postgres::Postgres::new(url, cfg.lost_after, cfg.verbose)?;
-    Ok(Box::new(engine))
-}
-
-#[cfg(not(feature = "postgres"))]
-fn shared_server(_cfg: &Config, _url: &str) -> Result<Box<dyn Semaphore>> {
-    anyhow::bail!(
-        "--backend postgres://: this qsem was built without PostgreSQL support (cargo feature \"postgres\")"
-    )
-}
-
-/// The engine `cfg` asks for: a shared server, or the lock directory.
-fn engine(cfg: &Config) -> Result<Box<dyn Semaphore>> {
-    match &cfg.backend {
-        Backend::Postgres(url) => shared_server(cfg, url),
-        Backend::Local => Ok(Box::new(Files::new(
-            LockDir::open(&cfg.dir, true)?,
-            cfg.verbose,
-        ))),
-    }
-}
-
 fn print_status(ids: Vec<semaphore::IdStatus>, json: bool) -> Result<Exit> {
     let now = std::time::SystemTime::now();
     let text = if json {
@@ -154,7 +127,9 @@ fn write_out(bytes: &[u8]) -> Result<Exit> {
 fn run(cfg: Config) -> Result<Exit> {
     match &cfg.mode {
         Mode::Status { only, json } => {
-            let ids = if cfg.backend == Backend::Local && !cfg.dir.exists() {
+            let ids = if let Backend::Files { dir } = &cfg.backend
+                && !dir.exists()
+            {
                 // No lock directory yet: nothing is held, nobody waits.
                 only.iter()
                     .map(|id| semaphore::IdStatus {
@@ -164,21 +139,35 @@ fn run(cfg: Config) -> Result<Exit> {
                     })
                     .collect()
             } else {
-                engine(&cfg)?.status(only.as_ref())?
+                semaphore::open(&cfg.backend, cfg.verbose)?.status(only.as_ref())?
             };
             print_status(ids, *json)
         }
-        Mode::Run(cmd) => runner::run(&cfg, cmd, engine(&cfg)?.as_mut()),
+        Mode::Run(cmd) => runner::run(
+            &cfg,
+            cmd,
+            semaphore::open(&cfg.backend, cfg.verbose)?.as_mut(),
+        ),
         Mode::Background(cmd) => background::launch(&cfg, cmd),
         Mode::Supervise { command, notify } => {
             let notify = sys::adopt_inherited(*notify)
                 .with_context(|| format!("--bg-supervisor: descriptor {notify}"))?;
-            runner::run_detached(&cfg, command, engine(&cfg)?.as_mut(), notify)
+            runner::run_detached(
+                &cfg,
+                command,
+                semaphore::open(&cfg.backend, cfg.verbose)?.as_mut(),
+                notify,
+            )
         }
-        Mode::WaitAll => background::wait_all(&cfg, engine(&cfg)?.as_mut()),
-        Mode::Each { command, separator } => {
-            each::run(&cfg, command, *separator, engine(&cfg)?.as_mut())
+        Mode::WaitAll => {
+            background::wait_all(&cfg, semaphore::open(&cfg.backend, cfg.verbose)?.as_mut())
         }
+        Mode::Each { command, separator } => each::run(
+            &cfg,
+            command,
+            *separator,
+            semaphore::open(&cfg.backend, cfg.verbose)?.as_mut(),
+        ),
         Mode::Completions(shell) => {
             let mut cmd = cli::completion_command();
             // Into memory first: clap_complete panics on a write error.

@@ -90,11 +90,11 @@ fn run_as(
             OnTimeout::Exit(code) => return Ok(Exit::code(code)),
             OnTimeout::RunAnyway => None,
         },
-        Acquired::Interrupted(signo) => return Ok(Exit::signal(signo)),
+        Acquired::Interrupted(r) => return Ok(Exit::signal(r.signo)),
     };
     // A stop signal that came while the slot was being taken: start nothing.
-    if let Some(signo) = signals.take_stop() {
-        return Ok(Exit::signal(signo));
+    if let Some(r) = signals.take_stop() {
+        return Ok(Exit::signal(r.signo));
     }
     let background = notify.is_some();
     if let Some(fd) = notify.take() {
@@ -111,8 +111,8 @@ fn run_as(
                 _ => Exit::NOT_EXECUTABLE,
             };
             let why = format!("{}: {e}", cmd.program.to_string_lossy());
-            if background {
-                sem.record_failure(&cfg.id, &why)?;
+            if background && let Some(slot) = slot {
+                slot.finish(Some(&why))?;
             }
             return Err(Failure {
                 exit,
@@ -122,7 +122,7 @@ fn run_as(
         }
     };
     if let Some(slot) = slot.as_mut() {
-        slot.set_child(child.id());
+        slot.started(child.id());
     }
     let (status, stopped) = supervise(
         cfg,
@@ -140,17 +140,19 @@ fn run_as(
         let line = describe(&display, status, started.elapsed());
         // Recorded while the slot is still held: a --wait-all woken by its
         // release must find the failure.
-        let recorded = if background {
-            sem.record_failure(&cfg.id, &line)
-        } else {
-            Ok(())
+        let recorded = match slot.take() {
+            Some(slot) if background => slot.finish(Some(&line)),
+            _ => Ok(()),
         };
         if !cfg.quiet {
             report::line(&cfg.id, &line);
         }
         recorded?;
     }
-    drop(slot);
+    match slot {
+        Some(slot) if background => slot.finish(None)?,
+        other => drop(other),
+    }
     Ok(exit)
 }
 
@@ -361,14 +363,7 @@ fn supervise(
                 .and_then(|s| s.events())
                 .map(|fd| fd.as_raw_fd()),
         );
-        let upkeep_at = slot.as_deref().and_then(|s| s.upkeep_at());
-        let wake = [kill_at, upkeep_at].into_iter().flatten().min();
-        sys::poll_readable(&fds, wake).context("cannot wait (poll)")?;
-        if upkeep_at.is_some_and(|t| Instant::now() >= t)
-            && let Some(slot) = slot.as_deref_mut()
-        {
-            slot.upkeep();
-        }
+        sys::poll_readable(&fds, kill_at).context("cannot wait (poll)")?;
     }
 }
 

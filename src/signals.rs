@@ -144,10 +144,9 @@ impl Signals {
     }
 
     /// The first signal that should stop a waiter, if one arrived.
-    pub fn take_stop(&mut self) -> Option<libc::c_int> {
+    pub fn take_stop(&mut self) -> Option<Received> {
         self.pending()
             .into_iter()
-            .map(|r| r.signo)
-            .find(|s| FORWARDED.contains(s))
+            .find(|r| FORWARDED.contains(&r.signo))
     }
 }

@@ -61,10 +61,10 @@
 //! semaphore shared by its group. Slot files are never deleted: they are as
 //! many as the most slots ever held at once, not N.
 
-use super::{Acquired, Holder, IdStatus, Idle, Request, Semaphore, Slot};
+use super::{Acquired, Holder, IdStatus, Idle, Request, Semaphore, Slot, SlotEvent};
 use crate::id::Id;
 use crate::report;
-use crate::signals::Signals;
+use crate::signals::{Received, Signals};
 use crate::sys::{self, Inotify, Probe};
 use anyhow::{Context, Result, anyhow, bail};
 use std::ffi::{OsStr, OsString};
@@ -558,6 +558,8 @@ impl IdDir {
             file: fd,
             number: k,
             path,
+            lock_path: lock_dir.path.clone(),
+            id: req.id.clone(),
             guard: None,
             pending_guard: None,
             record: Record {
@@ -740,11 +742,14 @@ struct SlotFile {
     number: u32,
     record: Record,
     path: PathBuf,
+    /// Where a background job's failure is recorded (see [`Slot::finish`]).
+    lock_path: PathBuf,
+    id: Id,
     /// Puts the slot back if its file is removed; `None` for a slot taken
     /// back by a guard, which watches it itself.
     guard: Option<Guard>,
-    /// The guard to start once the command has run a while, and when.
-    pending_guard: Option<(Instant, Box<Watch>)>,
+    /// The guard to start once the command has run a while; see [`Upkeep`].
+    pending_guard: Option<Upkeep>,
     /// The inotify instance this process waited with, if it was a chain head.
     /// Closing one waits for the kernel's fsnotify mark reaper (an SRCU grace
     /// period, several milliseconds), so it is closed here, after `file` (fields
@@ -784,6 +789,43 @@ impl Slot for SlotFile {
         Some(self.file.as_fd())
     }
 
+    fn started(&mut self, pid: u32) {
+        self.set_child(pid);
+    }
+
+    /// Readable once the guard is due to start (see [`Upkeep`]).
+    fn events(&self) -> Option<BorrowedFd<'_>> {
+        self.pending_guard.as_ref().map(|u| u.timer.as_fd())
+    }
+
+    /// Starts the guard once the command has run for one [`GUARD_POLL`]. A
+    /// lock file's slot is never lost, so there is no news to tell.
+    fn take_events(&mut self) -> Vec<SlotEvent> {
+        if self
+            .pending_guard
+            .as_ref()
+            .is_some_and(|u| Instant::now() >= u.at)
+            && let Some(upkeep) = self.pending_guard.take()
+        {
+            self.guard = Guard::start(*upkeep.watch);
+            if let Some(guard) = &self.guard {
+                guard.child.store(self.record.pid, Ordering::Relaxed);
+            }
+        }
+        Vec::new()
+    }
+
+    fn finish(self: Box<Self>, failure: Option<&str>) -> Result<()> {
+        let Some(line) = failure else {
+            return Ok(());
+        };
+        let dir = LockDir::open(&self.lock_path, true)?;
+        record_failure(&dir, &self.id, line)
+    }
+}
+
+impl SlotFile {
+    /// Records the command's pid for --status (and for a guard's record).
     fn set_child(&mut self, pid: u32) {
         self.record.pid = pid;
         if let Some(guard) = &self.guard {
@@ -792,23 +834,42 @@ impl Slot for SlotFile {
         // The record is informational: a failure to update it changes nothing.
         let _ = self.write_record();
     }
+}
 
-    fn upkeep_at(&self) -> Option<Instant> {
-        self.pending_guard.as_ref().map(|(at, _)| *at)
-    }
+/// A guard due to start once the command has run for one [`GUARD_POLL`]: its
+/// first look would come no sooner, and a thread made at once would delay
+/// every job's start (a clone and a malloc arena) for nothing. The timer is
+/// the slot's event descriptor, so that the runner, which polls it, calls
+/// [`Slot::take_events`] when it is time.
+struct Upkeep {
+    at: Instant,
+    timer: OwnedFd,
+    watch: Box<Watch>,
+}
 
-    /// Starts the guard once the command has run for one [`GUARD_POLL`]: its
-    /// first look would come no sooner, and a thread made at once would delay
-    /// every job's start (a clone and a malloc arena) for nothing.
-    fn upkeep(&mut self) {
-        if self.upkeep_at().is_some_and(|at| Instant::now() >= at)
-            && let Some((_, watch)) = self.pending_guard.take()
-        {
-            self.guard = Guard::start(*watch);
-            if let Some(guard) = &self.guard {
-                guard.child.store(self.record.pid, Ordering::Relaxed);
-            }
-        }
+impl Upkeep {
+    fn new(watch: Watch) -> io::Result<Upkeep> {
+        use rustix::time::{Itimerspec, TimerfdClockId, TimerfdFlags, TimerfdTimerFlags, Timespec};
+        let timer = rustix::time::timerfd_create(
+            TimerfdClockId::Monotonic,
+            TimerfdFlags::CLOEXEC | TimerfdFlags::NONBLOCK,
+        )?;
+        let due = Itimerspec {
+            it_interval: Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: Timespec {
+                tv_sec: GUARD_POLL.as_secs() as _,
+                tv_nsec: GUARD_POLL.subsec_nanos() as _,
+            },
+        };
+        rustix::time::timerfd_settime(&timer, TimerfdTimerFlags::empty(), &due)?;
+        Ok(Upkeep {
+            at: Instant::now() + GUARD_POLL,
+            timer,
+            watch: Box::new(watch),
+        })
     }
 }
 
@@ -983,6 +1044,26 @@ fn retake(w: &Watch) -> Result<(SlotFile, u32)> {
     bail!("slot files in {} keep changing", id_dir.path.display())
 }
 
+/// Appends a failed background job's report line to the id's failure file,
+/// for the next --wait-all.
+fn record_failure(lock_dir: &LockDir, id: &Id, line: &str) -> Result<()> {
+    let dir = lock_dir.id_dir(id, true)?.expect("created");
+    let _mutex = dir.mutex(lock_dir, false)?;
+    let path = dir.queue_path.join(FAILED);
+    let flags = libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_NOFOLLOW;
+    let fd = sys::open_at(
+        dir.queue.as_fd(),
+        OsStr::new(FAILED),
+        flags,
+        lock_dir.file_mode(),
+    )
+    .map_err(|e| dir.open_error(e, dir.queue.as_fd(), OsStr::new(FAILED), &path))?;
+    check_regular(lock_dir, &fd, &path)?;
+    let text = format!("{}\n", line.replace(['\n', '\r'], " "));
+    io::Write::write_all(&mut &fd, text.as_bytes())
+        .with_context(|| format!("cannot write to {}", path.display()))
+}
+
 /// The lock-file engine.
 pub struct Files {
     dir: LockDir,
@@ -1060,7 +1141,7 @@ enum Woke {
     /// A scheduled look came due (see [`Relook`]); nothing was heard.
     Due,
     TimedOut,
-    Signal(libc::c_int),
+    Signal(Received),
 }
 
 /// What, besides a stop signal and the deadline, ends a sleep.
@@ -1214,23 +1295,21 @@ fn unless_vanished<T>(dir: &IdDir, r: Result<T>) -> Result<Option<T>> {
 impl Files {
     /// A taken slot, with a guard that puts it back should its file be removed.
     /// The guard starts when the command has run for [`GUARD_POLL`] (see
-    /// [`Slot::upkeep`]).
+    /// [`Upkeep`]).
     fn guarded(&self, mut slot: SlotFile, req: &Request) -> Acquired {
         if let Ok(st) = sys::fstat(slot.file.as_fd()) {
-            slot.pending_guard = Some((
-                Instant::now() + GUARD_POLL,
-                Box::new(Watch {
-                    lock_path: self.dir.path.clone(),
-                    id: req.id.clone(),
-                    jobs: req.jobs,
-                    command: req.command.to_string(),
-                    started: slot.record.started,
-                    number: slot.number,
-                    path: slot.path.clone(),
-                    dev: st.st_dev,
-                    ino: st.st_ino,
-                }),
-            ));
+            slot.pending_guard = Upkeep::new(Watch {
+                lock_path: self.dir.path.clone(),
+                id: req.id.clone(),
+                jobs: req.jobs,
+                command: req.command.to_string(),
+                started: slot.record.started,
+                number: slot.number,
+                path: slot.path.clone(),
+                dev: st.st_dev,
+                ino: st.st_ino,
+            })
+            .ok();
         }
         Acquired::Slot(Box::new(slot))
     }
@@ -1475,24 +1554,6 @@ impl Semaphore for Files {
                 Woke::Signal(signo) => return Ok(Idle::Interrupted(signo)),
             }
         }
-    }
-
-    fn record_failure(&mut self, id: &Id, line: &str) -> Result<()> {
-        let dir = self.dir.id_dir(id, true)?.expect("created");
-        let _mutex = dir.mutex(&self.dir, false)?;
-        let path = dir.queue_path.join(FAILED);
-        let flags = libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_NOFOLLOW;
-        let fd = sys::open_at(
-            dir.queue.as_fd(),
-            OsStr::new(FAILED),
-            flags,
-            self.dir.file_mode(),
-        )
-        .map_err(|e| dir.open_error(e, dir.queue.as_fd(), OsStr::new(FAILED), &path))?;
-        check_regular(&self.dir, &fd, &path)?;
-        let text = format!("{}\n", line.replace(['\n', '\r'], " "));
-        io::Write::write_all(&mut &fd, text.as_bytes())
-            .with_context(|| format!("cannot write to {}", path.display()))
     }
 
     fn take_failures(&mut self, id: &Id) -> Result<u32> {

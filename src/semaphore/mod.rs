@@ -1,17 +1,24 @@
 //! The semaphore as one idea with interchangeable engines: take one of N slots
-//! of an id, waiting at most until a deadline; give it back by dropping the
-//! guard; list who holds and who waits.
+//! of an id, waiting at most until a deadline; give it back by dropping (or
+//! finishing) the guard; list who holds and who waits.
 //!
-//! The runner sees only [`Semaphore`] and [`Slot`]. The lock-file engine
-//! (`files.rs`) is the default and needs nothing but a directory; the
-//! PostgreSQL engine (`postgres.rs`) shares a limit across machines.
+//! The runner sees only [`Semaphore`] and [`Slot`], and gets its engine from
+//! [`open`]. Whatever upkeep an engine needs while a slot is held (a guard
+//! against removed lock files, a server's heartbeat) it does on its own; what
+//! the runner must hear of it (the slot was lost, or taken back) comes as
+//! [`SlotEvent`]s on a descriptor the runner polls beside its signal pipe.
+//!
+//! The lock-file engine (`files`) is the default and needs nothing but a
+//! directory; the PostgreSQL engine (`postgres`) shares a limit across
+//! machines.
 
 pub mod files;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 
+use crate::config::Backend;
 use crate::id::Id;
-use crate::signals::Signals;
+use crate::signals::{Received, Signals};
 use anyhow::Result;
 use std::os::fd::BorrowedFd;
 use std::time::{Instant, SystemTime};
@@ -32,13 +39,13 @@ pub struct Request<'a> {
 
 /// How an acquisition ended.
 pub enum Acquired {
-    /// A slot, held until the guard is dropped (and, if inherited, until every
-    /// process that inherited it has ended).
+    /// A slot, held until the guard is dropped or finished (and, if inherited,
+    /// until every process that inherited it has ended).
     Slot(Box<dyn Slot>),
     /// The deadline passed.
     TimedOut,
     /// A signal in [`crate::signals::FORWARDED`] arrived while waiting.
-    Interrupted(libc::c_int),
+    Interrupted(Received),
 }
 
 /// A held slot.
@@ -46,28 +53,20 @@ pub trait Slot {
     /// Its number, 1..=N.
     fn number(&self) -> u32;
     /// A descriptor that keeps the slot held for as long as any process has it
-    /// open, for the child to inherit; `None` if the engine cannot share a slot.
+    /// open, for the child to inherit; `None` if the engine's slot cannot be
+    /// shared with another process (a server session).
     fn inheritable(&self) -> Option<BorrowedFd<'_>>;
-    /// Records the child's pid for `--status`.
-    fn set_child(&mut self, pid: u32);
-    /// A descriptor that becomes readable when [`Slot::take_events`] has news,
-    /// for engines whose slot can be lost while held (a server's session can
-    /// end; a kernel's lock cannot). `None`: nothing to watch.
-    fn events(&self) -> Option<BorrowedFd<'_>> {
-        None
-    }
+    /// The command has started as `pid`: recorded for `--status`.
+    fn started(&mut self, pid: u32);
+    /// A descriptor that becomes readable when [`Slot::take_events`] has news;
+    /// `None`: this slot never has any.
+    fn events(&self) -> Option<BorrowedFd<'_>>;
     /// The news since the last call, oldest first.
-    fn take_events(&mut self) -> Vec<SlotEvent> {
-        Vec::new()
-    }
-    /// When the runner should next call [`Slot::upkeep`] while the command
-    /// runs; `None`: never.
-    fn upkeep_at(&self) -> Option<Instant> {
-        None
-    }
-    /// Work a held slot does only once its command has run a while, kept off
-    /// the path from taking the slot to starting the command.
-    fn upkeep(&mut self) {}
+    fn take_events(&mut self) -> Vec<SlotEvent>;
+    /// Releases the slot of a background job, recording first, while the slot
+    /// is still held, whether it failed (its report line), so that a
+    /// `--wait-all` woken by the release cannot miss the failure.
+    fn finish(self: Box<Self>, failure: Option<&str>) -> Result<()>;
 }
 
 /// Something that happened to a held slot.
@@ -109,7 +108,7 @@ pub enum Idle {
     /// The deadline passed first.
     TimedOut,
     /// A signal in [`crate::signals::FORWARDED`] arrived while waiting.
-    Interrupted(libc::c_int),
+    Interrupted(Received),
 }
 
 pub trait Semaphore {
@@ -117,7 +116,8 @@ pub trait Semaphore {
     /// the request is admitted, its deadline passes, or a signal arrives.
     fn acquire(&mut self, req: &Request, signals: &mut Signals) -> Result<Acquired>;
 
-    /// Holders and waiters of one id, or of every id with any; never blocks.
+    /// Holders and waiters of one id, or of every id with any; never blocks,
+    /// and creates nothing.
     fn status(&mut self, only: Option<&Id>) -> Result<Vec<IdStatus>>;
 
     /// Sleeps until no slot of `id` is held and nobody waits for one
@@ -127,24 +127,29 @@ pub trait Semaphore {
         id: &Id,
         deadline: Option<Instant>,
         signals: &mut Signals,
-    ) -> Result<Idle> {
-        let _ = (id, deadline, signals);
-        anyhow::bail!("--wait-all is not supported by this backend")
-    }
+    ) -> Result<Idle>;
 
-    /// Records that a background job of `id` failed, with its report line, so
-    /// that the next [`Semaphore::take_failures`] counts it. Called while the
-    /// job's slot is still held, so that a `--wait-all` woken by its release
-    /// cannot miss it.
-    fn record_failure(&mut self, id: &Id, line: &str) -> Result<()> {
-        let _ = (id, line);
-        anyhow::bail!("background jobs are not supported by this backend")
-    }
+    /// How many background jobs of `id` failed (see [`Slot::finish`]) since
+    /// the previous call; resets the count.
+    fn take_failures(&mut self, id: &Id) -> Result<u32>;
+}
 
-    /// How many background jobs of `id` failed since the previous call; resets
-    /// the count.
-    fn take_failures(&mut self, id: &Id) -> Result<u32> {
-        let _ = id;
-        anyhow::bail!("--wait-all is not supported by this backend")
+/// The engine `backend` names.
+pub fn open(backend: &Backend, verbose: bool) -> Result<Box<dyn Semaphore>> {
+    match backend {
+        Backend::Files { dir } => Ok(Box::new(files::Files::new(
+            files::LockDir::open(dir, true)?,
+            verbose,
+        ))),
+        #[cfg(feature = "postgres")]
+        Backend::Postgres { url, lost_after } => Ok(Box::new(postgres::Postgres::new(
+            url,
+            *lost_after,
+            verbose,
+        )?)),
+        #[cfg(not(feature = "postgres"))]
+        Backend::Postgres { .. } => anyhow::bail!(
+            "--backend postgres://: this qsem was built without PostgreSQL support (cargo feature \"postgres\")"
+        ),
     }
 }

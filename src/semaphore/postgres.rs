@@ -53,7 +53,7 @@
 
 use super::{Acquired, Holder, IdStatus, Idle, Request, Semaphore, Slot, SlotEvent};
 use crate::id::Id;
-use crate::signals::Signals;
+use crate::signals::{Received, Signals};
 use crate::{report, sys};
 use anyhow::{Context, Result, anyhow, bail};
 use std::collections::BTreeMap;
@@ -100,6 +100,7 @@ fn key_i32(k: u32) -> i32 {
 }
 
 /// The PostgreSQL engine.
+#[derive(Clone)]
 pub struct Postgres {
     pg: tokio_postgres::Config,
     /// TLS for `sslmode=require` (or `verify-ca`, `verify-full`); `None`: plain.
@@ -200,6 +201,43 @@ impl Postgres {
             verbose,
             pooler_checked: false,
         })
+    }
+
+    /// Records a failed background job under its id, for the next --wait-all.
+    fn record_failure(&self, id: &Id, line: &str) -> Result<()> {
+        let rt = Self::runtime()?;
+        let record = async {
+            let s = self.open().await?;
+            // Created only when missing: `CREATE ... IF NOT EXISTS` needs the
+            // CREATE privilege even when the table is there, and a role may
+            // have been granted only INSERT, SELECT and DELETE on it.
+            if !failures_table(&s).await? {
+                s.query(&format!(
+                    "BEGIN; SELECT pg_advisory_xact_lock({CREATE_LOCK}); {FAILURES_TABLE}; COMMIT"
+                ))
+                .await
+                .context("cannot create the table qsem_failures")?;
+            }
+            s.client
+                .execute(
+                    "INSERT INTO qsem_failures (id, host, line) VALUES ($1, $2, $3)",
+                    &[&id.as_bytes(), &sys::hostname(), &line.replace('\0', "")],
+                )
+                .await
+                .map_err(|e| anyhow!(error_text(&e)))?;
+            anyhow::Ok(())
+        };
+        // The job's slot is still held: a server that does not answer must
+        // not keep it so for ever.
+        rt.block_on(async { tokio::time::timeout(self.lost_after, record).await })
+            .map_err(|_| anyhow!("no answer within --lost-after"))
+            .and_then(|r| r)
+            .with_context(|| {
+                format!(
+                    "cannot record a failed job of '{id}' on PostgreSQL at {}",
+                    self.target
+                )
+            })
     }
 
     fn open(&self) -> impl Future<Output = Result<Session>> + '_ {
@@ -859,7 +897,7 @@ impl AsRawFd for SignalFd {
 }
 
 /// Waits for a signal that stops a waiter.
-async fn stop_signal(fd: &AsyncFd<SignalFd>, signals: &mut Signals) -> Result<libc::c_int> {
+async fn stop_signal(fd: &AsyncFd<SignalFd>, signals: &mut Signals) -> Result<Received> {
     loop {
         let mut ready = fd.readable().await.context("cannot wait for signals")?;
         // Clear first, then drain: a signal that comes after the drain makes
@@ -876,7 +914,7 @@ enum Woke {
     /// A NOTIFY, or the slow poll: look again.
     Look,
     Expired,
-    Signal(libc::c_int),
+    Signal(Received),
 }
 
 /// The one way a waiter sleeps: until a NOTIFY on the channels its session
@@ -1009,7 +1047,9 @@ impl Semaphore for Postgres {
             };
             bail!(no_session_locks(&self.target, &left));
         }
+        let failures = (self.clone(), req.id.clone());
         Ok(Acquired::Slot(Box::new(PgSlot::start(
+            failures,
             rt,
             s,
             keys,
@@ -1182,42 +1222,6 @@ impl Semaphore for Postgres {
         })
     }
 
-    fn record_failure(&mut self, id: &Id, line: &str) -> Result<()> {
-        let rt = Self::runtime()?;
-        let record = async {
-            let s = self.open().await?;
-            // Created only when missing: `CREATE ... IF NOT EXISTS` needs the
-            // CREATE privilege even when the table is there, and a role may
-            // have been granted only INSERT, SELECT and DELETE on it.
-            if !failures_table(&s).await? {
-                s.query(&format!(
-                    "BEGIN; SELECT pg_advisory_xact_lock({CREATE_LOCK}); {FAILURES_TABLE}; COMMIT"
-                ))
-                .await
-                .context("cannot create the table qsem_failures")?;
-            }
-            s.client
-                .execute(
-                    "INSERT INTO qsem_failures (id, host, line) VALUES ($1, $2, $3)",
-                    &[&id.as_bytes(), &sys::hostname(), &line.replace('\0', "")],
-                )
-                .await
-                .map_err(|e| anyhow!(error_text(&e)))?;
-            anyhow::Ok(())
-        };
-        // The job's slot is still held: a server that does not answer must
-        // not keep it so for ever.
-        rt.block_on(async { tokio::time::timeout(self.lost_after, record).await })
-            .map_err(|_| anyhow!("no answer within --lost-after"))
-            .and_then(|r| r)
-            .with_context(|| {
-                format!(
-                    "cannot record a failed job of '{id}' on PostgreSQL at {}",
-                    self.target
-                )
-            })
-    }
-
     fn take_failures(&mut self, id: &Id) -> Result<u32> {
         let rt = Self::runtime()?;
         let n: i64 = rt
@@ -1278,10 +1282,10 @@ fn no_session_locks(target: &str, more: &str) -> String {
 
 /// A stop signal arrived while waiting.
 #[derive(Debug)]
-struct Interrupted(libc::c_int);
+struct Interrupted(Received);
 impl std::fmt::Display for Interrupted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "interrupted by signal {}", self.0)
+        write!(f, "interrupted by signal {}", self.0.signo)
     }
 }
 impl std::error::Error for Interrupted {}
@@ -1294,6 +1298,8 @@ enum Command {
 
 /// A held slot: a thread keeps the session, beats the heart, and reports.
 struct PgSlot {
+    /// Where a background job's failure is recorded (see [`Slot::finish`]).
+    failures: (Postgres, Id),
     number: u32,
     commands: mpsc::UnboundedSender<Command>,
     events: Arc<Mutex<Vec<SlotEvent>>>,
@@ -1317,6 +1323,7 @@ struct Holding {
 impl PgSlot {
     #[allow(clippy::too_many_arguments)]
     fn start(
+        failures: (Postgres, Id),
         rt: tokio::runtime::Runtime,
         s: Session,
         keys: Keys,
@@ -1350,6 +1357,7 @@ impl PgSlot {
             })
             .context("cannot start a thread")?;
         Ok(PgSlot {
+            failures,
             number: slot,
             commands,
             events,
@@ -1494,8 +1502,15 @@ impl Slot for PgSlot {
         None
     }
 
-    fn set_child(&mut self, pid: u32) {
+    fn started(&mut self, pid: u32) {
         let _ = self.commands.send(Command::SetChild(pid));
+    }
+
+    fn finish(self: Box<Self>, failure: Option<&str>) -> Result<()> {
+        match failure {
+            Some(line) => self.failures.0.record_failure(&self.failures.1, line),
+            None => Ok(()),
+        }
     }
 
     fn events(&self) -> Option<BorrowedFd<'_>> {
