@@ -72,6 +72,8 @@ pub fn run(cfg: &Config, cmd: &Command, separator: u8, sem: &mut dyn Semaphore) 
             let mut display = cmd.clone();
             display.args.push(item.clone());
             let request = Request {
+                max_waiting: None,
+                background: false,
                 id: &cfg.id,
                 jobs: cfg.jobs,
                 deadline: cfg.wait.deadline(),
@@ -79,7 +81,7 @@ pub fn run(cfg: &Config, cmd: &Command, separator: u8, sem: &mut dyn Semaphore) 
             };
             let slot = match sem.acquire(&request, &mut signals)? {
                 Acquired::Slot(slot) => Some(slot),
-                Acquired::TimedOut => match cfg.on_timeout {
+                Acquired::TimedOut | Acquired::Crowded => match cfg.on_timeout {
                     // The item is skipped, counted as if it had exited with
                     // the conflict code (0 by default: not at all).
                     OnTimeout::Exit(code) => {

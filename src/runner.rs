@@ -71,6 +71,8 @@ fn run_as(
     let display = cmd.display();
     let deadline = cfg.wait.deadline();
     let request = Request {
+        max_waiting: None,
+        background: notify.is_some(),
         id: &cfg.id,
         jobs: cfg.jobs,
         deadline,
@@ -86,7 +88,7 @@ fn run_as(
             }
             Some(slot)
         }
-        Acquired::TimedOut => match cfg.on_timeout {
+        Acquired::TimedOut | Acquired::Crowded => match cfg.on_timeout {
             OnTimeout::Exit(code) => return Ok(Exit::code(code)),
             OnTimeout::RunAnyway => None,
         },
@@ -199,16 +201,20 @@ pub fn resolve(program: &OsStr) -> Result<PathBuf, (Exit, &'static str)> {
     }
 }
 
-/// The variables that tell the command its id, slot and limit.
-fn job_env(cfg: &Config, slot: Option<&dyn Slot>) -> [(&'static str, OsString); 3] {
-    [
+/// The variables that tell the command its id, slot and limit (and, where
+/// the engine has one, its fencing token).
+fn job_env(cfg: &Config, slot: Option<&dyn Slot>) -> Vec<(&'static str, OsString)> {
+    let fence = slot.and_then(|s| s.fence());
+    let mut env = vec![
         ("QSEM_ID", OsStr::from_bytes(cfg.id.as_bytes()).to_owned()),
         (
             "QSEM_SLOT",
             slot.map_or(0, |s| s.number()).to_string().into(),
         ),
         ("QSEM_JOBS", cfg.jobs.to_string().into()),
-    ]
+    ];
+    env.extend(fence.map(|f| ("QSEM_FENCE", f.to_string().into())));
+    env
 }
 
 /// Runs `start`, which starts the command, with the slot's descriptor
@@ -246,6 +252,7 @@ pub fn spawn(
     child
         .arg0(&cmd.program)
         .args(&cmd.args)
+        .env_remove("QSEM_FENCE")
         .envs(job_env(cfg, slot));
     adjust(&mut child);
     if own_group {
@@ -273,7 +280,12 @@ fn start(
         .map(|a| c(a))
         .collect::<io::Result<Vec<_>>>()?;
     let env = job_env(cfg, slot);
-    let names = env.each_ref().map(|(name, _)| name.as_bytes());
+    // A fence inherited from an outer job is not this job's.
+    let names: Vec<&[u8]> = env
+        .iter()
+        .map(|(name, _)| name.as_bytes())
+        .chain([&b"QSEM_FENCE"[..]])
+        .collect();
     let vars = env
         .iter()
         .map(|(name, value)| {

@@ -15,9 +15,10 @@
 
 use crate::sys;
 use anyhow::{Context, Result};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
+use std::time::Instant;
 
 /// The signals that stop a waiter and that are passed on to a running child.
 pub const FORWARDED: [libc::c_int; 6] = [
@@ -78,6 +79,17 @@ extern "C" fn note(signo: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc:
         libc::write(WAKE.load(Ordering::SeqCst), b"s".as_ptr().cast(), 1);
         *libc::__errno_location() = errno;
     }
+}
+
+/// How [`Signals::wait`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// A signal in [`FORWARDED`] arrived: a waiter stops.
+    Signal(Received),
+    /// The descriptor at this index of `fds` is readable.
+    Ready(usize),
+    /// The instant given passed.
+    Timeout,
 }
 
 /// The caught signals, as an owned handle to read them through.
@@ -141,6 +153,27 @@ impl Signals {
                 }),
             })
             .collect()
+    }
+
+    /// The one way a waiter sleeps: in the kernel, until a stop signal, one of
+    /// `fds` becoming readable, or `until`. A stop signal that came before the
+    /// call is seen at once; other signals (SIGCHLD) do not end the wait.
+    pub fn wait(&mut self, fds: &[BorrowedFd], until: Option<Instant>) -> Result<Wake> {
+        let mut all = Vec::with_capacity(fds.len() + 1);
+        all.push(self.read);
+        all.extend(fds.iter().map(|fd| fd.as_raw_fd()));
+        loop {
+            if let Some(r) = self.take_stop() {
+                return Ok(Wake::Signal(r));
+            }
+            if until.is_some_and(|t| Instant::now() >= t) {
+                return Ok(Wake::Timeout);
+            }
+            let ready = sys::poll_readable(&all, until).context("cannot wait (poll)")?;
+            if let Some(&i) = ready.iter().find(|&&i| i > 0) {
+                return Ok(Wake::Ready(i - 1));
+            }
+        }
     }
 
     /// The first signal that should stop a waiter, if one arrived.

@@ -286,8 +286,8 @@ impl Inotify {
         while unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
     }
 
-    pub fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
     }
 }
 

@@ -64,7 +64,7 @@
 use super::{Acquired, Holder, IdStatus, Idle, Request, Semaphore, Slot, SlotEvent};
 use crate::id::Id;
 use crate::report;
-use crate::signals::{Received, Signals};
+use crate::signals::{self, Received, Signals};
 use crate::sys::{self, Inotify, Probe};
 use anyhow::{Context, Result, anyhow, bail};
 use std::ffi::{OsStr, OsString};
@@ -789,6 +789,10 @@ impl Slot for SlotFile {
         Some(self.file.as_fd())
     }
 
+    fn fence(&self) -> Option<u64> {
+        None
+    }
+
     fn started(&mut self, pid: u32) {
         self.set_child(pid);
     }
@@ -1025,6 +1029,8 @@ fn retake(w: &Watch) -> Result<(SlotFile, u32)> {
     let id_dir = dir.id_dir(&w.id, true)?.expect("created");
     let _mutex = id_dir.mutex(&dir, false)?;
     let req = Request {
+        max_waiting: None,
+        background: false,
         id: &w.id,
         jobs: w.jobs,
         deadline: None,
@@ -1079,6 +1085,8 @@ impl Files {
 /// What a chain head decided under the mutex.
 enum Decision {
     Took(SlotFile),
+    /// A newcomer found `--max-waiting` invocations waiting already.
+    Crowded,
     Wait {
         held: u32,
         defer_to: Option<TicketName>,
@@ -1103,6 +1111,13 @@ impl Files {
                 None
             };
             if scan.held >= req.jobs || defer_to.is_some() {
+                if me.is_none()
+                    && req
+                        .max_waiting
+                        .is_some_and(|k| dir.count_waiters().is_ok_and(|n| n >= k))
+                {
+                    return Ok((Decision::Crowded, None));
+                }
                 let ticket = match me {
                     None if req.deadline.is_none_or(|d| d > Instant::now()) => {
                         Some(dir.enqueue(&self.dir, req.jobs)?)
@@ -1146,9 +1161,9 @@ enum Woke {
 
 /// What, besides a stop signal and the deadline, ends a sleep.
 #[derive(Clone, Copy)]
-enum Wake {
+enum Wake<'a> {
     /// A descriptor becoming readable (inotify, a helper thread's pipe).
-    On(i32),
+    On(BorrowedFd<'a>),
     /// Nothing to watch (no inotify could be had): look again every
     /// [`FALLBACK_POLL`].
     Fallback,
@@ -1156,9 +1171,9 @@ enum Wake {
     Never,
 }
 
-impl Wake {
+impl<'a> Wake<'a> {
     /// A chain head's watcher, or the fallback when no inotify could be had.
-    fn watcher(fd: Option<i32>) -> Wake {
+    fn watcher(fd: Option<BorrowedFd<'a>>) -> Wake<'a> {
         fd.map_or(Wake::Fallback, Wake::On)
     }
 }
@@ -1238,33 +1253,21 @@ fn sleep_on(
     signals: &mut Signals,
     deadline: Option<Instant>,
 ) -> Result<Woke> {
-    loop {
-        if let Some(signo) = signals.take_stop() {
-            return Ok(Woke::Signal(signo));
+    let (fds, look_at) = match wake {
+        Wake::On(fd) => (vec![fd], look_at),
+        Wake::Fallback => {
+            let at = Instant::now() + FALLBACK_POLL;
+            (Vec::new(), Some(look_at.map_or(at, |l| l.min(at))))
         }
-        let now = Instant::now();
-        if deadline.is_some_and(|d| now >= d) {
-            return Ok(Woke::TimedOut);
-        }
-        let mut fds = vec![signals.fd()];
-        let mut look_at = look_at;
-        match wake {
-            Wake::On(fd) => fds.push(fd),
-            Wake::Fallback => {
-                let at = now + FALLBACK_POLL;
-                look_at = Some(look_at.map_or(at, |l| l.min(at)));
-            }
-            Wake::Never => {}
-        }
-        if look_at.is_some_and(|at| now >= at) {
-            return Ok(Woke::Due);
-        }
-        let until = deadline.into_iter().chain(look_at).min();
-        let ready = sys::poll_readable(&fds, until).context("cannot wait (poll)")?;
-        if ready.contains(&1) {
-            return Ok(Woke::Changed);
-        }
-    }
+        Wake::Never => (Vec::new(), look_at),
+    };
+    let until = deadline.into_iter().chain(look_at).min();
+    Ok(match signals.wait(&fds, until)? {
+        signals::Wake::Signal(r) => Woke::Signal(r),
+        signals::Wake::Ready(_) => Woke::Changed,
+        signals::Wake::Timeout if deadline.is_some_and(|d| Instant::now() >= d) => Woke::TimedOut,
+        signals::Wake::Timeout => Woke::Due,
+    })
 }
 
 /// Sleeps until the predecessor's ticket is released: a helper thread blocks in
@@ -1280,7 +1283,7 @@ fn follow(pred: File, signals: &mut Signals, deadline: Option<Instant>) -> Resul
             let _ = std::io::Write::write(&mut File::from(write), b"x");
         })
         .context("cannot start a thread")?;
-    sleep_on(Wake::On(read.as_raw_fd()), None, signals, deadline)
+    sleep_on(Wake::On(read.as_fd()), None, signals, deadline)
 }
 
 /// `Ok(None)` for an error explained by the directories having vanished.
@@ -1327,6 +1330,7 @@ impl Files {
         };
         let (held, mut defer_to) = match decision {
             Decision::Took(slot) => return Ok(Some(self.guarded(slot, req))),
+            Decision::Crowded => return Ok(Some(Acquired::Crowded)),
             Decision::Wait { held, defer_to } => (held, defer_to),
         };
         let Some(ticket) = ticket else {
@@ -1394,11 +1398,12 @@ impl Files {
                             defer_to = Some(blocker);
                             continue;
                         }
-                        Decision::Wait { defer_to: None, .. } => {}
+                        // A queued waiter is never turned away for the backlog.
+                        Decision::Wait { defer_to: None, .. } | Decision::Crowded => {}
                     }
                 }
                 sleep_on(
-                    Wake::watcher(watcher.as_ref().map(|(ino, _)| ino.fd())),
+                    Wake::watcher(watcher.as_ref().map(|(ino, _)| ino.as_fd())),
                     relook.due(),
                     signals,
                     req.deadline,
@@ -1539,7 +1544,7 @@ impl Semaphore for Files {
                 );
             }
             let woke = sleep_on(
-                Wake::watcher(watcher.as_ref().map(Inotify::fd)),
+                Wake::watcher(watcher.as_ref().map(Inotify::as_fd)),
                 relook.due(),
                 signals,
                 deadline,
@@ -1614,6 +1619,8 @@ mod tests {
         // Slot 1 exists, so that there is something to replace.
         std::fs::write(root.join("x/1"), "").unwrap();
         let req = Request {
+            max_waiting: None,
+            background: false,
             id: &id,
             jobs: 1,
             deadline: None,
@@ -1624,7 +1631,7 @@ mod tests {
         BETWEEN_OPEN_AND_LOCK.set(None);
         let got = got.map(|(decision, _)| match decision {
             Decision::Took(slot) => slot,
-            Decision::Wait { .. } => panic!("a free slot was not taken"),
+            Decision::Wait { .. } | Decision::Crowded => panic!("a free slot was not taken"),
         });
         (scratch, got)
     }

@@ -33,6 +33,15 @@ pub struct Request<'a> {
     /// Give up at this instant; `None` waits for ever. A deadline in the past
     /// means one attempt.
     pub deadline: Option<Instant>,
+    /// `--max-waiting`: if this many invocations already wait for the id,
+    /// give up at once ([`Acquired::Crowded`]) rather than queue behind them.
+    pub max_waiting: Option<u32>,
+    /// A `--bg` job: the engine records it as running from the moment its
+    /// slot is taken, so that a supervisor that dies before
+    /// [`Slot::finish`] counts as a failure (status unknown) at the next
+    /// `--wait-all`.
+    #[allow(dead_code)] // until the file engine keeps running records (issue 10)
+    pub background: bool,
     /// The command, for the holder record that `--status` shows.
     pub command: &'a str,
 }
@@ -44,6 +53,8 @@ pub enum Acquired {
     Slot(Box<dyn Slot>),
     /// The deadline passed.
     TimedOut,
+    /// [`Request::max_waiting`] invocations were waiting already.
+    Crowded,
     /// A signal in [`crate::signals::FORWARDED`] arrived while waiting.
     Interrupted(Received),
 }
@@ -56,6 +67,10 @@ pub trait Slot {
     /// open, for the child to inherit; `None` if the engine's slot cannot be
     /// shared with another process (a server session).
     fn inheritable(&self) -> Option<BorrowedFd<'_>>;
+    /// A number that strictly increases every time a slot of the id is
+    /// granted, anywhere the engine reaches (`QSEM_FENCE`), for the job to
+    /// fence the systems it writes to; `None` if the engine has none.
+    fn fence(&self) -> Option<u64>;
     /// The command has started as `pid`: recorded for `--status`.
     fn started(&mut self, pid: u32);
     /// A descriptor that becomes readable when [`Slot::take_events`] has news;

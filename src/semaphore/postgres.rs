@@ -1502,6 +1502,10 @@ impl Slot for PgSlot {
         None
     }
 
+    fn fence(&self) -> Option<u64> {
+        None
+    }
+
     fn started(&mut self, pid: u32) {
         let _ = self.commands.send(Command::SetChild(pid));
     }
