@@ -61,11 +61,8 @@ pub enum OnTimeout {
 /// Where the semaphore lives, with the settings of that engine alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
-    /// Lock files: one machine, no server.
-    Files {
-        /// The lock directory.
-        dir: PathBuf,
-    },
+    /// Lock files in [`Config::dir`]: one machine, no server.
+    Files,
     /// A PostgreSQL server shared by a fleet.
     Postgres {
         /// A `postgres://` or `postgresql://` URL, completed by the standard
@@ -151,6 +148,10 @@ pub struct Config {
     pub bg_stdin: bool,
     /// What to do.
     pub mode: Mode,
+    /// The lock directory: this host's state on every engine (the lock
+    /// files themselves, the local queue in front of a shared server, the
+    /// journal).
+    pub dir: PathBuf,
     /// Lock files, or a shared server.
     pub backend: Backend,
     /// With a shared server: what to do with a job whose slot is lost.
@@ -228,7 +229,8 @@ impl Config {
                 (false, false, _) => Mode::Run(command),
             }
         };
-        let backend = parse_backend(cli.backend.as_deref(), cli.dir, cli.lost_after.as_deref())?;
+        let dir = lock_dir(cli.dir)?;
+        let backend = parse_backend(cli.backend.as_deref(), cli.lost_after.as_deref())?;
         let on_lost = match cli.on_lost.as_deref() {
             None | Some("warn") => OnLost::Warn,
             Some("kill") => OnLost::Kill,
@@ -239,6 +241,7 @@ impl Config {
             }
         };
         Ok(Config {
+            dir,
             backend,
             on_lost,
             id,
@@ -303,7 +306,8 @@ impl Config {
             close: false,
             bg_stdin: true,
             // GNU sem has no such options; the environment still chooses.
-            backend: parse_backend(std::env::var("QSEM_BACKEND").ok().as_deref(), cli.dir, None)?,
+            dir: lock_dir(cli.dir)?,
+            backend: parse_backend(std::env::var("QSEM_BACKEND").ok().as_deref(), None)?,
             on_lost: OnLost::Warn,
             mode,
         })
@@ -345,19 +349,12 @@ fn command_from_words(words: Vec<OsString>) -> Result<Command> {
 }
 
 /// `--backend` / `QSEM_BACKEND`: empty or absent means lock files.
-/// The engine: a shared server if `url` names one, else lock files in `dir`
-/// (or the default lock directory).
-fn parse_backend(
-    url: Option<&str>,
-    dir: Option<PathBuf>,
-    lost_after: Option<&str>,
-) -> Result<Backend> {
+/// The engine: a shared server if `url` names one, else lock files.
+fn parse_backend(url: Option<&str>, lost_after: Option<&str>) -> Result<Backend> {
     // Checked whatever the engine: a bad value is a mistake to point out.
     let lost_after = parse_lost_after(lost_after)?;
     let Some(url) = url.map(str::trim).filter(|u| !u.is_empty()) else {
-        return Ok(Backend::Files {
-            dir: lock_dir(dir)?,
-        });
+        return Ok(Backend::Files);
     };
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Backend::Postgres {
@@ -590,12 +587,7 @@ mod tests {
 
     #[test]
     fn backends() {
-        assert_eq!(
-            config(&["true"]).unwrap().backend,
-            Backend::Files {
-                dir: "/tmp/qsem-test".into()
-            }
-        );
+        assert_eq!(config(&["true"]).unwrap().backend, Backend::Files);
         let c = config(&["--backend", "postgresql://h/db", "--on-lost=kill", "true"]).unwrap();
         assert_eq!(
             c.backend,

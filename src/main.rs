@@ -127,9 +127,7 @@ fn write_out(bytes: &[u8]) -> Result<Exit> {
 fn run(cfg: Config) -> Result<Exit> {
     match &cfg.mode {
         Mode::Status { only, json } => {
-            let ids = if let Backend::Files { dir } = &cfg.backend
-                && !dir.exists()
-            {
+            let ids = if cfg.backend == Backend::Files && !cfg.dir.exists() {
                 // No lock directory yet: nothing is held, nobody waits.
                 only.iter()
                     .map(|id| semaphore::IdStatus {
@@ -139,14 +137,14 @@ fn run(cfg: Config) -> Result<Exit> {
                     })
                     .collect()
             } else {
-                semaphore::open(&cfg.backend, cfg.verbose)?.status(only.as_ref())?
+                semaphore::open(&cfg.backend, &cfg.dir, cfg.verbose)?.status(only.as_ref())?
             };
             print_status(ids, *json)
         }
         Mode::Run(cmd) => runner::run(
             &cfg,
             cmd,
-            semaphore::open(&cfg.backend, cfg.verbose)?.as_mut(),
+            semaphore::open(&cfg.backend, &cfg.dir, cfg.verbose)?.as_mut(),
         ),
         Mode::Background(cmd) => background::launch(&cfg, cmd),
         Mode::Supervise { command, notify } => {
@@ -155,18 +153,19 @@ fn run(cfg: Config) -> Result<Exit> {
             runner::run_detached(
                 &cfg,
                 command,
-                semaphore::open(&cfg.backend, cfg.verbose)?.as_mut(),
+                semaphore::open(&cfg.backend, &cfg.dir, cfg.verbose)?.as_mut(),
                 notify,
             )
         }
-        Mode::WaitAll => {
-            background::wait_all(&cfg, semaphore::open(&cfg.backend, cfg.verbose)?.as_mut())
-        }
+        Mode::WaitAll => background::wait_all(
+            &cfg,
+            semaphore::open(&cfg.backend, &cfg.dir, cfg.verbose)?.as_mut(),
+        ),
         Mode::Each { command, separator } => each::run(
             &cfg,
             command,
             *separator,
-            semaphore::open(&cfg.backend, cfg.verbose)?.as_mut(),
+            semaphore::open(&cfg.backend, &cfg.dir, cfg.verbose)?.as_mut(),
         ),
         Mode::Completions(shell) => {
             let mut cmd = cli::completion_command();

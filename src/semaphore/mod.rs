@@ -21,6 +21,7 @@ use crate::id::Id;
 use crate::signals::{Received, Signals};
 use anyhow::Result;
 use std::os::fd::BorrowedFd;
+use std::path::Path;
 use std::time::{Instant, SystemTime};
 
 /// What an invocation asks for.
@@ -149,10 +150,11 @@ pub trait Semaphore {
     fn take_failures(&mut self, id: &Id) -> Result<u32>;
 }
 
-/// The engine `backend` names.
-pub fn open(backend: &Backend, verbose: bool) -> Result<Box<dyn Semaphore>> {
+/// The engine `backend` names. `dir` is the lock directory, this host's
+/// state on every engine.
+pub fn open(backend: &Backend, dir: &Path, verbose: bool) -> Result<Box<dyn Semaphore>> {
     match backend {
-        Backend::Files { dir } => Ok(Box::new(files::Files::new(
+        Backend::Files => Ok(Box::new(files::Files::new(
             files::LockDir::open(dir, true)?,
             verbose,
         ))),
