@@ -10,8 +10,11 @@ Examples:
   # crontab: at most two imports at once; if none can start within 1s, quietly skip
   */1 * * * * qsem --id proc -j2 --wait 1s -- ImportProcess
 
-  # a shell pipeline through /bin/sh, one at a time, failing with 75 when busy
-  qsem --id backup --wait 0 -E 75 -c 'pg_dump db | gzip > db.gz'
+  # a shell script, one at a time, exiting 75 when busy; fails loudly if pg_dump does
+  qsem --id backup --wait 0 -E 75 -c 'pg_dump db > db.sql && gzip -f db.sql'
+
+  # an hourly job that may run at most 50 minutes, with at most one run queued
+  0 * * * * qsem --id rollup --timeout 50m --max-waiting 1 -- rollup
 
   # as many jobs as there are CPUs, minus one
   qsem --id encode -j-1 -- ffmpeg -i in.mkv out.mp4
@@ -28,11 +31,12 @@ Examples:
   qsem --status --id proc --json
 
 Exit status: the command's own; 128+N if it was killed by signal N; the -E value
-(default 0) if the wait expired; 2 for bad usage; 125 if qsem itself failed;
+(default 0) if the wait expired or --max-waiting were waiting; 124 if --timeout
+stopped the command; 2 for bad usage; 125 if qsem itself failed;
 126/127 if the command cannot be run or is not found. --bg: 0 once the job has
 started. --wait-all: 1 if background jobs failed since the last --wait-all.
 --each, as xargs: 123 if a run exited 1-254, 124 if one exited 255, 125 if one
-was killed by a signal. --backend with --on-lost=kill: 122 if the job's slot was
+was killed by a signal or timed out. --backend with --on-lost=kill: 122 if the job's slot was
 lost. Invoked as `sem`, qsem reads GNU sem's command lines. See qsem(1).";
 
 /// Run a command while holding one of N slots of a named semaphore.
@@ -46,10 +50,10 @@ lost. Invoked as `sem`, qsem reads GNU sem's command lines. See qsem(1).";
 )]
 pub struct Cli {
     /// The semaphore's name: any non-empty string of up to 255 bytes [default: default]
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", allow_hyphen_values = true)]
     pub id: Option<OsString>,
 
-    /// Number of slots: N, +K or -K (online CPUs plus or minus K), or P% of the CPUs
+    /// Number of slots: N, +K or -K (online CPUs plus or minus K), or P% of the CPUs [default: 1]
     #[arg(
         short = 'j',
         long = "jobs",
@@ -62,7 +66,7 @@ pub struct Cli {
     #[arg(short = 'w', long, value_name = "DUR", allow_hyphen_values = true)]
     pub wait: Option<String>,
 
-    /// Exit status when the wait expires
+    /// Exit status when the wait expires (or --max-waiting are waiting) [default: 0]
     #[arg(
         short = 'E',
         long = "conflict-exit-code",
@@ -76,7 +80,8 @@ pub struct Cli {
         short = 'c',
         long = "command",
         value_name = "STRING",
-        conflicts_with = "command"
+        conflicts_with = "command",
+        allow_hyphen_values = true
     )]
     pub shell_command: Option<OsString>,
 
@@ -116,6 +121,20 @@ pub struct Cli {
     /// Print a completion script for bash, zsh or fish
     #[arg(long, hide = true, value_name = "SHELL")]
     pub completions: Option<clap_complete::Shell>,
+
+    /// Longest time the command may run: then SIGTERM to its process group, SIGKILL
+    /// --kill-after later; exit 124 (e.g. 30s, 50m, 2h)
+    #[arg(long, value_name = "DUR")]
+    pub timeout: Option<String>,
+
+    /// With --timeout: how long after SIGTERM to send SIGKILL [default: 10s]
+    #[arg(long = "kill-after", value_name = "DUR", requires = "timeout")]
+    pub kill_after: Option<String>,
+
+    /// If K invocations already wait for the id, give up at once as an expired
+    /// wait does (0: run now or never) [default: no limit]
+    #[arg(long = "max-waiting", value_name = "K")]
+    pub max_waiting: Option<String>,
 
     /// With --status: print one JSON document
     #[arg(long, requires = "status")]
@@ -190,10 +209,8 @@ This is qsem's GNU sem personality (qsem invoked as `sem`). See qsem(1).";
 
 /// Whether qsem was invoked as `sem` (a symlink), and so reads GNU sem's
 /// command lines.
-pub fn invoked_as_sem() -> bool {
-    std::env::args_os()
-        .next()
-        .map(PathBuf::from)
+pub fn invoked_as_sem(arg0: Option<&std::ffi::OsStr>) -> bool {
+    arg0.map(std::path::Path::new)
         .is_some_and(|p| p.file_name().is_some_and(|n| n == "sem"))
 }
 
@@ -209,7 +226,12 @@ pub fn invoked_as_sem() -> bool {
 )]
 pub struct SemCli {
     /// The semaphore's name [default: the terminal on stdin, else default]
-    #[arg(long, visible_alias = "semaphorename", value_name = "ID")]
+    #[arg(
+        long,
+        visible_alias = "semaphorename",
+        value_name = "ID",
+        allow_hyphen_values = true
+    )]
     pub id: Option<OsString>,
 
     /// Number of slots: N, +K or -K (online CPUs plus or minus K), P% of the CPUs; 0 is no limit
@@ -249,8 +271,12 @@ pub struct SemCli {
     pub semaphore: bool,
 
     /// Accepted for GNU parallel compatibility: output is never grouped
-    #[arg(short = 'u', long, alias = "line-buffer", hide = true)]
+    #[arg(short = 'u', long, aliases = ["line-buffer", "lb"], hide = true)]
     pub ungroup: bool,
+
+    /// Accepted for GNU parallel compatibility: the citation notice is never shown
+    #[arg(long = "will-cite", alias = "bibtex", hide = true)]
+    pub will_cite: bool,
 
     /// Lock directory [default: $XDG_STATE_HOME/qsem or ~/.local/state/qsem]
     #[arg(long, value_name = "DIR", env = "QSEM_DIR")]
@@ -363,6 +389,38 @@ mod tests {
         assert_eq!(cli.command, ["echo", "-n", "x"]);
         let cli = SemCli::try_parse_from(["sem", "--semaphoretimeout", "3", "true"]).unwrap();
         assert_eq!(cli.semaphore_timeout.as_deref(), Some("3"));
+    }
+
+    #[test]
+    fn option_values_may_start_with_a_dash() {
+        let cli = Cli::try_parse_from(["qsem", "--id", "-foo", "--", "true"]).unwrap();
+        assert_eq!(cli.id.as_deref(), Some(std::ffi::OsStr::new("-foo")));
+        let cli = Cli::try_parse_from(["qsem", "-c", "-x"]).unwrap();
+        assert_eq!(
+            cli.shell_command.as_deref(),
+            Some(std::ffi::OsStr::new("-x"))
+        );
+        let cli = SemCli::try_parse_from(["sem", "--id", "-a", "--lb", "--will-cite", "x"]);
+        assert_eq!(cli.unwrap().command, ["x"]);
+    }
+
+    #[test]
+    fn run_time_and_backlog_options() {
+        let cli = Cli::try_parse_from([
+            "qsem",
+            "--timeout",
+            "1h",
+            "--kill-after",
+            "5s",
+            "--max-waiting",
+            "0",
+            "true",
+        ])
+        .unwrap();
+        assert_eq!(cli.timeout.as_deref(), Some("1h"));
+        assert_eq!(cli.kill_after.as_deref(), Some("5s"));
+        assert_eq!(cli.max_waiting.as_deref(), Some("0"));
+        assert!(Cli::try_parse_from(["qsem", "--kill-after", "5s", "true"]).is_err());
     }
 
     #[test]

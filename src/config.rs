@@ -1,21 +1,69 @@
 //! The validated configuration: every raw flag from `cli.rs` turned, once, into
 //! the value the rest of qsem works with. Nothing after this file sees `"+2"` or
-//! `"1s"`; everything here is checked, and a bad value is a [`UsageError`] that
-//! names it.
+//! `"1s"`; everything here is checked, and a bad value is a usage error that
+//! names it, rendered by clap with the usage of the personality in use
+//! (`qsem` or `sem`): [`parse`] is the only way in, and its error is the
+//! [`Failure`] `main` prints.
 
-use crate::cli::{Cli, SemCli};
+use crate::cli::{self, Cli, SemCli};
+use crate::command::Command;
+use crate::exit::{Exit, Failure};
 use crate::id::Id;
 use crate::{duration, jobs};
 use anyhow::{Context, Result};
+use clap::{CommandFactory, FromArgMatches};
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Bad usage: main prints it with the usage hint and exits 2.
+/// Reads qsem's command line (`args`, argv[0] first) in the personality its
+/// name chooses. Help and version come back as a [`Failure`] with status 0,
+/// for stdout.
+pub fn parse(args: Vec<OsString>) -> Result<Config, Failure> {
+    let as_sem = cli::invoked_as_sem(args.first().map(OsString::as_os_str));
+    let mut definition = if as_sem {
+        SemCli::command()
+    } else {
+        Cli::command()
+    };
+    let name = definition.get_name().to_string();
+    let rendered = |e: clap::Error| {
+        let text = e.render().to_string();
+        let text = text
+            .strip_prefix("error: ")
+            .map_or_else(|| text.clone(), |rest| format!("{name}: {rest}"));
+        let exit = if e.use_stderr() {
+            Exit::USAGE
+        } else {
+            Exit::OK
+        };
+        Failure {
+            exit,
+            message: text.trim_end().to_string(),
+        }
+    };
+    let matches = definition
+        .try_get_matches_from_mut(args)
+        .map_err(rendered)?;
+    let checked = if as_sem {
+        SemCli::from_arg_matches(&matches).map(Config::from_sem_cli)
+    } else {
+        Cli::from_arg_matches(&matches).map(Config::from_cli)
+    };
+    match checked.map_err(rendered)? {
+        Ok(cfg) => Ok(cfg),
+        Err(e) => Err(match e.downcast::<UsageError>() {
+            Ok(usage) => rendered(definition.error(clap::error::ErrorKind::ValueValidation, usage)),
+            Err(e) => Failure::from(e),
+        }),
+    }
+}
+
+/// Bad usage: [`parse`] renders it with the usage hint; qsem exits 2.
 #[derive(Debug)]
-pub struct UsageError(pub String);
+struct UsageError(String);
 
 impl fmt::Display for UsageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -86,47 +134,6 @@ pub enum OnLost {
 /// The default bound for a cut-off holder to lose its slot.
 pub const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(30);
 
-/// The program to run and how to show it in report lines.
-#[derive(Debug, Clone)]
-pub struct Command {
-    /// What to execute: a name looked up in PATH, or a path.
-    pub program: OsString,
-    /// Its arguments, not including argv[0].
-    pub args: Vec<OsString>,
-}
-
-impl Command {
-    /// The command as one line, shell-quoted where needed, for humans.
-    pub fn display(&self) -> String {
-        std::iter::once(&self.program)
-            .chain(&self.args)
-            .map(|w| shell_quote(w))
-            .collect::<Vec<_>>()
-            .join(" ")
-    }
-}
-
-/// Quotes a word the way a POSIX shell would read it back.
-pub fn shell_quote(word: &OsStr) -> String {
-    let s = word.to_string_lossy();
-    let plain = !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"@%+=:,./_-".contains(&b));
-    if plain {
-        s.into_owned()
-    } else {
-        let escaped: String = s
-            .chars()
-            .map(|c| match c {
-                '\'' => "'\\''".to_string(),
-                c if c.is_control() => c.escape_default().to_string(),
-                c => c.to_string(),
-            })
-            .collect();
-        format!("'{escaped}'")
-    }
-}
-
 /// Everything a run of qsem needs, validated.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -156,7 +163,18 @@ pub struct Config {
     pub backend: Backend,
     /// With a shared server: what to do with a job whose slot is lost.
     pub on_lost: OnLost,
+    /// `--timeout`: how long the job may run before qsem stops it.
+    pub timeout: Option<Duration>,
+    /// `--kill-after`: how long a timed-out job has between SIGTERM and SIGKILL.
+    pub kill_after: Duration,
+    /// `--max-waiting`: give up at once if this many already wait for the id.
+    pub max_waiting: Option<u32>,
+    /// GNU sem's `--st`: an expired wait says so on stderr, as GNU sem does.
+    pub st_warning: bool,
 }
+
+/// `--kill-after`'s default, as timeout(1) users expect of a grace period.
+pub const DEFAULT_KILL_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub enum Mode {
@@ -209,14 +227,8 @@ impl Config {
         } else {
             let command = match cli.shell_command {
                 // With --each the item becomes $1 of the script.
-                Some(script) if cli.each => Command {
-                    program: "/bin/sh".into(),
-                    args: vec!["-c".into(), script, "sh".into()],
-                },
-                Some(script) => Command {
-                    program: "/bin/sh".into(),
-                    args: vec!["-c".into(), script],
-                },
+                Some(script) if cli.each => Command::shell(script, &["sh"]),
+                Some(script) => Command::shell(script, &[]),
                 None => command_from_words(cli.command)?,
             };
             match (cli.each, cli.bg, cli.bg_supervisor) {
@@ -229,6 +241,9 @@ impl Config {
                 (false, false, _) => Mode::Run(command),
             }
         };
+        if cli.json && !matches!(mode, Mode::Status { .. }) {
+            return Err(usage("--json goes with --status"));
+        }
         let dir = lock_dir(cli.dir)?;
         let backend = parse_backend(cli.backend.as_deref(), cli.lost_after.as_deref())?;
         let on_lost = match cli.on_lost.as_deref() {
@@ -240,10 +255,31 @@ impl Config {
                 )));
             }
         };
+        let timeout = cli
+            .timeout
+            .as_deref()
+            .map(|t| positive("--timeout", t))
+            .transpose()?;
+        let kill_after = match cli.kill_after.as_deref() {
+            Some(k) => positive("--kill-after", k)?,
+            None => DEFAULT_KILL_AFTER,
+        };
+        let max_waiting = match cli.max_waiting.as_deref() {
+            Some(k) => Some(k.trim().parse::<u32>().map_err(|_| {
+                usage(format!(
+                    "invalid --max-waiting '{k}': expected a number of waiters, 0 or more"
+                ))
+            })?),
+            None => None,
+        };
         Ok(Config {
             dir,
             backend,
             on_lost,
+            timeout,
+            kill_after,
+            max_waiting,
+            st_warning: false,
             id,
             jobs,
             wait,
@@ -272,8 +308,9 @@ impl Config {
             Some(j) => jobs::parse_here(j).map_err(usage)?,
             None => 1,
         };
+        // GNU sem exits 1 when a negative --st expires (and says so).
         let (wait, on_timeout) = match &cli.semaphore_timeout {
-            Some(st) => parse_semaphore_timeout(st, 0)?,
+            Some(st) => parse_semaphore_timeout(st, 1)?,
             None => (Wait::Forever, OnTimeout::Exit(0)),
         };
         let mode = if cli.wait {
@@ -286,10 +323,7 @@ impl Config {
             if words.is_empty() {
                 return Err(usage("no command given"));
             }
-            let command = Command {
-                program: "/bin/sh".into(),
-                args: vec!["-c".into(), words.join(OsStr::new(" "))],
-            };
+            let command = Command::shell(words.join(OsStr::new(" ")), &[]);
             match (cli.fg, cli.bg_supervisor) {
                 (true, _) => Mode::Run(command),
                 (false, Some(notify)) => Mode::Supervise { command, notify },
@@ -309,6 +343,10 @@ impl Config {
             dir: lock_dir(cli.dir)?,
             backend: parse_backend(std::env::var("QSEM_BACKEND").ok().as_deref(), None)?,
             on_lost: OnLost::Warn,
+            timeout: None,
+            kill_after: DEFAULT_KILL_AFTER,
+            max_waiting: None,
+            st_warning: cli.semaphore_timeout.is_some(),
             mode,
         })
     }
@@ -378,6 +416,18 @@ fn parse_lost_after(given: Option<&str>) -> Result<Duration> {
     if d < Duration::from_secs(2) {
         return Err(usage(format!(
             "invalid --lost-after '{given}': at least 2s (TCP keepalives count in seconds)"
+        )));
+    }
+    Ok(d)
+}
+
+/// A duration option that must be more than zero (`--timeout 0` would stop
+/// every job before it starts).
+fn positive(option: &str, given: &str) -> Result<Duration> {
+    let d = duration::parse(given).map_err(|e| usage(format!("invalid {option}: {e}")))?;
+    if d.is_zero() {
+        return Err(usage(format!(
+            "invalid {option} '{given}': must be more than 0"
         )));
     }
     Ok(d)
@@ -467,9 +517,14 @@ mod tests {
     }
 
     fn usage_message(args: &[&str]) -> String {
-        let err = config(args).expect_err("should be rejected");
-        assert!(err.downcast_ref::<UsageError>().is_some(), "{err:#}");
-        err.to_string()
+        let mut argv = vec!["qsem", "--dir", "/tmp/qsem-test"];
+        argv.extend_from_slice(args);
+        let err =
+            parse(argv.into_iter().map(OsString::from).collect()).expect_err("should be rejected");
+        assert_eq!(err.exit, Exit::USAGE, "{}", err.message);
+        assert!(err.message.starts_with("qsem: "), "{}", err.message);
+        assert!(err.message.contains("Usage: qsem"), "{}", err.message);
+        err.message
     }
 
     #[test]
@@ -494,6 +549,12 @@ mod tests {
             (&["-E", "300", "true"], "'300'"),
             (&["-E", "-1", "true"], "'-1'"),
             (&["--st", "x", "true"], "'x'"),
+            (&["--json", "true"], "--status"),
+            (&["--timeout", "0", "true"], "more than 0"),
+            (&["--timeout", "soon", "true"], "'soon'"),
+            (&["--timeout", "1s", "--kill-after", "-1", "true"], "'-1'"),
+            (&["--max-waiting", "-1", "true"], "'-1'"),
+            (&["--max-waiting", "many", "true"], "'many'"),
             (&[][..], "no command"),
         ] {
             let msg = usage_message(args);
@@ -572,7 +633,8 @@ mod tests {
         );
         let c = sem_config(&["--st", "-2", "true"]).unwrap();
         assert_eq!(c.wait, Wait::For(Duration::from_secs(2)));
-        assert_eq!(c.on_timeout, OnTimeout::Exit(0));
+        assert_eq!(c.on_timeout, OnTimeout::Exit(1), "as GNU sem");
+        assert!(c.st_warning);
         let c = sem_config(&["--st", "2", "true"]).unwrap();
         assert_eq!(c.on_timeout, OnTimeout::RunAnyway);
         for (args, needle) in [
@@ -608,13 +670,5 @@ mod tests {
             assert!(msg.contains(needle), "{args:?}: {msg}");
             assert!(!msg.contains("secret"), "{msg}");
         }
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(shell_quote(OsStr::new("plain-1.txt")), "plain-1.txt");
-        assert_eq!(shell_quote(OsStr::new("it's")), "'it'\\''s'");
-        assert_eq!(shell_quote(OsStr::new("")), "''");
-        assert_eq!(shell_quote(OsStr::new("a\nb")), "'a\\nb'");
     }
 }

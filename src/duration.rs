@@ -94,9 +94,46 @@ pub fn human(d: Duration) -> String {
     }
 }
 
+/// A configured limit as a person would write it, e.g. `1h`, `10s`,
+/// `1m30s`, `1.5s`, `250ms`: for report lines that quote an option's value.
+pub fn concise(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !ms.is_multiple_of(1000) {
+        return if ms < 1000 {
+            format!("{ms}ms")
+        } else {
+            format!("{}s", d.as_secs_f64())
+        };
+    }
+    let secs = ms / 1000;
+    let (h, m, s) = (secs / 3600, (secs / 60) % 60, secs % 60);
+    let mut out = String::new();
+    for (n, unit) in [(h, "h"), (m, "m"), (s, "s")] {
+        if n != 0 {
+            out.push_str(&format!("{n}{unit}"));
+        }
+    }
+    if out.is_empty() { "0s".into() } else { out }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn concise_limits() {
+        for (ms, want) in [
+            (3_600_000, "1h"),
+            (10_000, "10s"),
+            (90_000, "1m30s"),
+            (3_661_000, "1h1m1s"),
+            (1_500, "1.5s"),
+            (250, "250ms"),
+            (0, "0s"),
+        ] {
+            assert_eq!(concise(Duration::from_millis(ms)), want);
+        }
+    }
 
     #[test]
     fn accepts_the_documented_forms() {

@@ -5,12 +5,28 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
-/// An outcome that ends qsem with a particular status and one line for the
-/// user, such as "command not found" (127). `main` prints `message` as is.
+/// qsem's one error type: an outcome that ends qsem with a particular status
+/// and one line (or, for usage errors, clap's few lines) for the user, such as
+/// "command not found" (127). `main` prints `message` as is, on stderr, or on
+/// stdout for status 0 (`--help`, `--version`).
 #[derive(Debug)]
 pub struct Failure {
     pub exit: Exit,
     pub message: String,
+}
+
+impl From<anyhow::Error> for Failure {
+    /// A [`Failure`] carried through `anyhow` keeps its status; any other
+    /// error is qsem's own failure (125), with its whole chain of context.
+    fn from(err: anyhow::Error) -> Failure {
+        match err.downcast::<Failure>() {
+            Ok(failure) => failure,
+            Err(err) => Failure {
+                exit: Exit::OWN_FAILURE,
+                message: format!("qsem: {err:#}"),
+            },
+        }
+    }
 }
 
 impl std::fmt::Display for Failure {
@@ -39,10 +55,13 @@ impl Exit {
     pub const EACH_SOME_FAILED: Exit = Exit(123);
     /// `--each`: a run exited with status 255 (as xargs).
     pub const EACH_255: Exit = Exit(124);
+    /// `--timeout` stopped the command (as timeout(1); the same number as
+    /// [`Exit::EACH_255`]).
+    pub const TIMED_OUT: Exit = Exit(124);
     /// qsem's own failure: the lock directory is unusable, no file descriptors, ...
     pub const OWN_FAILURE: Exit = Exit(125);
-    /// `--each`: a run was killed by a signal (as xargs; the same number as
-    /// [`Exit::OWN_FAILURE`]).
+    /// `--each`: a run was killed by a signal, or stopped by `--timeout`,
+    /// which sends one (as xargs; the same number as [`Exit::OWN_FAILURE`]).
     pub const EACH_KILLED: Exit = Exit(125);
     /// The command was found but could not be executed.
     pub const NOT_EXECUTABLE: Exit = Exit(126);

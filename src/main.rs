@@ -1,18 +1,21 @@
 //! qsem: run a command while holding one of N slots of a named semaphore.
 //!
-//! `main` is thin: `run()` does the work and returns the exit status it chose;
-//! errors become one line of text here and nowhere else.
+//! One invocation's path: `cli.rs` parses the command line and `config.rs`
+//! validates it once into a [`config::Config`]; [`run`] opens the engine
+//! (`semaphore::open`) and hands it to the mode's code (`runner.rs` for a
+//! command, `each/` for `--each`, `background.rs` for `--bg` and
+//! `--wait-all`, `status.rs` for `--status`), which acquires a slot, spawns
+//! (`child.rs`), waits and reports (`report.rs`). Everything that ends qsem
+//! early comes back here as one [`exit::Failure`], printed once.
 //!
-//! qsem starts at the C `main`, not at std's: std's start-up reads all of
-//! /proc/self/maps to place a guard for the main thread's stack and sets up
-//! a stack-overflow handler, about a tenth of an uncontended job's CPU time
-//! (bench/RESULTS.md), for a diagnostic qsem does not need. What qsem does need
-//! of that start-up, [`sys::startup`] does.
-
-#![cfg_attr(not(test), no_main)]
+//! `main` is std's: its start-up keeps descriptors 0-2 open and SIGPIPE
+//! ignored (so that a closed pipe is an error qsem reports), which qsem
+//! relies on.
 
 mod background;
+mod child;
 mod cli;
+mod command;
 mod config;
 mod duration;
 mod each;
@@ -27,90 +30,27 @@ mod status;
 mod sys;
 
 use anyhow::{Context, Result};
-use clap::{CommandFactory, Parser};
-use config::{Backend, Config, Mode, UsageError};
+use config::{Backend, Config, Mode};
 use exit::{Exit, Failure};
 use std::io::Write;
+use std::process::ExitCode;
 
-/// The program's entry point, called by the C runtime (see above).
-#[cfg(not(test))]
-#[unsafe(no_mangle)]
-extern "C" fn main(_argc: libc::c_int, _argv: *const *const libc::c_char) -> libc::c_int {
-    sys::startup();
-    let status = qsem();
-    // std's start-up would have flushed stdout on return.
-    let _ = std::io::stdout().flush();
-    status.into()
-}
-
-/// Under `cargo test` the harness has the entry point; this one keeps the
-/// code it calls checked as it is in the program.
-#[cfg(test)]
-fn main() {
-    sys::startup();
-    std::process::exit(qsem().into());
-}
-
-/// Parses the command line, runs, and says what went wrong; returns the exit status.
-fn qsem() -> u8 {
-    let as_sem = cli::invoked_as_sem();
-    let parsed = if as_sem {
-        cli::SemCli::try_parse().map(Config::from_sem_cli)
-    } else {
-        cli::Cli::try_parse().map(Config::from_cli)
-    };
-    let cfg = match parsed {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            // clap prints help and version to stdout (status 0), usage errors
-            // with their hint to stderr (status 2).
-            let _ = e.print();
-            return if e.use_stderr() {
-                Exit::USAGE.as_u8()
-            } else {
-                0
-            };
+fn main() -> ExitCode {
+    let done = config::parse(std::env::args_os().collect())
+        .and_then(|cfg| run(cfg).map_err(Failure::from));
+    let exit = match done {
+        Ok(exit) => exit,
+        Err(Failure { exit, message }) if exit.is_success() => {
+            // --help, --version: for a pager or a file.
+            let _ = writeln!(std::io::stdout(), "{message}");
+            exit
+        }
+        Err(Failure { exit, message }) => {
+            report::say(&message);
+            exit
         }
     };
-    match cfg.and_then(run) {
-        Ok(exit) => exit.as_u8(),
-        Err(err) => {
-            let exit = if let Some(usage) = err.downcast_ref::<UsageError>() {
-                let (name, hint) = if as_sem {
-                    ("sem", cli::SemCli::command().render_usage())
-                } else {
-                    ("qsem", cli::Cli::command().render_usage())
-                };
-                say(&format!(
-                    "{name}: {usage}\n\n{hint}\n\nFor more information, try '--help'."
-                ));
-                Exit::USAGE
-            } else if let Some(failure) = err.downcast_ref::<Failure>() {
-                say(&failure.to_string());
-                failure.exit
-            } else {
-                say(&format!("qsem: {err:#}"));
-                Exit::OWN_FAILURE
-            };
-            exit.as_u8()
-        }
-    }
-}
-
-/// Writes qsem's one error line. Unlike `eprintln!`, a closed or full stderr
-/// is ignored: the exit status must still say what happened.
-fn say(text: &str) {
-    let _ = writeln!(std::io::stderr().lock(), "{text}");
-}
-
-fn print_status(ids: Vec<semaphore::IdStatus>, json: bool) -> Result<Exit> {
-    let now = std::time::SystemTime::now();
-    let text = if json {
-        status::json(&ids, now)
-    } else {
-        status::table(&ids, now)
-    };
-    write_out(text.as_bytes())
+    ExitCode::from(exit.as_u8())
 }
 
 /// Writes all of `bytes` to stdout; a reader that went away is no error.
@@ -125,48 +65,24 @@ fn write_out(bytes: &[u8]) -> Result<Exit> {
 }
 
 fn run(cfg: Config) -> Result<Exit> {
+    let open = || semaphore::open(&cfg.backend, &cfg.dir, cfg.verbose);
     match &cfg.mode {
         Mode::Status { only, json } => {
             let ids = if cfg.backend == Backend::Files && !cfg.dir.exists() {
                 // No lock directory yet: nothing is held, nobody waits.
-                only.iter()
-                    .map(|id| semaphore::IdStatus {
-                        id: id.clone(),
-                        holders: Vec::new(),
-                        waiting: 0,
-                    })
-                    .collect()
+                status::nobody(only.as_ref())
             } else {
-                semaphore::open(&cfg.backend, &cfg.dir, cfg.verbose)?.status(only.as_ref())?
+                open()?.status(only.as_ref())?
             };
-            print_status(ids, *json)
+            write_out(status::render(&ids, *json, std::time::SystemTime::now()).as_bytes())
         }
-        Mode::Run(cmd) => runner::run(
-            &cfg,
-            cmd,
-            semaphore::open(&cfg.backend, &cfg.dir, cfg.verbose)?.as_mut(),
-        ),
+        Mode::Run(cmd) => runner::run(&cfg, cmd, open()?.as_mut(), None),
         Mode::Background(cmd) => background::launch(&cfg, cmd),
         Mode::Supervise { command, notify } => {
-            let notify = sys::adopt_inherited(*notify)
-                .with_context(|| format!("--bg-supervisor: descriptor {notify}"))?;
-            runner::run_detached(
-                &cfg,
-                command,
-                semaphore::open(&cfg.backend, &cfg.dir, cfg.verbose)?.as_mut(),
-                notify,
-            )
+            background::supervise(&cfg, command, *notify, open()?.as_mut())
         }
-        Mode::WaitAll => background::wait_all(
-            &cfg,
-            semaphore::open(&cfg.backend, &cfg.dir, cfg.verbose)?.as_mut(),
-        ),
-        Mode::Each { command, separator } => each::run(
-            &cfg,
-            command,
-            *separator,
-            semaphore::open(&cfg.backend, &cfg.dir, cfg.verbose)?.as_mut(),
-        ),
+        Mode::WaitAll => background::wait_all(&cfg, open()?.as_mut()),
+        Mode::Each { command, separator } => each::run(&cfg, command, *separator, open()?.as_mut()),
         Mode::Completions(shell) => {
             let mut cmd = cli::completion_command();
             // Into memory first: clap_complete panics on a write error.

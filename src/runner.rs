@@ -1,476 +1,379 @@
-//! Runs the command under a slot: finds it, takes the slot, spawns it, passes
-//! signals on, waits, and turns its end into qsem's exit status and report
-//! line. It knows the semaphore only through the `Semaphore` trait, and learns
+//! Runs the command under a slot: finds it, takes the slot, starts it, passes
+//! signals on, stops it at `--timeout`, waits, and turns its end into qsem's
+//! exit status and report line. It knows the semaphore only through the
+//! `Semaphore` trait (it is unit-tested against `semaphore::fake`), and learns
 //! that a held slot was lost (a shared server's session can end) through
-//! `Slot::events`, which it polls beside its signal pipe.
+//! `Slot::events`, which it waits on beside its signal pipe and the child's
+//! pidfd, in the one `Signals::wait`.
 //!
-//! Two decisions shape it. The child inherits the slot's descriptor (unless
-//! `-o`), so that a `kill -9` of qsem cannot free a slot whose job still runs.
-//! And signals reach the child exactly once: in a terminal's foreground group
-//! the child shares qsem's process group (so that it can read the terminal), and
-//! a signal the kernel sent to the whole group (Ctrl-C) is not sent again;
-//! elsewhere (cron, scripts in the background) the child gets a process group of
-//! its own and every signal qsem receives is passed to that group.
+//! The child inherits the slot's descriptor (unless `-o`), so that a
+//! `kill -9` of qsem cannot free a slot whose job still runs. How it is
+//! started and how signals reach it is `child.rs`.
+//!
+//! qsem stops its own job for two reasons, `--timeout` and a lost slot under
+//! `--on-lost=kill`, the same way: SIGTERM to the job's process group, then
+//! SIGKILL a grace period later if it is still there (`--kill-after`, or
+//! [`LOST_GRACE`]). The report line says what was sent, and nothing else.
 
-use crate::config::{Command, Config, OnLost, OnTimeout};
+use crate::child::{self, Target};
+use crate::command::Command;
+use crate::config::{Config, OnLost, OnTimeout};
 use crate::duration;
 use crate::exit::{Exit, Failure};
 use crate::report;
 use crate::semaphore::{Acquired, Request, Semaphore, Slot, SlotEvent};
-use crate::signals::{self, Received, Signals};
-use crate::sys;
+use crate::signals::{Received, Signals, Wake};
 use anyhow::{Context, Result};
-use std::ffi::{CString, OsStr, OsString};
-use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 /// With `--on-lost=kill`: how long a job has between SIGTERM and SIGKILL.
 pub const LOST_GRACE: Duration = Duration::from_secs(10);
 
-/// Runs `cmd` under the semaphore as `cfg` says, and returns qsem's status.
-pub fn run(cfg: &Config, cmd: &Command, sem: &mut dyn Semaphore) -> Result<Exit> {
-    run_as(cfg, cmd, sem, None)
+/// How long a child is left unreaped between looks when the kernel has no
+/// pidfds (before Linux 5.3) to say that it ended.
+const NO_PIDFD_TICK: Duration = Duration::from_millis(50);
+
+/// The supervisor of a `--bg` job asks its launcher, once the slot is taken,
+/// whether to start the job: `None` starts it, `Some(exit)` gives up with
+/// that status (see `background.rs`).
+pub type Handoff<'a> = &'a mut dyn FnMut(&mut Signals) -> Result<Option<Exit>>;
+
+/// What one run of the command came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub exit: Exit,
+    /// The report line, for a run that failed.
+    pub line: Option<String>,
+    /// The line was said already, when it happened.
+    pub said: bool,
 }
 
-/// Runs `cmd` as the supervisor of a `--bg` job (see `background.rs`): as
-/// [`run`], but writes one byte to `notify` once the slot is taken, and
-/// records a failure under the id before the slot is released.
-pub fn run_detached(
+/// How taking a slot ended.
+pub enum Taken {
+    Slot(Box<dyn Slot>),
+    /// The wait expired and GNU sem's positive `--st` runs the command anyway.
+    Without,
+    /// The wait expired, or too many waited (`--max-waiting`): this status,
+    /// silently.
+    Skipped(Exit),
+    /// A signal came first.
+    Stopped(Received),
+}
+
+/// Runs `cmd` under the semaphore as `cfg` says, and returns qsem's status.
+/// With `handoff`, as the supervisor of a `--bg` job: a failure is recorded
+/// under the id (through [`Slot::finish`]) before the slot is released.
+pub fn run(
     cfg: &Config,
     cmd: &Command,
     sem: &mut dyn Semaphore,
-    notify: OwnedFd,
+    handoff: Option<Handoff>,
 ) -> Result<Exit> {
-    run_as(cfg, cmd, sem, Some(notify))
+    let outcome = execute(cfg, cmd, sem, handoff)?;
+    if let Some(line) = &outcome.line
+        && !cfg.quiet
+        && !outcome.said
+    {
+        report::line(&cfg.id, line);
+    }
+    Ok(outcome.exit)
 }
 
-/// Finds the command before anything else happens, as a [`Failure`] (126/127):
-/// nobody wants to wait an hour for a slot to learn of a typo.
+/// Finds the command before anything else happens, as a [`Failure`] (126/127).
 pub fn resolve_or_fail(cfg: &Config, cmd: &Command) -> Result<PathBuf> {
-    Ok(resolve(&cmd.program).map_err(|(exit, why)| Failure {
+    Ok(cmd.resolve().map_err(|(exit, why)| Failure {
         exit,
         message: format!("qsem[{}]: {}: {why}", cfg.id, cmd.program.to_string_lossy()),
     })?)
 }
 
-fn run_as(
+/// Takes a slot for `command` as `cfg` says.
+pub fn take(
+    cfg: &Config,
+    sem: &mut dyn Semaphore,
+    signals: &mut Signals,
+    command: &str,
+    background: bool,
+) -> Result<Taken> {
+    let request = Request {
+        id: &cfg.id,
+        jobs: cfg.jobs,
+        deadline: cfg.wait.deadline(),
+        max_waiting: cfg.max_waiting,
+        background,
+        command,
+    };
+    Ok(match sem.acquire(&request, signals)? {
+        Acquired::Slot(slot) => {
+            if cfg.verbose {
+                let took = format!("took slot {} (limit {})", slot.number(), cfg.jobs);
+                report::line(&cfg.id, &took);
+            }
+            Taken::Slot(slot)
+        }
+        Acquired::TimedOut | Acquired::Crowded => {
+            if cfg.st_warning {
+                report::say(match cfg.on_timeout {
+                    OnTimeout::Exit(_) => "sem: Warning: Semaphore timed out. Exiting.",
+                    OnTimeout::RunAnyway => {
+                        "sem: Warning: Semaphore timed out. Stealing the semaphore."
+                    }
+                });
+            }
+            match cfg.on_timeout {
+                OnTimeout::Exit(code) => Taken::Skipped(Exit::code(code)),
+                OnTimeout::RunAnyway => Taken::Without,
+            }
+        }
+        Acquired::Interrupted(r) => Taken::Stopped(r),
+    })
+}
+
+/// [`run`] without the report line, which the caller says (or a test reads).
+fn execute(
     cfg: &Config,
     cmd: &Command,
     sem: &mut dyn Semaphore,
-    mut notify: Option<OwnedFd>,
-) -> Result<Exit> {
+    handoff: Option<Handoff>,
+) -> Result<Outcome> {
     // Catch signals first: one that comes before the handlers would kill qsem
     // outright instead of ending it with 128+N.
     let mut signals = Signals::install()?;
     let program = resolve_or_fail(cfg, cmd)?;
     let display = cmd.display();
-    let deadline = cfg.wait.deadline();
-    let request = Request {
-        max_waiting: None,
-        background: notify.is_some(),
-        id: &cfg.id,
-        jobs: cfg.jobs,
-        deadline,
-        command: &display,
+    let background = handoff.is_some();
+    let quiet = |exit| Outcome {
+        exit,
+        line: None,
+        said: false,
     };
-    let mut slot = match sem.acquire(&request, &mut signals)? {
-        Acquired::Slot(slot) => {
-            if cfg.verbose {
-                report::line(
-                    &cfg.id,
-                    &format!("took slot {} (limit {})", slot.number(), cfg.jobs),
-                );
-            }
-            Some(slot)
-        }
-        Acquired::TimedOut | Acquired::Crowded => match cfg.on_timeout {
-            OnTimeout::Exit(code) => return Ok(Exit::code(code)),
-            OnTimeout::RunAnyway => None,
-        },
-        Acquired::Interrupted(r) => return Ok(Exit::signal(r.signo)),
+    let mut slot = match take(cfg, sem, &mut signals, &display, background)? {
+        Taken::Slot(slot) => Some(slot),
+        Taken::Without => None,
+        Taken::Skipped(exit) => return Ok(quiet(exit)),
+        Taken::Stopped(r) => return Ok(quiet(Exit::signal(r.signo))),
     };
-    // A stop signal that came while the slot was being taken: start nothing.
-    if let Some(r) = signals.take_stop() {
-        return Ok(Exit::signal(r.signo));
+    // A signal that came while the slot was being taken, or a launcher that
+    // gave up during the hand-off: start nothing.
+    let given_up = match handoff {
+        Some(confirm) => confirm(&mut signals)?,
+        None => signals.take_stop().map(|r| Exit::signal(r.signo)),
+    };
+    if let Some(exit) = given_up {
+        settle(slot, background, None)?;
+        return Ok(quiet(exit));
     }
-    let background = notify.is_some();
-    if let Some(fd) = notify.take() {
-        // The launcher has done its part once it reads this byte (or EOF).
-        let _ = std::io::Write::write_all(&mut std::fs::File::from(fd), b"1");
-    }
-    let own_group = !sys::in_terminal_foreground();
+    let own_group = child::own_group();
     let started = Instant::now();
-    let mut child = match start(cfg, cmd, &program, slot.as_deref(), own_group) {
+    let child = match child::spawn(cfg, cmd, &program, slot.as_deref(), own_group, |_| {}) {
         Ok(child) => child,
         Err(e) => {
-            let exit = match e.kind() {
-                io::ErrorKind::NotFound => Exit::NOT_FOUND,
-                _ => Exit::NOT_EXECUTABLE,
-            };
-            let why = format!("{}: {e}", cmd.program.to_string_lossy());
-            if background && let Some(slot) = slot {
-                slot.finish(Some(&why))?;
-            }
-            return Err(Failure {
-                exit,
-                message: format!("qsem[{}]: {why}", cfg.id),
-            }
-            .into());
+            let (exit, why) = child::spawn_failure(&cmd.program, &e);
+            settle(slot, background, Some(&why))?;
+            let message = format!("qsem[{}]: {why}", cfg.id);
+            return Err(Failure { exit, message }.into());
         }
     };
     if let Some(slot) = slot.as_mut() {
         slot.started(child.id());
     }
-    let (status, stopped) = supervise(
-        cfg,
-        &mut child,
-        &mut signals,
-        own_group,
-        slot.as_deref_mut(),
-    )?;
-    if stopped {
-        // The loss was reported when it happened; the job's own end is moot.
-        return Ok(Exit::SLOT_LOST);
-    }
-    let exit = Exit::of_child(status);
-    if !exit.is_success() {
-        let line = describe(&display, status, started.elapsed());
-        // Recorded while the slot is still held: a --wait-all woken by its
-        // release must find the failure.
-        let recorded = match slot.take() {
-            Some(slot) if background => slot.finish(Some(&line)),
-            _ => Ok(()),
-        };
-        if !cfg.quiet {
-            report::line(&cfg.id, &line);
-        }
-        recorded?;
-    }
+    let ended = supervise(cfg, child, own_group, &mut signals, slot.as_deref_mut())?;
+    let outcome = conclude(cfg, &display, ended, started.elapsed());
+    settle(slot, background, outcome.line.as_deref())?;
+    Ok(outcome)
+}
+
+/// Gives the slot back. A background job's failure is recorded first, while
+/// the slot is still held, so that a `--wait-all` woken by the release
+/// cannot miss it.
+fn settle(slot: Option<Box<dyn Slot>>, background: bool, failure: Option<&str>) -> Result<()> {
     match slot {
-        Some(slot) if background => slot.finish(None)?,
-        other => drop(other),
+        Some(slot) if background => slot.finish(failure),
+        _ => Ok(()),
     }
-    Ok(exit)
 }
 
-/// Finds the program as execvp(3) would: a name with a slash as is, else the
-/// first executable file of that name in PATH. Errors are (status, reason).
-pub fn resolve(program: &OsStr) -> Result<PathBuf, (Exit, &'static str)> {
-    let is_executable_file = |p: &Path| -> Option<bool> {
-        let meta = std::fs::metadata(p).ok()?;
-        if meta.is_dir() {
-            return Some(false);
+/// How the job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// On its own (or of a signal qsem passed on).
+    Exited(ExitStatus),
+    /// Stopped by qsem at `--timeout`; SIGKILL was sent this long after SIGTERM.
+    TimedOut { killed_after: Option<Duration> },
+    /// Stopped by qsem because its slot was lost (`--on-lost=kill`).
+    Lost,
+}
+
+/// The exit status and report line for how the job ended.
+pub fn conclude(cfg: &Config, display: &str, ended: Ended, ran: Duration) -> Outcome {
+    match ended {
+        Ended::Exited(status) => {
+            let exit = Exit::of_child(status);
+            Outcome {
+                exit,
+                line: (!exit.is_success()).then(|| report::ended(display, status, ran)),
+                said: false,
+            }
         }
-        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
-        // SAFETY: `c` is a valid C string.
-        Some(unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0)
-    };
-    if program.as_bytes().contains(&b'/') {
-        let path = PathBuf::from(program);
-        return match is_executable_file(&path) {
-            Some(true) => Ok(path),
-            Some(false) => Err((Exit::NOT_EXECUTABLE, "permission denied, or a directory")),
-            None => Err((Exit::NOT_FOUND, "no such file")),
-        };
+        Ended::TimedOut { killed_after } => Outcome {
+            exit: Exit::TIMED_OUT,
+            line: Some(report::timed_out(
+                display,
+                cfg.timeout.unwrap_or_default(),
+                killed_after,
+            )),
+            said: false,
+        },
+        Ended::Lost => Outcome {
+            exit: Exit::SLOT_LOST,
+            line: Some(format!("{display}: stopped, its slot was lost")),
+            said: true,
+        },
     }
-    let search =
-        std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
-    let mut denied = false;
-    for dir in std::env::split_paths(&search) {
-        let dir = if dir.as_os_str().is_empty() {
-            PathBuf::from(".")
+}
+
+/// Why qsem is stopping its own job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    TimedOut,
+    Lost,
+}
+
+/// qsem stopping its job: SIGTERM, then SIGKILL after a grace period.
+pub struct Stop {
+    /// When `--timeout` strikes, if it has not yet.
+    timeout_at: Option<Instant>,
+    kill_after: Duration,
+    /// Why and when SIGTERM was sent.
+    began: Option<(Reason, Instant)>,
+    killed: bool,
+}
+
+impl Stop {
+    /// For a job that starts now.
+    pub fn new(cfg: &Config) -> Stop {
+        Stop {
+            timeout_at: cfg.timeout.and_then(|t| Instant::now().checked_add(t)),
+            kill_after: cfg.kill_after,
+            began: None,
+            killed: false,
+        }
+    }
+
+    fn grace(&self, reason: Reason) -> Duration {
+        match reason {
+            Reason::TimedOut => self.kill_after,
+            Reason::Lost => LOST_GRACE,
+        }
+    }
+
+    /// Sends SIGTERM, once, whatever the reason.
+    fn begin(&mut self, reason: Reason, target: &Target) {
+        if self.began.is_none() {
+            target.send(libc::SIGTERM);
+            self.began = Some((reason, Instant::now()));
+        }
+    }
+
+    /// The next instant something is due.
+    pub fn next(&self) -> Option<Instant> {
+        match self.began {
+            None => self.timeout_at,
+            Some((_, _)) if self.killed => None,
+            Some((reason, at)) => at.checked_add(self.grace(reason)),
+        }
+    }
+
+    /// Does what is due now: SIGTERM at the timeout, SIGKILL after the grace.
+    pub fn due(&mut self, target: &Target) {
+        if self.next().is_none_or(|t| Instant::now() < t) {
+            return;
+        }
+        if self.began.is_none() {
+            self.begin(Reason::TimedOut, target);
         } else {
-            dir
-        };
-        let candidate = dir.join(program);
-        match is_executable_file(&candidate) {
-            Some(true) => return Ok(candidate),
-            Some(false) => denied = true,
-            None => {}
+            target.send(libc::SIGKILL);
+            self.killed = true;
         }
     }
-    if denied {
-        Err((Exit::NOT_EXECUTABLE, "permission denied"))
-    } else {
-        Err((Exit::NOT_FOUND, "command not found"))
+
+    pub fn ended(&self, status: ExitStatus) -> Ended {
+        match self.began {
+            None => Ended::Exited(status),
+            Some((Reason::TimedOut, _)) => Ended::TimedOut {
+                killed_after: self.killed.then_some(self.kill_after),
+            },
+            Some((Reason::Lost, _)) => Ended::Lost,
+        }
     }
 }
 
-/// The variables that tell the command its id, slot and limit (and, where
-/// the engine has one, its fencing token).
-fn job_env(cfg: &Config, slot: Option<&dyn Slot>) -> Vec<(&'static str, OsString)> {
-    let fence = slot.and_then(|s| s.fence());
-    let mut env = vec![
-        ("QSEM_ID", OsStr::from_bytes(cfg.id.as_bytes()).to_owned()),
-        (
-            "QSEM_SLOT",
-            slot.map_or(0, |s| s.number()).to_string().into(),
-        ),
-        ("QSEM_JOBS", cfg.jobs.to_string().into()),
-    ];
-    env.extend(fence.map(|f| ("QSEM_FENCE", f.to_string().into())));
-    env
-}
-
-/// Runs `start`, which starts the command, with the slot's descriptor
-/// inheritable (unless `-o`). The descriptor is close-on-exec like every
-/// other; the child gets it on purpose, for the time of the spawn only (no
-/// other thread of qsem spawns processes, so no other child can inherit it
-/// meanwhile).
-fn holding_slot<T>(
-    cfg: &Config,
-    slot: Option<&dyn Slot>,
-    start: impl FnOnce() -> io::Result<T>,
-) -> io::Result<T> {
-    let inherit = slot.filter(|_| !cfg.close).and_then(|s| s.inheritable());
-    if let Some(fd) = inherit {
-        sys::set_cloexec(fd, false)?;
-    }
-    let started = start();
-    if let Some(fd) = inherit {
-        sys::set_cloexec(fd, true)?;
-    }
-    started
-}
-
-/// Starts the command with qsem's environment, holding `slot` unless `-o`;
-/// `adjust` adds what a caller needs (`--each`: the item and pipes).
-pub fn spawn(
-    cfg: &Config,
-    cmd: &Command,
-    program: &Path,
-    slot: Option<&dyn Slot>,
-    own_group: bool,
-    adjust: impl FnOnce(&mut std::process::Command),
-) -> io::Result<std::process::Child> {
-    let mut child = std::process::Command::new(program);
-    child
-        .arg0(&cmd.program)
-        .args(&cmd.args)
-        .env_remove("QSEM_FENCE")
-        .envs(job_env(cfg, slot));
-    adjust(&mut child);
-    if own_group {
-        child.process_group(0);
-    }
-    holding_slot(cfg, slot, || child.spawn())
-}
-
-/// Starts the command as [`spawn`] does, for a job that keeps qsem's own
-/// stdin, stdout and stderr: through [`sys::spawn`], which spares the child
-/// glibc's reset of every signal action (126 system calls, about 30 us a job).
-fn start(
-    cfg: &Config,
-    cmd: &Command,
-    program: &Path,
-    slot: Option<&dyn Slot>,
-    own_group: bool,
-) -> io::Result<sys::Child> {
-    let c = |s: &OsStr| {
-        CString::new(s.as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
-    };
-    let path = c(program.as_os_str())?;
-    let args = std::iter::once(&cmd.program)
-        .chain(&cmd.args)
-        .map(|a| c(a))
-        .collect::<io::Result<Vec<_>>>()?;
-    let env = job_env(cfg, slot);
-    // A fence inherited from an outer job is not this job's.
-    let names: Vec<&[u8]> = env
-        .iter()
-        .map(|(name, _)| name.as_bytes())
-        .chain([&b"QSEM_FENCE"[..]])
-        .collect();
-    let vars = env
-        .iter()
-        .map(|(name, value)| {
-            let mut entry = OsString::from(name);
-            entry.push("=");
-            entry.push(value);
-            c(&entry)
-        })
-        .collect::<io::Result<Vec<_>>>()?;
-    let mut envp = sys::environ_except(&names);
-    envp.extend(vars.iter().map(|v| v.as_ptr()));
-    envp.push(std::ptr::null());
-    let mut argv: Vec<_> = args.iter().map(|a| a.as_ptr()).collect();
-    argv.push(std::ptr::null());
-    holding_slot(cfg, slot, || {
-        sys::spawn(&path, &argv, &envp, own_group, &signals::CAUGHT)
-    })
-}
-
-/// Waits for the child, passing signals on, and watches the slot: an engine
-/// that can lose a held slot says so through [`Slot::events`]. Returns the
-/// child's status and whether it was stopped because its slot was lost
-/// (`--on-lost=kill`). The child is reaped only here, so its pid cannot be
+/// Waits for the child, passing signals on, stopping it at its timeout, and
+/// watching the slot. The child is reaped only here, so its pid cannot be
 /// reused while signals are still being sent to it.
 fn supervise(
     cfg: &Config,
-    child: &mut sys::Child,
-    signals: &mut Signals,
+    mut child: std::process::Child,
     own_group: bool,
+    signals: &mut Signals,
     mut slot: Option<&mut (dyn Slot + '_)>,
-) -> Result<(ExitStatus, bool)> {
-    let pid = child.id() as libc::pid_t;
-    let send = |signo| {
-        // SAFETY: no memory is passed; a failure means the group is gone.
-        if !own_group || unsafe { libc::kill(-pid, signo) } != 0 {
-            sys::kill(pid, signo);
-        }
-    };
-    // Set once the job is being stopped for a lost slot: when to send SIGKILL.
-    let mut stopping: Option<Option<Instant>> = None;
+) -> Result<Ended> {
+    let target = Target::new(child.id(), own_group).context("the command has no valid pid")?;
+    let pidfd = rustix::process::Pid::from_child(&child);
+    let pidfd = rustix::process::pidfd_open(pidfd, rustix::process::PidfdFlags::empty()).ok();
+    let mut stop = Stop::new(cfg);
     loop {
-        for r in signals.pending() {
-            if !forwards(r, own_group) {
-                continue;
-            }
-            send(r.signo);
+        if let Some(status) = child.try_wait().context("cannot wait for the command")? {
+            return Ok(stop.ended(status));
         }
         let events = slot
             .as_deref_mut()
             .map(|s| s.take_events())
             .unwrap_or_default();
         for event in events {
-            match event {
-                SlotEvent::Lost(why) if cfg.on_lost == OnLost::Kill => {
-                    if stopping.is_none() {
-                        report::line(
-                            &cfg.id,
-                            &format!(
-                                "{why}; stopping the command (SIGTERM, then SIGKILL after {})",
-                                duration::human(LOST_GRACE)
-                            ),
-                        );
-                        send(libc::SIGTERM);
-                        stopping = Some(Instant::now().checked_add(LOST_GRACE));
-                    }
-                }
-                SlotEvent::Lost(why) => report::line(
-                    &cfg.id,
-                    &format!("{why}; the command runs on, and qsem tries to take a slot again"),
-                ),
-                SlotEvent::Regained(what) if stopping.is_none() => report::line(&cfg.id, &what),
-                SlotEvent::Regained(_) => {}
+            slot_event(cfg, event, &mut stop, &target);
+        }
+        let mut until = stop.next();
+        if pidfd.is_none() {
+            let tick = Instant::now() + NO_PIDFD_TICK;
+            until = Some(until.map_or(tick, |t| t.min(tick)));
+        }
+        let mut fds = Vec::with_capacity(2);
+        fds.extend(pidfd.as_ref().map(|fd| fd.as_fd()));
+        fds.extend(slot.as_deref().and_then(|s| s.events()));
+        match signals.wait(&fds, until)? {
+            Wake::Signal(r) => target.pass_on(r),
+            Wake::Ready(_) => {}
+            Wake::Timeout => stop.due(&target),
+        }
+    }
+}
+
+/// What the runner does when the engine says something of the held slot.
+fn slot_event(cfg: &Config, event: SlotEvent, stop: &mut Stop, target: &Target) {
+    let stopping = stop.began.is_some();
+    match event {
+        SlotEvent::Lost(why) if cfg.on_lost == OnLost::Kill => {
+            if !stopping {
+                let grace = duration::concise(LOST_GRACE);
+                let what =
+                    format!("{why}; stopping the command (SIGTERM, then SIGKILL after {grace})");
+                report::line(&cfg.id, &what);
+                stop.begin(Reason::Lost, target);
             }
         }
-        if let Some(status) = child.try_wait().context("cannot wait for the command")? {
-            return Ok((status, stopping.is_some()));
-        }
-        let kill_at = stopping.flatten();
-        if kill_at.is_some_and(|t| Instant::now() >= t) {
-            send(libc::SIGKILL);
-            stopping = Some(None);
-            continue;
-        }
-        let mut fds = vec![signals.fd()];
-        fds.extend(
-            slot.as_deref()
-                .and_then(|s| s.events())
-                .map(|fd| fd.as_raw_fd()),
-        );
-        sys::poll_readable(&fds, kill_at).context("cannot wait (poll)")?;
-    }
-}
-
-/// Whether a signal qsem received must be passed to the command. In a
-/// terminal's foreground group (not `own_group`), a signal the kernel sent to
-/// the whole group (Ctrl-C, Ctrl-\, hang-up) has reached the command already.
-pub fn forwards(r: Received, own_group: bool) -> bool {
-    r.signo != libc::SIGCHLD && (own_group || !r.from_kernel)
-}
-
-/// The report line for a failed command.
-pub fn describe(command: &str, status: ExitStatus, ran: std::time::Duration) -> String {
-    let after = duration::human(ran);
-    let command = truncate(command, 200);
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("{command} exited with status {code} after {after}"),
-        (None, Some(signo)) => {
-            let name = sys::signal_name(signo);
-            let core = if status.core_dumped() {
-                " (core dumped)"
-            } else {
-                ""
-            };
-            let hint = if signo == libc::SIGKILL {
-                " (SIGKILL often means the out-of-memory killer; see dmesg)"
-            } else {
-                ""
-            };
-            format!("{command} was killed by {name}{core} after {after}{hint}")
-        }
-        (None, None) => format!(
-            "{command} ended with wait status {} after {after}",
-            status.into_raw()
+        SlotEvent::Lost(why) => report::line(
+            &cfg.id,
+            &format!("{why}; the command runs on, and qsem tries to take a slot again"),
         ),
+        SlotEvent::Regained(what) if !stopping => report::line(&cfg.id, &what),
+        SlotEvent::Regained(_) => {}
     }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.chars().count() <= max {
-        return s.to_string();
-    }
-    let mut t: String = s.chars().take(max).collect();
-    t.push('…');
-    t
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Duration;
-
-    #[test]
-    fn report_lines() {
-        let s = |raw| ExitStatus::from_raw(raw);
-        assert_eq!(
-            describe("ImportProcess", s(3 << 8), Duration::from_millis(12_400)),
-            "ImportProcess exited with status 3 after 12.4s"
-        );
-        let killed = describe("ImportProcess", s(libc::SIGKILL), Duration::from_secs(2));
-        assert!(
-            killed.starts_with("ImportProcess was killed by SIGKILL after 2.0s"),
-            "{killed}"
-        );
-        assert!(killed.contains("out-of-memory"), "{killed}");
-        let segv = describe("x", s(libc::SIGSEGV | 0x80), Duration::from_secs(1));
-        assert_eq!(segv, "x was killed by SIGSEGV (core dumped) after 1.0s");
-    }
-
-    #[test]
-    fn terminal_signals_are_not_sent_twice() {
-        let r = |signo, from_kernel| Received { signo, from_kernel };
-        // In the terminal's foreground group: the terminal reached the command.
-        assert!(!forwards(r(libc::SIGINT, true), false));
-        assert!(forwards(r(libc::SIGINT, false), false));
-        assert!(forwards(r(libc::SIGTERM, false), false));
-        // In a group of its own, only qsem can pass signals on.
-        assert!(forwards(r(libc::SIGINT, true), true));
-        assert!(forwards(r(libc::SIGHUP, false), true));
-        assert!(!forwards(r(libc::SIGCHLD, false), true));
-    }
-
-    #[test]
-    fn resolution() {
-        assert!(resolve(OsStr::new("sh")).is_ok());
-        assert_eq!(
-            resolve(OsStr::new("no-such-command-qsem")).unwrap_err().0,
-            Exit::NOT_FOUND
-        );
-        assert_eq!(
-            resolve(OsStr::new("/no/such/file")).unwrap_err().0,
-            Exit::NOT_FOUND
-        );
-        assert_eq!(
-            resolve(OsStr::new("/")).unwrap_err().0,
-            Exit::NOT_EXECUTABLE
-        );
-    }
-}
+#[path = "runner/tests.rs"]
+mod tests;

@@ -8,6 +8,27 @@ use std::fmt::Write;
 use std::time::SystemTime;
 
 /// The table: one row per held slot, then one summary line per id.
+/// What `--status` prints: a table for people, or one JSON document.
+pub fn render(ids: &[IdStatus], json: bool, now: SystemTime) -> String {
+    if json {
+        self::json(ids, now)
+    } else {
+        table(ids, now)
+    }
+}
+
+/// The status of ids nobody has used yet (no lock directory): nothing
+/// held, nobody waiting.
+pub fn nobody(only: Option<&crate::id::Id>) -> Vec<IdStatus> {
+    only.iter()
+        .map(|&id| IdStatus {
+            id: id.clone(),
+            holders: Vec::new(),
+            waiting: 0,
+        })
+        .collect()
+}
+
 pub fn table(ids: &[IdStatus], now: SystemTime) -> String {
     if ids.is_empty() {
         return "no slot held, nobody waiting\n".to_string();

@@ -210,13 +210,6 @@ pub fn move_fd_above(fd: File, min: RawFd) -> File {
     }
 }
 
-/// Sets or clears `FD_CLOEXEC`.
-pub fn set_cloexec(fd: BorrowedFd, on: bool) -> io::Result<()> {
-    let flag = if on { libc::FD_CLOEXEC } else { 0 };
-    // SAFETY: no memory is passed.
-    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, flag) }).map(drop)
-}
-
 /// Waits until one of `fds` is readable or `deadline` passes, sleeping in the
 /// kernel. Returns the readable indices (empty on timeout). A signal handler's
 /// `EINTR` returns early with nothing readable: the caller looks at its signal
@@ -300,29 +293,6 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// What std's start-up does and qsem relies on, for a `main` that std does
-/// not call: descriptors 0-2 open (on /dev/null if closed), so that no lock
-/// file or pipe becomes a command's stdin or stdout; and SIGPIPE ignored, so
-/// that writing to a closed pipe is an error qsem reports (`std::process`
-/// still gives children the default).
-pub fn startup() {
-    for fd in 0..3 {
-        // SAFETY: F_GETFD only reads the descriptor's flags.
-        let closed = unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1
-            && io::Error::last_os_error().raw_os_error() == Some(libc::EBADF);
-        if closed {
-            // SAFETY: a valid C string. The lowest free descriptor is `fd`
-            // (the ones below it are open), and it stays open for good.
-            if unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR) } == -1 {
-                // As std does: running without a stdin or stdout is worse.
-                std::process::abort();
-            }
-        }
-    }
-    // SAFETY: SIG_IGN installs no handler.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-}
-
 /// The host name, or `?` if it cannot be read.
 pub fn hostname() -> String {
     let mut buf = [0u8; 256];
@@ -358,26 +328,6 @@ pub fn in_group(gid: libc::gid_t) -> bool {
     }
 }
 
-/// Whether this process is in the foreground process group of a controlling
-/// terminal: then a terminal's Ctrl-C reaches the whole group by itself.
-pub fn in_terminal_foreground() -> bool {
-    let Ok(tty) = open_path(
-        std::path::Path::new("/dev/tty"),
-        libc::O_RDONLY | libc::O_NOCTTY,
-        0,
-    ) else {
-        return false;
-    };
-    // SAFETY: no memory is passed.
-    unsafe { libc::tcgetpgrp(tty.as_raw_fd()) == libc::getpgrp() }
-}
-
-/// `kill(2)`; errors (the process is gone) are ignored on purpose.
-pub fn kill(pid: libc::pid_t, signo: libc::c_int) {
-    // SAFETY: no memory is passed.
-    unsafe { libc::kill(pid, signo) };
-}
-
 /// A monotonic timestamp in nanoseconds, comparable across processes of one boot.
 pub fn monotonic_nanos() -> u128 {
     // SAFETY: `ts` is fully written by a successful clock_gettime.
@@ -386,13 +336,6 @@ pub fn monotonic_nanos() -> u128 {
         libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
         ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
     }
-}
-
-/// The signal's conventional name, e.g. `SIGKILL`.
-pub fn signal_name(signo: libc::c_int) -> String {
-    signal_hook::low_level::signal_name(signo)
-        .map(str::to_string)
-        .unwrap_or_else(|| format!("signal {signo}"))
 }
 
 /// Takes ownership of a descriptor inherited from the parent (by number, on
@@ -406,221 +349,6 @@ pub fn adopt_inherited(fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: the descriptor is open, was handed to this process to own, and
     // nothing else in qsem refers to it by number.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    set_cloexec(owned.as_fd(), true)?;
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
     Ok(owned)
-}
-
-/// Makes the calling process a session leader, detached from any terminal.
-/// Meant for `pre_exec`: async-signal-safe, no allocation.
-pub fn setsid() -> io::Result<()> {
-    // SAFETY: no memory is passed.
-    check(unsafe { libc::setsid() }).map(drop)
-}
-
-/// One `read(2)` of at most `buf.len()` bytes; `EINTR` is retried.
-pub fn read(fd: BorrowedFd, buf: &mut [u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is writable for its length.
-        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-/// `write(2)` until all of `bytes` is written; `EINTR` is retried. One call
-/// when it fits, so that a line written here is not split by the kernel.
-pub fn write_all(fd: BorrowedFd, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        // SAFETY: `bytes` is readable for its length.
-        let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        bytes = &bytes[n as usize..];
-    }
-    Ok(())
-}
-
-/// A descriptor that becomes readable when process `pid` (a child) exits.
-pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
-    // SAFETY: no memory is passed; the descriptor returned is new and ours.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above; pidfd_open's descriptors are close-on-exec.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// Sets `O_NONBLOCK` on a descriptor (of our own open file: a pipe's read end).
-pub fn set_nonblocking(fd: BorrowedFd) -> io::Result<()> {
-    // SAFETY: no memory is passed.
-    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
-    // SAFETY: as above.
-    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) }).map(drop)
-}
-
-/// A child started by [`spawn`], reaped by [`Child::try_wait`].
-#[derive(Debug)]
-pub struct Child {
-    pid: libc::pid_t,
-}
-
-impl Child {
-    pub fn id(&self) -> u32 {
-        self.pid as u32
-    }
-
-    /// Its status if it has ended (reaping it: call until it says so, then stop).
-    pub fn try_wait(&mut self) -> io::Result<Option<std::process::ExitStatus>> {
-        wait_pid(self.pid, libc::WNOHANG)
-    }
-}
-
-/// `waitpid(2)` for our unreaped child `pid`: its status, or `None` if it is
-/// still running (with `WNOHANG`); `EINTR` is retried.
-fn wait_pid(pid: libc::pid_t, flags: libc::c_int) -> io::Result<Option<std::process::ExitStatus>> {
-    use std::os::unix::process::ExitStatusExt;
-    let mut status = 0;
-    loop {
-        // SAFETY: `status` is writable.
-        match check(unsafe { libc::waitpid(pid, &mut status, flags) }) {
-            Ok(0) => return Ok(None),
-            Ok(_) => return Ok(Some(std::process::ExitStatus::from_raw(status))),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// What the child of [`spawn`] needs, in memory it shares with the parent.
-struct Start<'a> {
-    path: &'a CStr,
-    argv: &'a [*const libc::c_char],
-    envp: &'a [*const libc::c_char],
-    own_group: bool,
-    caught: &'a [libc::c_int],
-    /// Set by the child if it could not exec.
-    errno: libc::c_int,
-}
-
-/// Runs in the child of [`spawn`], on its own stack but in the parent's
-/// memory, with every signal blocked: only async-signal-safe calls.
-extern "C" fn start(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the parent's `Start`, which outlives this child's use
-    // of it: the parent is suspended until the child execs or exits
-    // (CLONE_VFORK). The calls are plain system calls; errno is the parent's
-    // thread's, which is suspended.
-    unsafe {
-        let s = &mut *arg.cast::<Start>();
-        if !s.own_group || libc::setpgid(0, 0) == 0 {
-            // Handlers are this process's code: the new program must not
-            // inherit them (execve would reset them, but a signal could come
-            // between unblocking and execve). SIGPIPE: std's default for children.
-            let mut default: libc::sigaction = std::mem::zeroed();
-            default.sa_sigaction = libc::SIG_DFL;
-            for &signo in s.caught.iter().chain(&[libc::SIGPIPE]) {
-                libc::sigaction(signo, &default, std::ptr::null_mut());
-            }
-            let mut none: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut none);
-            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-            libc::execve(s.path.as_ptr(), s.argv.as_ptr(), s.envp.as_ptr());
-        }
-        s.errno = *libc::__errno_location();
-        libc::_exit(127)
-    }
-}
-
-/// Starts `path` as posix_spawn(3) does: the child shares qsem's memory
-/// until its execve (clone with CLONE_VM | CLONE_VFORK), so nothing is
-/// copied. But where glibc's posix_spawn reads and resets all 64 signal
-/// actions in the child (126 system calls, about 30 us, which std's
-/// `Command` cannot avoid), this resets only `caught`, the signals this
-/// process has handlers for, and SIGPIPE; ignored ones stay ignored, as with
-/// posix_spawn. The child starts with no signal blocked, in a process group of
-/// its own if `own_group`. `argv` and `envp` must end with a null pointer.
-pub fn spawn(
-    path: &CStr,
-    argv: &[*const libc::c_char],
-    envp: &[*const libc::c_char],
-    own_group: bool,
-    caught: &[libc::c_int],
-) -> io::Result<Child> {
-    assert!(argv.last().is_some_and(|p| p.is_null()) && envp.last().is_some_and(|p| p.is_null()));
-    let mut s = Start {
-        path,
-        argv,
-        envp,
-        own_group,
-        caught,
-        errno: 0,
-    };
-    // Ample for setpgid, sigaction, sigprocmask and execve; 16-byte aligned,
-    // and left uninitialised, so that only the pages the child uses are touched.
-    let mut stack = Vec::<u128>::with_capacity(4096);
-    // SAFETY: one past the end of `stack`'s buffer, where a downward stack starts.
-    let top = unsafe { stack.as_mut_ptr().add(stack.capacity()) };
-    // SAFETY: the sets are initialised by sigfillset and pthread_sigmask;
-    // `start` only reads `s` and writes its errno, and `s` and `stack` outlive
-    // the child's use of them (CLONE_VFORK: clone returns once the child has
-    // exec'd or exited). Signals are blocked around the clone so that no
-    // handler runs in the child.
-    let (pid, errno) = unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        let pid = libc::clone(
-            start,
-            top.cast(),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            (&raw mut s).cast(),
-        );
-        let errno = *libc::__errno_location();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        (pid, errno)
-    };
-    drop(stack);
-    if pid == -1 {
-        return Err(io::Error::from_raw_os_error(errno));
-    }
-    if s.errno != 0 {
-        // It has exited (127), or is exiting: reap it, and say why it could not start.
-        let _ = wait_pid(pid, 0);
-        return Err(io::Error::from_raw_os_error(s.errno));
-    }
-    Ok(Child { pid })
-}
-
-/// The environment as the C library holds it, for [`spawn`]: the entries
-/// (`NAME=value`) whose names are not in `except`, without copying them.
-pub fn environ_except(except: &[&[u8]]) -> Vec<*const libc::c_char> {
-    unsafe extern "C" {
-        static environ: *const *const libc::c_char;
-    }
-    let mut out = Vec::new();
-    // SAFETY: `environ` is a null-terminated array of C strings; qsem never
-    // changes its environment, so it stays as it is while read.
-    unsafe {
-        let mut p = environ;
-        while !p.is_null() && !(*p).is_null() {
-            let entry = CStr::from_ptr(*p).to_bytes();
-            let name = entry.split(|&b| b == b'=').next().unwrap_or(entry);
-            if !except.contains(&name) {
-                out.push(*p);
-            }
-            p = p.add(1);
-        }
-    }
-    out
 }

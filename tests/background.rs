@@ -3,7 +3,7 @@
 //! until the id is idle.
 
 mod common;
-use common::{Env, SOON, kill, run, wait_for_file};
+use common::{Env, SOON, eventually, held_and_waiting, kill, run, wait_for_file};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -165,7 +165,18 @@ fn a_waiting_bg_and_a_waiting_barrier_stop_on_sigterm() {
             cmd.arg(env.path("ran"));
         }
         let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(300));
+        // Wait for the state, not for a while: --status counts the waiter.
+        let waiting = if args.contains(&"touch") {
+            (1, 1)
+        } else {
+            (1, 0)
+        };
+        if waiting.1 == 1 {
+            assert!(eventually(SOON, || held_and_waiting(&env, "s") == waiting));
+        } else {
+            // --wait-all does not queue; it is asleep once its process is.
+            assert!(eventually(SOON, || asleep(child.id())));
+        }
         let t = Instant::now();
         kill(child.id(), libc::SIGTERM);
         let status = child.wait().unwrap();
@@ -230,4 +241,9 @@ fn with_close_the_supervisor_holds_the_slot() {
     assert_eq!(code, 9, "the slot should be held");
     assert_eq!(run(env.qsem().args(["--id", "o", "--wait-all"])).0, 1);
     assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "0");
+}
+
+/// Whether a process sleeps in the kernel (state S), as a waiter does.
+fn asleep(pid: u32) -> bool {
+    common::stat_fields(pid).is_some_and(|f| f[0] == "S")
 }

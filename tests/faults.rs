@@ -420,14 +420,17 @@ fn lock_directory_removed_while_a_job_holds_a_slot() {
     };
     assert!(eventually(SOON, waiting));
     std::fs::remove_dir_all(&env.locks).unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    // The slot is back: a newcomer finds it held, --status shows it.
+    // The slot comes back (the holder's guard re-creates it): wait for that
+    // state, then a newcomer finds it held.
+    let held_again = || {
+        let (_, out, _) = run(env.qsem().args(["--status", "--id", "x"]));
+        out.contains("1 held")
+    };
+    assert!(eventually(SOON, held_again));
     let (code, _, err) = run(env
         .qsem()
         .args(["--id", "x", "-j1", "--wait", "0", "-E", "75", "true"]));
     assert_eq!((code, err.as_str()), (75, ""));
-    let (_, out, _) = run(env.qsem().args(["--status", "--id", "x"]));
-    assert!(out.contains("1 held"), "{out}");
     // The waiter runs only after the holder's job has ended.
     let out = holder.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -98,7 +98,10 @@ fn a_waiting_sem_stops_on_sigterm_and_starts_nothing() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Its supervisor waits once `--status` counts it.
+    assert!(common::eventually(SOON, || common::held_and_waiting(
+        &env, "w"
+    ) == (1, 1)));
     assert!(waiter.try_wait().unwrap().is_none(), "it should be waiting");
     let t = Instant::now();
     kill(waiter.id(), libc::SIGTERM);
@@ -112,13 +115,17 @@ fn a_waiting_sem_stops_on_sigterm_and_starts_nothing() {
 fn semaphore_timeout_both_ways() {
     let env = Env::new();
     assert_eq!(sem_bg(&env, &["--id", "st", "sleep 3"]), 0);
-    // Negative: give up after the time, silently, without running.
+    // Negative: give up after the time without running, as GNU sem does:
+    // status 1 and its warning.
     let gave_up = mark(&env, "gave-up");
     let t = Instant::now();
     let (code, out, err) = run(sem(&env)
         .args(["--id", "st", "--fg", "--st", "-0.5"])
         .arg(format!("touch {}", gave_up.display())));
-    assert_eq!((code, out.as_str(), err.as_str()), (0, "", ""));
+    assert_eq!(
+        (code, out.as_str(), err.as_str()),
+        (1, "", "sem: Warning: Semaphore timed out. Exiting.\n")
+    );
     assert!(t.elapsed() >= Duration::from_millis(500));
     assert!(
         t.elapsed() < Duration::from_millis(2500),
@@ -129,10 +136,14 @@ fn semaphore_timeout_both_ways() {
     // Positive: run anyway after the time, though the slot is still held.
     let anyway = mark(&env, "anyway");
     let t = Instant::now();
-    let (code, _, _) = run(sem(&env)
+    let (code, _, err) = run(sem(&env)
         .args(["--id", "st", "--fg", "--semaphoretimeout", "0.5"])
         .arg(format!("touch {}", anyway.display())));
     assert_eq!(code, 0);
+    assert_eq!(
+        err,
+        "sem: Warning: Semaphore timed out. Stealing the semaphore.\n"
+    );
     assert!(anyway.exists());
     assert!(t.elapsed() >= Duration::from_millis(500));
     assert!(

@@ -10,8 +10,10 @@
 //!
 //! The lock-file engine (`files`) is the default and needs nothing but a
 //! directory; the PostgreSQL engine (`postgres`) shares a limit across
-//! machines.
+//! machines; `fake` is an in-memory engine for the runner's unit tests.
 
+#[cfg(test)]
+pub mod fake;
 pub mod files;
 #[cfg(feature = "postgres")]
 pub mod postgres;
