@@ -247,3 +247,93 @@ fn with_close_the_supervisor_holds_the_slot() {
 fn asleep(pid: u32) -> bool {
     common::stat_fields(pid).is_some_and(|f| f[0] == "S")
 }
+
+#[test]
+fn a_killed_launcher_leaves_no_job_queued() {
+    // `timelimit -qs9 -t1 sem …` with both slots held: the crontab idiom
+    // qsem replaces must skip, not pile up waiters that start later.
+    let env = Env::new();
+    let ready = env.path("ready");
+    let job = common::holder(&env, &["--id", "c", "-j2"], &ready);
+    assert!(wait_for_file(&ready, SOON));
+    let ready2 = env.path("ready2");
+    let job2 = common::holder(&env, &["--id", "c", "-j2"], &ready2);
+    assert!(wait_for_file(&ready2, SOON));
+    let sem = env.path("sem");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_qsem"), &sem).unwrap();
+    let started = env.path("started");
+    let touch = format!("touch {}", started.display());
+    for launcher in [
+        vec![
+            env!("CARGO_BIN_EXE_qsem"),
+            "--id",
+            "c",
+            "-j2",
+            "--bg",
+            "-c",
+            &touch,
+        ],
+        vec![sem.to_str().unwrap(), "--id", "c", "-j2", &touch],
+    ] {
+        let status = std::process::Command::new("timeout")
+            .args(["-s", "KILL", "1"])
+            .args(&launcher)
+            .env("QSEM_DIR", &env.locks)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        // timeout(1) dies of the signal it sent, or exits 128+9.
+        use std::os::unix::process::ExitStatusExt;
+        let killed = status.signal() == Some(libc::SIGKILL) || status.code() == Some(137);
+        assert!(killed, "{launcher:?}: {status:?}");
+    }
+    // Its supervisor gives up: nobody waits any more.
+    assert!(eventually(SOON, || held_and_waiting(&env, "c") == (2, 0)));
+    common::release(job);
+    common::release(job2);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !started.exists(),
+        "a job started after its launcher was killed"
+    );
+}
+
+#[test]
+fn a_signal_during_the_hand_off_is_never_lost() {
+    // SIGTERM to `qsem --bg` at every moment of its short life: either the
+    // job never starts and qsem exits 143, or qsem exits 0 and the job runs
+    // to its end; never 0 with the job killed by that signal.
+    let env = Env::new();
+    let rounds = common::env_num("QSEM_HANDOFF_ROUNDS", 40);
+    for n in 0..rounds {
+        let started = env.path(&format!("started.{n}"));
+        let done = env.path(&format!("done.{n}"));
+        let script = format!(
+            "touch {}; sleep 0.2; touch {}",
+            started.display(),
+            done.display()
+        );
+        let mut launcher = env
+            .qsem()
+            .args(["--id", "race", "-j100", "--bg", "-c", &script])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_micros(200 * (n % 25)));
+        kill(launcher.id(), libc::SIGTERM);
+        let status = launcher.wait().unwrap();
+        // Killed before its handlers were in place: it had started nothing.
+        use std::os::unix::process::ExitStatusExt;
+        let code = status.code().or(status.signal().map(|s| 128 + s));
+        match code {
+            Some(0) => assert!(wait_for_file(&done, SOON), "round {n}: exit 0, job killed"),
+            Some(143) => {
+                std::thread::sleep(Duration::from_millis(400));
+                assert!(!done.exists(), "round {n}: exit 143, yet the job ran on");
+            }
+            other => panic!("round {n}: {other:?}"),
+        }
+        let _ = started;
+    }
+    assert_eq!(run(env.qsem().args(["--id", "race", "--wait-all"])).0, 0);
+}

@@ -221,3 +221,57 @@ fn sigterm_stops_reading_and_is_passed_to_the_runs() {
         0
     );
 }
+
+#[test]
+fn a_full_stdout_fails_as_it_does_under_xargs() {
+    // `printf 'a\nb\n' | xargs -n1 echo >/dev/full` exits 123.
+    let env = Env::new();
+    let (code, _, err) = run(env
+        .qsem()
+        .args(["--id", "full", "--each", "--", "echo"])
+        .stdin(std::fs::File::open(items(&env, "a\nb\n")).unwrap())
+        .stdout(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        ));
+    assert_eq!(code, 123, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("cannot write to standard output"), "{err}");
+}
+
+#[test]
+fn a_closed_stdout_stops_new_runs_as_xargs_does() {
+    // `seq 50 | xargs -n1 echo | head -1`: xargs stops, and exits 125.
+    let env = Env::new();
+    let list: String = (1..=50).map(|n| format!("{n}\n")).collect();
+    let counted = env.path("count");
+    let script = format!("echo \"$1\"; echo x >> '{}'; sleep 0.05", counted.display());
+    let mut qsem = env
+        .qsem()
+        .args(["--id", "head", "--each", "-c", &script])
+        .stdin(std::fs::File::open(items(&env, &list)).unwrap())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 2];
+    std::io::Read::read_exact(qsem.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(qsem.stdout.take());
+    let out = qsem.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("cannot write to standard output"), "{err}");
+    let runs = std::fs::read_to_string(&counted).unwrap().lines().count();
+    assert!(
+        runs < 50,
+        "{runs} runs: qsem went on after its stdout closed"
+    );
+}
+
+fn items(env: &Env, text: &str) -> std::path::PathBuf {
+    let path = env.path("items");
+    std::fs::write(&path, text).unwrap();
+    path
+}
