@@ -356,16 +356,9 @@ impl Config {
 /// share a limit), else `default`.
 fn default_sem_id() -> Id {
     use std::os::unix::ffi::OsStringExt;
-    let mut buf = [0u8; 256];
-    // SAFETY: `buf` is writable for its length; ttyname_r NUL-terminates on success.
-    let rc = unsafe { libc::ttyname_r(0, buf.as_mut_ptr().cast(), buf.len()) };
-    let name = (rc == 0)
-        .then(|| {
-            buf.iter()
-                .position(|&b| b == 0)
-                .map(|end| buf[..end].to_vec())
-        })
-        .flatten()
+    let name = rustix::termios::ttyname(rustix::stdio::stdin(), Vec::new())
+        .map(|n| n.into_bytes())
+        .ok()
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| b"default".to_vec());
     Id::new(&OsString::from_vec(name))

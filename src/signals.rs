@@ -99,7 +99,7 @@ pub enum Wake {
 
 /// The caught signals, as an owned handle to read them through.
 pub struct Signals {
-    read: RawFd,
+    read: BorrowedFd<'static>,
     /// Received and not yet handed out, oldest first.
     queue: Vec<Received>,
 }
@@ -136,7 +136,7 @@ impl Signals {
             }
         }
         Ok(Signals {
-            read: read.as_raw_fd(),
+            read: read.as_fd(),
             queue: Vec::new(),
         })
     }
@@ -145,7 +145,7 @@ impl Signals {
     /// async code (the PostgreSQL engine), which cannot sleep in [`Signals::wait`].
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub fn fd(&self) -> RawFd {
-        self.read
+        self.read.as_raw_fd()
     }
 
     /// Moves what the handler noted into the queue (repeats of one signal
@@ -154,9 +154,7 @@ impl Signals {
         // Drain first, then look: a signal noted after the look has written
         // a byte after the drain, so the pipe stays readable for it.
         let mut buf = [0u8; 64];
-        if let Some((read, _)) = PIPE.get() {
-            while rustix::io::read(read, &mut buf).is_ok_and(|n| n == buf.len()) {}
-        }
+        while rustix::io::read(self.read, &mut buf).is_ok_and(|n| n == buf.len()) {}
         for signo in FORWARDED {
             let from = NOTED[signo as usize].swap(NOTHING, Ordering::SeqCst);
             if from != NOTHING && !self.queue.iter().any(|r| r.signo == signo) {
@@ -179,9 +177,7 @@ impl Signals {
             if until.is_some_and(|t| Instant::now() >= t) {
                 return Ok(Wake::Timeout);
             }
-            // SAFETY: the signal pipe's read end lives in PIPE for good.
-            let own = unsafe { BorrowedFd::borrow_raw(self.read) };
-            let ready = poll_readable(own, fds, until).context("cannot wait (poll)")?;
+            let ready = poll_readable(self.read, fds, until).context("cannot wait (poll)")?;
             if let Some(i) = ready {
                 return Ok(Wake::Ready(i));
             }

@@ -1,18 +1,61 @@
-//! Thin, safe wrappers over the few libc calls that std does not offer:
-//! `*at()` file operations relative to a directory descriptor, `poll`,
-//! `inotify`, and process-group queries; and the locks, which are std's
+//! What std does not cover, on rustix's safe system calls: `*at()` file
+//! operations relative to a directory descriptor, `poll`, `inotify`,
+//! descriptor moves, identity queries; and the locks, which are std's
 //! `File::lock` family (flock(2) on Linux) in the forms qsem needs.
-//! Every `unsafe` block in qsem that is not about signals lives here.
+//!
+//! These serve the engines (`semaphore/`), whose code calls them by these
+//! names and signatures. Three `unsafe` blocks are left, each where no safe
+//! form exists for what the caller hands over: [`fstat`] and [`lstat_at`]
+//! return libc's `stat`, which the file engine is written against (rustix's
+//! `Stat` is another type); [`poll_readable`] takes raw descriptor numbers;
+//! [`adopt_inherited`] takes ownership of a descriptor inherited by number.
+//! Elsewhere, `unsafe` is only where libc must be called: the signal
+//! handler (`signals.rs`), the `--bg` supervisor's `pre_exec`
+//! (`background.rs`), getpwuid_r for a home directory (`config.rs`) and
+//! sysconf for the online CPUs (`jobs.rs`).
 
-use std::ffi::{CStr, CString, OsStr};
+use rustix::fs::{AtFlags, Mode, OFlags};
+use rustix::io::retry_on_intr;
+use std::ffi::OsStr;
 use std::fs::{File, TryLockError};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Instant;
 
-fn cstr(name: &OsStr) -> io::Result<CString> {
-    CString::new(name.as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+fn flags(flags: libc::c_int) -> OFlags {
+    // Open flags are non-negative bit sets; rustix keeps unknown bits as given.
+    OFlags::from_bits_retain(flags.unsigned_abs()) | OFlags::CLOEXEC
+}
+
+/// `openat(2)`; `O_CLOEXEC` is always added.
+pub fn open_at(
+    dir: BorrowedFd,
+    name: &OsStr,
+    flags_: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<File> {
+    let fd =
+        retry_on_intr(|| rustix::fs::openat(dir, name, flags(flags_), Mode::from_raw_mode(mode)))?;
+    Ok(File::from(fd))
+}
+
+/// `open(2)` of an absolute or relative path; `O_CLOEXEC` is always added.
+pub fn open_path(
+    path: &std::path::Path,
+    flags_: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<OwnedFd> {
+    Ok(retry_on_intr(|| {
+        rustix::fs::open(path, flags(flags_), Mode::from_raw_mode(mode))
+    })?)
+}
+
+pub fn mkdir_at(dir: BorrowedFd, name: &OsStr, mode: libc::mode_t) -> io::Result<()> {
+    Ok(rustix::fs::mkdirat(dir, name, Mode::from_raw_mode(mode))?)
+}
+
+pub fn unlink_at(dir: BorrowedFd, name: &OsStr) -> io::Result<()> {
+    Ok(rustix::fs::unlinkat(dir, name, AtFlags::empty())?)
 }
 
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
@@ -23,65 +66,8 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// `openat(2)`; `O_CLOEXEC` is always added.
-pub fn open_at(
-    dir: BorrowedFd,
-    name: &OsStr,
-    flags: libc::c_int,
-    mode: libc::mode_t,
-) -> io::Result<File> {
-    let name = cstr(name)?;
-    loop {
-        // SAFETY: `name` is a valid C string; the returned descriptor is new and ours.
-        let fd = unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                flags | libc::O_CLOEXEC,
-                libc::c_uint::from(mode),
-            )
-        };
-        match check(fd) {
-            // SAFETY: openat returned a fresh descriptor that nobody else owns.
-            Ok(fd) => return Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) })),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// `open(2)` of an absolute or relative path; `O_CLOEXEC` is always added.
-pub fn open_path(
-    path: &std::path::Path,
-    flags: libc::c_int,
-    mode: libc::mode_t,
-) -> io::Result<OwnedFd> {
-    let path = cstr(path.as_os_str())?;
-    // SAFETY: as in `open_at`.
-    let fd = unsafe {
-        libc::open(
-            path.as_ptr(),
-            flags | libc::O_CLOEXEC,
-            libc::c_uint::from(mode),
-        )
-    };
-    // SAFETY: open returned a fresh descriptor that nobody else owns.
-    check(fd).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-pub fn mkdir_at(dir: BorrowedFd, name: &OsStr, mode: libc::mode_t) -> io::Result<()> {
-    let name = cstr(name)?;
-    // SAFETY: `name` is a valid C string.
-    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
-}
-
-pub fn unlink_at(dir: BorrowedFd, name: &OsStr) -> io::Result<()> {
-    let name = cstr(name)?;
-    // SAFETY: `name` is a valid C string.
-    check(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) }).map(drop)
-}
-
 pub fn fstat(fd: BorrowedFd) -> io::Result<libc::stat> {
+    use std::os::fd::AsRawFd;
     // SAFETY: stat is plain data, fully written by a successful fstat.
     unsafe {
         let mut st: libc::stat = std::mem::zeroed();
@@ -92,7 +78,10 @@ pub fn fstat(fd: BorrowedFd) -> io::Result<libc::stat> {
 
 /// `fstatat(2)` without following a final symlink.
 pub fn lstat_at(dir: BorrowedFd, name: &OsStr) -> io::Result<libc::stat> {
-    let name = cstr(name)?;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let name = std::ffi::CString::new(name.as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: as in `fstat`; `name` is a valid C string.
     unsafe {
         let mut st: libc::stat = std::mem::zeroed();
@@ -107,46 +96,23 @@ pub fn lstat_at(dir: BorrowedFd, name: &OsStr) -> io::Result<libc::stat> {
 }
 
 pub fn fchmod(fd: BorrowedFd, mode: libc::mode_t) -> io::Result<()> {
-    // SAFETY: no memory is passed.
-    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
+    Ok(rustix::fs::fchmod(fd, Mode::from_raw_mode(mode))?)
 }
 
 /// The names in a directory, without `.` and `..`.
 pub fn list_dir(dir: BorrowedFd) -> io::Result<Vec<std::ffi::OsString>> {
-    // fdopendir takes ownership of its descriptor, so give it a duplicate that
-    // starts at offset 0 (a dup shares the offset, hence the rewind).
-    let dup = dir.try_clone_to_owned()?;
-    // SAFETY: `dup` is ours to give away; fdopendir owns it from here and
-    // closedir closes it. Entries are copied before the next readdir.
-    unsafe {
-        let raw = std::os::fd::IntoRawFd::into_raw_fd(dup);
-        let d = libc::fdopendir(raw);
-        if d.is_null() {
-            let e = io::Error::last_os_error();
-            libc::close(raw);
-            return Err(e);
-        }
-        libc::rewinddir(d);
-        let mut names = Vec::new();
-        loop {
-            *libc::__errno_location() = 0;
-            let ent = libc::readdir(d);
-            if ent.is_null() {
-                let errno = *libc::__errno_location();
-                libc::closedir(d);
-                if errno != 0 {
-                    return Err(io::Error::from_raw_os_error(errno));
-                }
-                return Ok(names);
-            }
-            let name = CStr::from_ptr((*ent).d_name.as_ptr()).to_bytes();
-            if name != b"." && name != b".." {
-                names.push(OsStr::from_bytes(name).to_os_string());
-            }
+    use std::os::unix::ffi::OsStrExt;
+    // A fresh open of the directory: its own offset, starting at 0.
+    let mut names = Vec::new();
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_bytes();
+        if name != b"." && name != b".." {
+            names.push(OsStr::from_bytes(name).to_os_string());
         }
     }
+    Ok(names)
 }
-
 /// The outcome of a non-blocking lock attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Probe {
@@ -199,13 +165,12 @@ fn retry(mut attempt: impl FnMut() -> Result<(), TryLockError>) -> io::Result<Pr
 /// descriptor limit at or below `min`, or none free above it), the descriptor
 /// stays where it is: the move is a precaution, not a need.
 pub fn move_fd_above(fd: File, min: RawFd) -> File {
+    use std::os::fd::AsRawFd;
     if fd.as_raw_fd() >= min {
         return fd;
     }
-    // SAFETY: no memory is passed; on success the new descriptor is fresh and ours.
-    match check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) }) {
-        // SAFETY: as above.
-        Ok(new) => File::from(unsafe { OwnedFd::from_raw_fd(new) }),
+    match rustix::io::fcntl_dupfd_cloexec(&fd, min) {
+        Ok(new) => File::from(new),
         Err(_) => fd,
     }
 }
@@ -215,37 +180,36 @@ pub fn move_fd_above(fd: File, min: RawFd) -> File {
 /// `EINTR` returns early with nothing readable: the caller looks at its signal
 /// pipe, which is one of `fds`, on the next round.
 pub fn poll_readable(fds: &[RawFd], deadline: Option<Instant>) -> io::Result<Vec<usize>> {
-    let mut pfds: Vec<libc::pollfd> = fds
+    use rustix::event::{PollFd, PollFlags};
+    // SAFETY: the caller's descriptors are open for the length of the call.
+    let borrowed: Vec<BorrowedFd> = fds
         .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
+        .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
         .collect();
-    let timeout = match deadline {
-        None => -1,
-        Some(d) => {
-            let left = d.saturating_duration_since(Instant::now());
-            // Round up, so that we never wake a hair early and spin.
-            let ms = left.as_nanos().div_ceil(1_000_000);
-            libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
-        }
-    };
-    // SAFETY: `pfds` is a valid, exclusively borrowed array of `len` pollfds.
-    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted {
-            Ok(Vec::new())
-        } else {
-            Err(e)
-        };
+    let mut pfds: Vec<PollFd> = borrowed
+        .iter()
+        .map(|fd| PollFd::new(fd, PollFlags::IN))
+        .collect();
+    let timeout = deadline.map(|d| {
+        // Round up to whole milliseconds: never wake a hair early and spin.
+        let left = d.saturating_duration_since(Instant::now());
+        let ms = u64::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+        rustix::time::Timespec::try_from(std::time::Duration::from_millis(ms)).unwrap_or(
+            rustix::time::Timespec {
+                tv_sec: i64::MAX,
+                tv_nsec: 0,
+            },
+        )
+    });
+    match rustix::event::poll(&mut pfds, timeout.as_ref()) {
+        Ok(_) => {}
+        Err(rustix::io::Errno::INTR) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
     }
     Ok(pfds
         .iter()
         .enumerate()
-        .filter(|(_, p)| p.revents != 0)
+        .filter(|(_, p)| !p.revents().is_empty())
         .map(|(i, _)| i)
         .collect())
 }
@@ -255,28 +219,26 @@ pub struct Inotify(OwnedFd);
 
 impl Inotify {
     pub fn new() -> io::Result<Inotify> {
-        // SAFETY: no memory is passed; the descriptor is new and ours.
-        let fd = check(unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) })?;
-        // SAFETY: as above.
-        Ok(Inotify(unsafe { OwnedFd::from_raw_fd(fd) }))
+        use rustix::fs::inotify::CreateFlags;
+        Ok(Inotify(rustix::fs::inotify::init(
+            CreateFlags::NONBLOCK | CreateFlags::CLOEXEC,
+        )?))
     }
 
     pub fn watch(&self, path: &std::path::Path, mask: u32) -> io::Result<i32> {
-        let path = cstr(path.as_os_str())?;
-        // SAFETY: `path` is a valid C string.
-        check(unsafe { libc::inotify_add_watch(self.0.as_raw_fd(), path.as_ptr(), mask) })
+        let mask = rustix::fs::inotify::WatchFlags::from_bits_retain(mask);
+        Ok(rustix::fs::inotify::add_watch(&self.0, path, mask)?)
     }
 
     pub fn unwatch(&self, wd: i32) {
-        // SAFETY: no memory is passed; a stale `wd` only yields EINVAL.
-        unsafe { libc::inotify_rm_watch(self.0.as_raw_fd(), wd) };
+        // A stale `wd` only yields EINVAL.
+        let _ = rustix::fs::inotify::remove_watch(&self.0, wd);
     }
 
     /// Discards queued events: the caller re-examines the state itself.
     pub fn drain(&self) {
         let mut buf = [0u8; 4096];
-        // SAFETY: `buf` is writable for its length.
-        while unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+        while rustix::io::read(&self.0, &mut buf).is_ok_and(|n| n > 0) {}
     }
 
     pub fn as_fd(&self) -> BorrowedFd<'_> {
@@ -284,58 +246,39 @@ impl Inotify {
     }
 }
 
-/// A pipe whose both ends are close-on-exec.
+/// A pipe whose both ends are close-on-exec and non-blocking.
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) })?;
-    // SAFETY: pipe2 returned two fresh descriptors that nobody else owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+    use rustix::pipe::PipeFlags;
+    Ok(rustix::pipe::pipe_with(
+        PipeFlags::CLOEXEC | PipeFlags::NONBLOCK,
+    )?)
 }
 
 /// The host name, or `?` if it cannot be read.
 pub fn hostname() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: `buf` is writable for its length; gethostname NUL-terminates on success
-    // when the name fits, and we look for the NUL ourselves.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return "?".into();
+    let name = rustix::system::uname();
+    let name = name.nodename().to_string_lossy();
+    if name.is_empty() {
+        "?".into()
+    } else {
+        name.into_owned()
     }
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 pub fn euid() -> libc::uid_t {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 /// Whether `gid` is one of this process's groups (effective or supplementary).
 pub fn in_group(gid: libc::gid_t) -> bool {
-    // SAFETY: getegid cannot fail; getgroups writes at most `n` entries into `groups`.
-    unsafe {
-        if libc::getegid() == gid {
-            return true;
-        }
-        let n = libc::getgroups(0, std::ptr::null_mut());
-        if n <= 0 {
-            return false;
-        }
-        let mut groups = vec![0 as libc::gid_t; n as usize];
-        let n = libc::getgroups(n, groups.as_mut_ptr());
-        n > 0 && groups[..n as usize].contains(&gid)
-    }
+    rustix::process::getegid().as_raw() == gid
+        || rustix::process::getgroups().is_ok_and(|groups| groups.iter().any(|g| g.as_raw() == gid))
 }
 
 /// A monotonic timestamp in nanoseconds, comparable across processes of one boot.
 pub fn monotonic_nanos() -> u128 {
-    // SAFETY: `ts` is fully written by a successful clock_gettime.
-    unsafe {
-        let mut ts: libc::timespec = std::mem::zeroed();
-        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
-        ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
-    }
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    u128::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u128::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 /// Takes ownership of a descriptor inherited from the parent (by number, on
@@ -344,8 +287,9 @@ pub fn adopt_inherited(fd: RawFd) -> io::Result<OwnedFd> {
     if fd < 3 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
-    // SAFETY: no memory is passed; F_GETFD fails with EBADF on a closed descriptor.
-    check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    // SAFETY: only for the check that follows, which fails with EBADF on a
+    // closed descriptor; nothing is kept.
+    rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) })?;
     // SAFETY: the descriptor is open, was handed to this process to own, and
     // nothing else in qsem refers to it by number.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
