@@ -49,8 +49,21 @@ command -v cargo >/dev/null 2>&1 || {
     echo "install.sh: cargo is needed to build qsem (https://rustup.rs)" >&2
     exit 1
 }
-cargo build --release --locked --quiet
-bin=target/release/qsem
+# Linked static-pie (glibc or musl), with the release profile's LTO and
+# panic=abort: no dynamic loader and no shared-library relocations at each
+# start, which is most of a job's overhead (bench/RESULTS.md).
+# QSEM_STATIC=0 builds a plain dynamic binary; so does a host whose C
+# library cannot be linked statically.
+host=$(rustc -vV | sed -n 's/^host: //p')
+if [ "${QSEM_STATIC:-1}" != 0 ] &&
+    RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
+        cargo build --release --locked --quiet --target "$host"; then
+    bin=target/$host/release/qsem
+else
+    [ "${QSEM_STATIC:-1}" = 0 ] || echo "install.sh: a static build failed; building a dynamic one" >&2
+    cargo build --release --locked --quiet
+    bin=target/release/qsem
+fi
 
 mkdir -p "$bindir" "$mandir"
 # Install through a temporary name, so that running qsem processes keep theirs.
