@@ -10,13 +10,17 @@ use crate::command::Command;
 use crate::exit::{Exit, Failure};
 use crate::id::Id;
 use crate::{duration, jobs};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches};
 use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::time::Duration;
+
+mod dir;
+mod sem;
+use dir::lock_dir;
 
 /// Reads qsem's command line (`args`, argv[0] first) in the personality its
 /// name chooses. Help and version come back as a [`Failure`] with status 0,
@@ -197,7 +201,7 @@ pub enum Mode {
 }
 
 impl Config {
-    pub fn from_cli(cli: Cli) -> Result<Config> {
+    pub fn from_cli(mut cli: Cli) -> Result<Config> {
         let id = Id::new(cli.id.as_deref().unwrap_or(OsStr::new("default"))).map_err(usage)?;
         let jobs = match &cli.jobs {
             Some(j) => jobs::parse_here(j).map_err(usage)?,
@@ -215,36 +219,11 @@ impl Config {
             (None, Some(st)) => parse_semaphore_timeout(st, conflict)?,
             (None, None) => (Wait::Forever, OnTimeout::Exit(conflict)),
         };
-        let mode = if let Some(shell) = cli.completions {
-            Mode::Completions(shell)
-        } else if cli.status {
-            Mode::Status {
-                only: cli.id.is_some().then(|| id.clone()),
-                json: cli.json,
-            }
-        } else if cli.wait_all {
-            Mode::WaitAll
-        } else {
-            let command = match cli.shell_command {
-                // With --each the item becomes $1 of the script.
-                Some(script) if cli.each => Command::shell(script, &["sh"]),
-                Some(script) => Command::shell(script, &[]),
-                None => command_from_words(cli.command)?,
-            };
-            match (cli.each, cli.bg, cli.bg_supervisor) {
-                (true, _, _) => Mode::Each {
-                    command,
-                    separator: if cli.null { b'\0' } else { b'\n' },
-                },
-                (false, true, Some(notify)) => Mode::Supervise { command, notify },
-                (false, true, None) => Mode::Background(command),
-                (false, false, _) => Mode::Run(command),
-            }
-        };
+        let mode = mode(&id, &mut cli)?;
         if cli.json && !matches!(mode, Mode::Status { .. }) {
             return Err(usage("--json goes with --status"));
         }
-        let dir = lock_dir(cli.dir)?;
+        let dir = lock_dir(cli.dir.take())?;
         let backend = parse_backend(cli.backend.as_deref(), cli.lost_after.as_deref())?;
         let on_lost = match cli.on_lost.as_deref() {
             None | Some("warn") => OnLost::Warn,
@@ -255,23 +234,7 @@ impl Config {
                 )));
             }
         };
-        let timeout = cli
-            .timeout
-            .as_deref()
-            .map(|t| positive("--timeout", t))
-            .transpose()?;
-        let kill_after = match cli.kill_after.as_deref() {
-            Some(k) => positive("--kill-after", k)?,
-            None => DEFAULT_KILL_AFTER,
-        };
-        let max_waiting = match cli.max_waiting.as_deref() {
-            Some(k) => Some(k.trim().parse::<u32>().map_err(|_| {
-                usage(format!(
-                    "invalid --max-waiting '{k}': expected a number of waiters, 0 or more"
-                ))
-            })?),
-            None => None,
-        };
+        let (timeout, kill_after, max_waiting) = limits(&cli)?;
         Ok(Config {
             dir,
             backend,
@@ -293,76 +256,56 @@ impl Config {
     }
 }
 
-impl Config {
-    /// GNU sem's command line (qsem invoked as `sem`): background by default,
-    /// `--wait` waits for all jobs, the command words are joined with spaces
-    /// and run by /bin/sh, and a background job reads the caller's stdin.
-    pub fn from_sem_cli(cli: SemCli) -> Result<Config> {
-        let id = match &cli.id {
-            Some(id) => Id::new(id).map_err(usage)?,
-            None => default_sem_id(),
+/// What to do, from the mode flags (`--status`, `--each`, `--bg`, …).
+fn mode(id: &Id, cli: &mut Cli) -> Result<Mode> {
+    Ok(if let Some(shell) = cli.completions {
+        Mode::Completions(shell)
+    } else if cli.status {
+        Mode::Status {
+            only: cli.id.is_some().then(|| id.clone()),
+            json: cli.json,
+        }
+    } else if cli.wait_all {
+        Mode::WaitAll
+    } else {
+        let command = match cli.shell_command.take() {
+            // With --each the item becomes $1 of the script.
+            Some(script) if cli.each => Command::shell(script, &["sh"]),
+            Some(script) => Command::shell(script, &[]),
+            None => command_from_words(std::mem::take(&mut cli.command))?,
         };
-        let jobs = match cli.jobs.as_deref().map(str::trim) {
-            // GNU parallel's -j0: as many as possible.
-            Some("0") => jobs::MAX_JOBS,
-            Some(j) => jobs::parse_here(j).map_err(usage)?,
-            None => 1,
-        };
-        // GNU sem exits 1 when a negative --st expires (and says so).
-        let (wait, on_timeout) = match &cli.semaphore_timeout {
-            Some(st) => parse_semaphore_timeout(st, 1)?,
-            None => (Wait::Forever, OnTimeout::Exit(0)),
-        };
-        let mode = if cli.wait {
-            if !cli.command.is_empty() {
-                return Err(usage("--wait takes no command"));
-            }
-            Mode::WaitAll
-        } else {
-            let words: Vec<&OsStr> = cli.command.iter().map(OsString::as_os_str).collect();
-            if words.is_empty() {
-                return Err(usage("no command given"));
-            }
-            let command = Command::shell(words.join(OsStr::new(" ")), &[]);
-            match (cli.fg, cli.bg_supervisor) {
-                (true, _) => Mode::Run(command),
-                (false, Some(notify)) => Mode::Supervise { command, notify },
-                (false, None) => Mode::Background(command),
-            }
-        };
-        Ok(Config {
-            id,
-            jobs,
-            wait,
-            on_timeout,
-            quiet: false,
-            verbose: false,
-            close: false,
-            bg_stdin: true,
-            // GNU sem has no such options; the environment still chooses.
-            dir: lock_dir(cli.dir)?,
-            backend: parse_backend(std::env::var("QSEM_BACKEND").ok().as_deref(), None)?,
-            on_lost: OnLost::Warn,
-            timeout: None,
-            kill_after: DEFAULT_KILL_AFTER,
-            max_waiting: None,
-            st_warning: cli.semaphore_timeout.is_some(),
-            mode,
-        })
-    }
+        match (cli.each, cli.bg, cli.bg_supervisor) {
+            (true, _, _) => Mode::Each {
+                command,
+                separator: if cli.null { b'\0' } else { b'\n' },
+            },
+            (false, true, Some(notify)) => Mode::Supervise { command, notify },
+            (false, true, None) => Mode::Background(command),
+            (false, false, _) => Mode::Run(command),
+        }
+    })
 }
 
-/// GNU sem's default id: the terminal on stdin (so that one shell's jobs
-/// share a limit), else `default`.
-fn default_sem_id() -> Id {
-    use std::os::unix::ffi::OsStringExt;
-    let name = rustix::termios::ttyname(rustix::stdio::stdin(), Vec::new())
-        .map(|n| n.into_bytes())
-        .ok()
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| b"default".to_vec());
-    Id::new(&OsString::from_vec(name))
-        .unwrap_or_else(|_| Id::new(OsStr::new("default")).expect("valid"))
+/// `--timeout`, `--kill-after` and `--max-waiting`.
+fn limits(cli: &Cli) -> Result<(Option<Duration>, Duration, Option<u32>)> {
+    let timeout = cli
+        .timeout
+        .as_deref()
+        .map(|t| positive("--timeout", t))
+        .transpose()?;
+    let kill_after = match cli.kill_after.as_deref() {
+        Some(k) => positive("--kill-after", k)?,
+        None => DEFAULT_KILL_AFTER,
+    };
+    let max_waiting = match cli.max_waiting.as_deref() {
+        Some(k) => Some(k.trim().parse::<u32>().map_err(|_| {
+            usage(format!(
+                "invalid --max-waiting '{k}': expected a number of waiters, 0 or more"
+            ))
+        })?),
+        None => None,
+    };
+    Ok((timeout, kill_after, max_waiting))
 }
 
 fn command_from_words(words: Vec<OsString>) -> Result<Command> {
@@ -450,218 +393,6 @@ fn parse_semaphore_timeout(s: &str, conflict: u8) -> Result<(Wait, OnTimeout)> {
     })
 }
 
-/// `--dir` (or `QSEM_DIR`) if given, else the default.
-fn lock_dir(given: Option<PathBuf>) -> Result<PathBuf> {
-    match given {
-        Some(d) if d.as_os_str().is_empty() => Err(usage("--dir / QSEM_DIR is empty")),
-        Some(d) => Ok(d),
-        None => default_dir(),
-    }
-}
-
-/// `$XDG_STATE_HOME/qsem`, else `$HOME/.local/state/qsem`: the same for a user's
-/// cron jobs and shells.
-fn default_dir() -> Result<PathBuf> {
-    if let Some(state) = std::env::var_os("XDG_STATE_HOME").map(PathBuf::from)
-        && state.is_absolute()
-    {
-        return Ok(state.join("qsem"));
-    }
-    let home = std::env::var_os("HOME")
-        .filter(|h| !h.is_empty())
-        .map(PathBuf::from)
-        .or_else(home_from_passwd)
-        .context("cannot find a lock directory: set QSEM_DIR, or HOME")?;
-    Ok(home.join(".local/state/qsem"))
-}
-
-fn home_from_passwd() -> Option<PathBuf> {
-    use std::os::unix::ffi::OsStringExt;
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: passwd is plain data; getpwuid_r writes only within `buf`, and
-    // `pw_dir` points into it while `buf` lives.
-    unsafe {
-        let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut out = std::ptr::null_mut();
-        let rc = libc::getpwuid_r(
-            libc::geteuid(),
-            &mut pwd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut out,
-        );
-        if rc != 0 || out.is_null() || pwd.pw_dir.is_null() {
-            return None;
-        }
-        let dir = std::ffi::CStr::from_ptr(pwd.pw_dir).to_bytes().to_vec();
-        (!dir.is_empty()).then(|| PathBuf::from(OsString::from_vec(dir)))
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    fn config(args: &[&str]) -> Result<Config> {
-        let mut argv = vec!["qsem", "--dir", "/tmp/qsem-test"];
-        argv.extend_from_slice(args);
-        Config::from_cli(Cli::try_parse_from(argv).unwrap())
-    }
-
-    fn usage_message(args: &[&str]) -> String {
-        let mut argv = vec!["qsem", "--dir", "/tmp/qsem-test"];
-        argv.extend_from_slice(args);
-        let err =
-            parse(argv.into_iter().map(OsString::from).collect()).expect_err("should be rejected");
-        assert_eq!(err.exit, Exit::USAGE, "{}", err.message);
-        assert!(err.message.starts_with("qsem: "), "{}", err.message);
-        assert!(err.message.contains("Usage: qsem"), "{}", err.message);
-        err.message
-    }
-
-    #[test]
-    fn defaults() {
-        let c = config(&["true"]).unwrap();
-        assert_eq!(c.jobs, 1);
-        assert_eq!(c.wait, Wait::Forever);
-        assert_eq!(c.on_timeout, OnTimeout::Exit(0));
-        assert_eq!(c.id.as_bytes(), b"default");
-    }
-
-    #[test]
-    fn bad_values_name_themselves() {
-        for (args, needle) in [
-            (&["-j", "0", "true"][..], "'0'"),
-            (&["-j", "2000000", "true"], "'2000000'"),
-            (&["-j", "abc", "true"], "'abc'"),
-            (&["--wait", "1x", "true"], "'1x'"),
-            (&["--wait", "-3", "true"], "'-3'"),
-            (&["--wait", "99999999999999999999999h", "true"], "too large"),
-            (&["--id", "", "true"], "empty"),
-            (&["-E", "300", "true"], "'300'"),
-            (&["-E", "-1", "true"], "'-1'"),
-            (&["--st", "x", "true"], "'x'"),
-            (&["--json", "true"], "--status"),
-            (&["--timeout", "0", "true"], "more than 0"),
-            (&["--timeout", "soon", "true"], "'soon'"),
-            (&["--timeout", "1s", "--kill-after", "-1", "true"], "'-1'"),
-            (&["--max-waiting", "-1", "true"], "'-1'"),
-            (&["--max-waiting", "many", "true"], "'many'"),
-            (&[][..], "no command"),
-        ] {
-            let msg = usage_message(args);
-            assert!(msg.contains(needle), "{args:?}: {msg}");
-        }
-    }
-
-    #[test]
-    fn semaphore_timeout_both_ways() {
-        let c = config(&["--st", "-5", "true"]).unwrap();
-        assert_eq!(c.wait, Wait::For(Duration::from_secs(5)));
-        assert_eq!(c.on_timeout, OnTimeout::Exit(0));
-        let c = config(&["--st", "5", "true"]).unwrap();
-        assert_eq!(c.on_timeout, OnTimeout::RunAnyway);
-    }
-
-    #[test]
-    fn shell_command() {
-        let c = config(&["-c", "echo hi | wc"]).unwrap();
-        let Mode::Run(cmd) = c.mode else { panic!() };
-        assert_eq!(cmd.program, "/bin/sh");
-        assert_eq!(cmd.display(), "/bin/sh -c 'echo hi | wc'");
-    }
-
-    #[test]
-    fn pipeline_modes() {
-        let c = config(&["--bg", "gzip", "a b"]).unwrap();
-        let Mode::Background(cmd) = c.mode else {
-            panic!()
-        };
-        assert_eq!(cmd.display(), "gzip 'a b'");
-        assert!(matches!(
-            config(&["--wait-all"]).unwrap().mode,
-            Mode::WaitAll
-        ));
-        let c = config(&["--each", "-0", "gzip", "-9"]).unwrap();
-        let Mode::Each { command, separator } = c.mode else {
-            panic!()
-        };
-        assert_eq!((command.display().as_str(), separator), ("gzip -9", b'\0'));
-        let c = config(&["--each", "-c", "echo \"$1\""]).unwrap();
-        let Mode::Each { command, .. } = c.mode else {
-            panic!()
-        };
-        assert_eq!(command.args.last().unwrap(), "sh");
-        assert!(usage_message(&["--each"]).contains("no command"));
-    }
-
-    fn sem_config(args: &[&str]) -> Result<Config> {
-        let mut argv = vec!["sem", "--dir", "/tmp/qsem-test"];
-        argv.extend_from_slice(args);
-        Config::from_sem_cli(SemCli::try_parse_from(argv).unwrap())
-    }
-
-    #[test]
-    fn sem_personality() {
-        let c = sem_config(&["--id", "x", "-j2", "echo", "a  b", "$HOME"]).unwrap();
-        let Mode::Background(cmd) = c.mode else {
-            panic!()
-        };
-        assert_eq!(cmd.program, "/bin/sh");
-        assert_eq!(cmd.args, ["-c", "echo a  b $HOME"]);
-        assert!(c.bg_stdin);
-        assert_eq!(c.jobs, 2);
-        assert!(matches!(
-            sem_config(&["--fg", "true"]).unwrap().mode,
-            Mode::Run(_)
-        ));
-        assert!(matches!(
-            sem_config(&["--wait"]).unwrap().mode,
-            Mode::WaitAll
-        ));
-        assert_eq!(
-            sem_config(&["-j", "0", "true"]).unwrap().jobs,
-            jobs::MAX_JOBS
-        );
-        let c = sem_config(&["--st", "-2", "true"]).unwrap();
-        assert_eq!(c.wait, Wait::For(Duration::from_secs(2)));
-        assert_eq!(c.on_timeout, OnTimeout::Exit(1), "as GNU sem");
-        assert!(c.st_warning);
-        let c = sem_config(&["--st", "2", "true"]).unwrap();
-        assert_eq!(c.on_timeout, OnTimeout::RunAnyway);
-        for (args, needle) in [
-            (&["--wait", "true"][..], "no command"),
-            (&[][..], "no command"),
-            (&["-j", "x", "true"], "'x'"),
-        ] {
-            let err = sem_config(args).expect_err("should be rejected");
-            assert!(err.to_string().contains(needle), "{args:?}: {err}");
-        }
-    }
-
-    #[test]
-    fn backends() {
-        assert_eq!(config(&["true"]).unwrap().backend, Backend::Files);
-        let c = config(&["--backend", "postgresql://h/db", "--on-lost=kill", "true"]).unwrap();
-        assert_eq!(
-            c.backend,
-            Backend::Postgres {
-                url: "postgresql://h/db".into(),
-                lost_after: DEFAULT_LOST_AFTER
-            }
-        );
-        assert_eq!(c.on_lost, OnLost::Kill);
-        for (args, needle) in [
-            (&["--backend", "redis://h", "true"][..], "'redis://h'"),
-            (&["--backend", "mysql://u:secret@h", "true"], "'h'"),
-            (&["--on-lost", "ignore", "true"], "'ignore'"),
-            (&["--lost-after", "1s", "true"], "'1s'"),
-            (&["--lost-after", "soon", "true"], "'soon'"),
-        ] {
-            let msg = usage_message(args);
-            assert!(msg.contains(needle), "{args:?}: {msg}");
-            assert!(!msg.contains("secret"), "{msg}");
-        }
-    }
-}
+#[path = "config/tests.rs"]
+mod tests;

@@ -32,6 +32,7 @@
 //!   never reach a recycled pid.
 
 mod items;
+mod output;
 mod relay;
 
 use crate::child::{self, Target};
@@ -81,31 +82,7 @@ pub fn run(cfg: &Config, cmd: &Command, separator: u8, sem: &mut dyn Semaphore) 
                     break 'items;
                 }
             };
-            let spawned = child::spawn(cfg, cmd, &program, slot.as_deref(), own_group, |c| {
-                c.arg(&item)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped());
-            });
-            match spawned {
-                Ok(child) => {
-                    let mut slot = slot;
-                    if let Some(slot) = slot.as_mut() {
-                        slot.started(child.id());
-                    }
-                    let target = Target::new(child.id(), own_group)
-                        .context("the command has no valid pid")?;
-                    relay.add(child, target, display, cfg)?;
-                    // The run holds the slot now; our copy must not outlive
-                    // it, or the slot would free only when qsem ends.
-                    drop(slot);
-                }
-                Err(e) => {
-                    let (exit, why) = child::spawn_failure(&cmd.program, &e);
-                    report::line(&cfg.id, &why);
-                    relay.count(exit);
-                }
-            }
+            start(cfg, cmd, &program, item, display, slot, own_group, &relay)?;
         }
         if items.at_end() {
             break;
@@ -124,18 +101,67 @@ pub fn run(cfg: &Config, cmd: &Command, separator: u8, sem: &mut dyn Semaphore) 
     if let Some(r) = stopped {
         relay.forward(r);
     }
-    // No more runs: wait for the last ones, still passing signals on.
-    let done = relay.close()?;
+    let stopped = wait_for_the_last(relay.close()?, &relay, &mut signals)?.or(stopped);
+    let worst = relay.finish()?;
+    Ok(stopped.map_or(worst, |r| Exit::signal(r.signo)))
+}
+
+/// Waits until the last run has been reaped (`done` turns readable), still
+/// passing signals on; returns the first signal that came meanwhile.
+fn wait_for_the_last(
+    done: std::os::fd::OwnedFd,
+    relay: &Relay,
+    signals: &mut Signals,
+) -> Result<Option<Received>> {
+    let mut first = None;
     loop {
         match signals.wait(&[done.as_fd()], None)? {
             Wake::Signal(r) => {
                 relay.forward(r);
-                stopped.get_or_insert(r);
+                first.get_or_insert(r);
             }
-            Wake::Ready(_) => break,
+            Wake::Ready(_) => return Ok(first),
             Wake::Timeout => {}
         }
     }
-    let worst = relay.finish()?;
-    Ok(stopped.map_or(worst, |r| Exit::signal(r.signo)))
+}
+
+/// Starts one run, holding `slot`, and hands it to the relay; a run that
+/// cannot start is said and counted (126/127).
+#[allow(clippy::too_many_arguments)]
+fn start(
+    cfg: &Config,
+    cmd: &Command,
+    program: &std::path::Path,
+    item: std::ffi::OsString,
+    display: String,
+    mut slot: Option<Box<dyn crate::semaphore::Slot>>,
+    own_group: bool,
+    relay: &Relay,
+) -> Result<()> {
+    let spawned = child::spawn(cfg, cmd, program, slot.as_deref(), own_group, |c| {
+        c.arg(&item)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+    });
+    match spawned {
+        Ok(child) => {
+            if let Some(slot) = slot.as_mut() {
+                slot.started(child.id());
+            }
+            let target =
+                Target::new(child.id(), own_group).context("the command has no valid pid")?;
+            relay.add(child, target, display, cfg)?;
+            // The run holds the slot now; our copy must not outlive
+            // it, or the slot would free only when qsem ends.
+            drop(slot);
+        }
+        Err(e) => {
+            let (exit, why) = child::spawn_failure(&cmd.program, &e);
+            report::line(&cfg.id, &why);
+            relay.count(exit);
+        }
+    }
+    Ok(())
 }
