@@ -16,8 +16,8 @@
 //! safely. Once installed, the handlers and the pipe stay for the life of the
 //! process.
 
+use crate::sys;
 use anyhow::{Context, Result};
-use rustix::event::{PollFd, PollFlags};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
@@ -177,9 +177,13 @@ impl Signals {
             if until.is_some_and(|t| Instant::now() >= t) {
                 return Ok(Wake::Timeout);
             }
-            let ready = poll_readable(self.read, fds, until).context("cannot wait (poll)")?;
-            if let Some(i) = ready {
-                return Ok(Wake::Ready(i));
+            let all: Vec<RawFd> = std::iter::once(self.read)
+                .chain(fds.iter().copied())
+                .map(|fd| fd.as_raw_fd())
+                .collect();
+            let ready = sys::poll_readable(&all, until).context("cannot wait (poll)")?;
+            if let Some(&i) = ready.iter().find(|&&i| i > 0) {
+                return Ok(Wake::Ready(i - 1));
             }
         }
     }
@@ -189,36 +193,4 @@ impl Signals {
         self.collect();
         (!self.queue.is_empty()).then(|| self.queue.remove(0))
     }
-}
-
-/// Sleeps until `own` or one of `fds` is readable, or `until`; returns the
-/// index in `fds` of the first readable one (`None`: the signal pipe, a
-/// signal's EINTR, or the time passed).
-fn poll_readable(
-    own: BorrowedFd,
-    fds: &[BorrowedFd],
-    until: Option<Instant>,
-) -> std::io::Result<Option<usize>> {
-    let mut pfds: Vec<PollFd> = std::iter::once(own.as_fd())
-        .chain(fds.iter().map(|fd| fd.as_fd()))
-        .map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::IN))
-        .collect();
-    let timeout = until.map(|t| {
-        // Round up to whole milliseconds, as poll(2) would: never wake a
-        // hair early and spin.
-        let left = t.saturating_duration_since(Instant::now());
-        let left = std::time::Duration::from_millis(
-            u64::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX),
-        );
-        rustix::time::Timespec::try_from(left).unwrap_or(rustix::time::Timespec {
-            tv_sec: i64::MAX,
-            tv_nsec: 0,
-        })
-    });
-    match rustix::event::poll(&mut pfds, timeout.as_ref()) {
-        Ok(_) => {}
-        Err(rustix::io::Errno::INTR) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    Ok(pfds[1..].iter().position(|p| !p.revents().is_empty()))
 }

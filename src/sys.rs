@@ -4,7 +4,8 @@
 //! `File::lock` family (flock(2) on Linux) in the forms qsem needs.
 //!
 //! These serve the engines (`semaphore/`), whose code calls them by these
-//! names and signatures. Three `unsafe` blocks are left, each where no safe
+//! names and signatures; [`poll_readable`] is also the one poll under
+//! `Signals::wait` and `--each`'s relay thread. Three `unsafe` blocks are left, each where no safe
 //! form exists for what the caller hands over: [`fstat`] and [`lstat_at`]
 //! return libc's `stat`, which the file engine is written against (rustix's
 //! `Stat` is another type); [`poll_readable`] takes raw descriptor numbers;

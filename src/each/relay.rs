@@ -16,9 +16,9 @@ use crate::config::Config;
 use crate::exit::Exit;
 use crate::report;
 use crate::runner::{self, Ended, Stop};
+use crate::sys;
 use anyhow::{Context, Result};
-use rustix::event::{PollFd, PollFlags};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Child, ChildStderr, ChildStdout};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -282,7 +282,7 @@ fn tend(shared: &Mutex<Shared>, wake: &OwnedFd, cfg: &Config) {
 /// Sleeps until a pipe has data, a run ends or is due to be stopped, or the
 /// main thread pokes; passes on what the pipes hold.
 fn sleep(runs: &mut [Run], wake: &OwnedFd, sink: &mut Sink) {
-    let mut fds = vec![PollFd::new(wake, PollFlags::IN)];
+    let mut fds = vec![wake.as_raw_fd()];
     // (run, which: 0 stdout, 1 stderr, 2 pidfd) per descriptor after `wake`.
     let mut owners = Vec::new();
     let mut until = None::<Instant>;
@@ -293,41 +293,27 @@ fn sleep(runs: &mut [Run], wake: &OwnedFd, sink: &mut Sink) {
     };
     for (i, run) in runs.iter().enumerate() {
         if let Some(p) = &run.out {
-            fds.push(PollFd::new(&p.pipe, PollFlags::IN));
+            fds.push(p.pipe.as_raw_fd());
             owners.push((i, 0));
         }
         if let Some(p) = &run.err {
-            fds.push(PollFd::new(&p.pipe, PollFlags::IN));
+            fds.push(p.pipe.as_raw_fd());
             owners.push((i, 1));
         }
         if !run.reaped {
             earliest(run.stop.next());
             match &run.pidfd {
                 Some(fd) => {
-                    fds.push(PollFd::new(fd, PollFlags::IN));
+                    fds.push(fd.as_raw_fd());
                     owners.push((i, 2));
                 }
                 None => earliest(Some(Instant::now() + Duration::from_millis(50))),
             }
         }
     }
-    let timeout = until.map(|t| {
-        let left = t.saturating_duration_since(Instant::now()) + Duration::from_millis(1);
-        rustix::time::Timespec::try_from(left).unwrap_or(rustix::time::Timespec {
-            tv_sec: i64::MAX,
-            tv_nsec: 0,
-        })
-    });
-    if rustix::event::poll(&mut fds, timeout.as_ref()).is_err() {
+    let Ok(ready) = sys::poll_readable(&fds, until) else {
         return;
-    }
-    let ready: Vec<usize> = fds
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| !p.revents().is_empty())
-        .map(|(i, _)| i)
-        .collect();
-    drop(fds);
+    };
     for i in ready {
         if i == 0 {
             let mut buf = [0u8; 256];
