@@ -19,17 +19,16 @@ if [ -n "$need" ]; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
     $sudo apt-get update -qq && $sudo apt-get install -y -qq $need >&2
 fi
-cargo build --release --locked >&2
-# The same source linked statically (static-pie): not how install.sh builds
-# qsem, but measured beside it, since startup is most of qsem's overhead.
-# QSEM_BENCH_STATIC=0 skips it.
-static=""
-if [ "${QSEM_BENCH_STATIC:-1}" != 0 ]; then
-    host=$(rustc -vV | sed -n 's/^host: //p')
-    if RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \
-        --target "$host" --target-dir target/bench-static >&2; then
-        static="--static $PWD/target/bench-static/$host/release/qsem"
-    fi
+# qsem as install.sh builds it: static-pie, with the release profile's LTO
+# and panic=abort. The plain dynamic build is measured beside it
+# (QSEM_BENCH_DYNAMIC=0 skips it).
+host=$(rustc -vV | sed -n 's/^host: //p')
+RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target "$host" >&2
+qsem="$PWD/target/$host/release/qsem"
+other=""
+if [ "${QSEM_BENCH_DYNAMIC:-1}" != 0 ]; then
+    cargo build --release --locked >&2
+    other="--static $PWD/target/release/qsem"
 fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/qsem-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT INT TERM
@@ -37,4 +36,4 @@ trap 'rm -rf "$work"' EXIT INT TERM
 rustc -O --edition 2024 -C target-feature=+crt-static bench/stamp.rs -o "$work/stamp" >&2 \
     || rustc -O --edition 2024 bench/stamp.rs -o "$work/stamp" >&2
 mkdir -p bench/out
-python3 bench/bench.py "$PWD/target/release/qsem" "$work/stamp" "$work" $static "$@" | tee bench/out/latest.md
+python3 bench/bench.py "$qsem" "$work/stamp" "$work" $other "$@" | tee bench/out/latest.md
