@@ -56,6 +56,12 @@ pub fn run(cfg: &Config, cmd: &Command, separator: u8, sem: &mut dyn Semaphore) 
     let mut signals = Signals::install()?;
     let own_group = child::own_group();
     let mut relay = Relay::start(cfg)?;
+    let how = How {
+        cfg,
+        cmd,
+        program: &program,
+        own_group,
+    };
     let mut items = Items::new(separator);
     let stdin = std::io::stdin();
     let mut stopped: Option<Received> = None;
@@ -82,7 +88,7 @@ pub fn run(cfg: &Config, cmd: &Command, separator: u8, sem: &mut dyn Semaphore) 
                     break 'items;
                 }
             };
-            start(cfg, cmd, &program, item, display, slot, own_group, &relay)?;
+            start(&how, item, display, slot, &relay)?;
         }
         if items.at_end() {
             break;
@@ -128,17 +134,29 @@ fn wait_for_the_last(
 
 /// Starts one run, holding `slot`, and hands it to the relay; a run that
 /// cannot start is said and counted (126/127).
-#[allow(clippy::too_many_arguments)]
+/// What every run shares: the configuration, the command, its program, and
+/// whether runs get process groups of their own.
+#[derive(Clone, Copy)]
+struct How<'a> {
+    cfg: &'a Config,
+    cmd: &'a Command,
+    program: &'a std::path::Path,
+    own_group: bool,
+}
+
 fn start(
-    cfg: &Config,
-    cmd: &Command,
-    program: &std::path::Path,
+    how: &How,
     item: std::ffi::OsString,
     display: String,
     mut slot: Option<Box<dyn crate::semaphore::Slot>>,
-    own_group: bool,
     relay: &Relay,
 ) -> Result<()> {
+    let How {
+        cfg,
+        cmd,
+        program,
+        own_group,
+    } = *how;
     let spawned = child::spawn(cfg, cmd, program, slot.as_deref(), own_group, |c| {
         c.arg(&item)
             .stdin(Stdio::null())
