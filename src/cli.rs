@@ -42,7 +42,7 @@ lost. Invoked as `sem`, qsem reads GNU sem's command lines. See qsem(1).";
     version,
     after_help = EXAMPLES,
     max_term_width = 100,
-    override_usage = "qsem [OPTIONS] [--] COMMAND [ARG]...\n       qsem [OPTIONS] -c STRING\n       qsem [OPTIONS] --each [--] COMMAND [ARG]...\n       qsem --id ID --wait-all [--wait DUR]\n       qsem --status [--id ID] [--json]"
+    override_usage = "qsem [OPTIONS] [--] COMMAND [ARG]...\n       qsem [OPTIONS] -c STRING\n       qsem [OPTIONS] --each [--] COMMAND [ARG]...\n       qsem --id ID --wait-all [--wait DUR]\n       qsem --status [--id ID] [--json]\n       qsem --history [--id ID] [--since DUR] [--json]\n       qsem --metrics"
 )]
 pub struct Cli {
     /// The semaphore's name: any non-empty string of up to 255 bytes [default: default]
@@ -117,9 +117,21 @@ pub struct Cli {
     #[arg(long, hide = true, value_name = "SHELL")]
     pub completions: Option<clap_complete::Shell>,
 
-    /// With --status: print one JSON document
-    #[arg(long, requires = "status")]
+    /// With --status or --history: print one JSON document
+    #[arg(long)]
     pub json: bool,
+
+    /// Summarise the journal of ID or of every id: outcomes, wait and run times, last failure
+    #[arg(long, conflicts_with_all = ["command", "shell_command", "status", "bg", "each", "wait_all"])]
+    pub history: bool,
+
+    /// With --history: only the invocations that started within DUR (1h, 7d is 168h)
+    #[arg(long, value_name = "DUR", requires = "history")]
+    pub since: Option<String>,
+
+    /// Print the journal and the live holders in Prometheus's text format, for node_exporter
+    #[arg(long, conflicts_with_all = ["command", "shell_command", "status", "bg", "each", "wait_all", "history", "json"])]
+    pub metrics: bool,
 
     /// Lock directory [default: $XDG_STATE_HOME/qsem or ~/.local/state/qsem]
     #[arg(long, value_name = "DIR", env = "QSEM_DIR")]

@@ -174,6 +174,15 @@ pub enum Mode {
     WaitAll,
     /// `--each`: run the command once per item of stdin.
     Each { command: Command, separator: u8 },
+    /// `--history`: summarise the journal, of one id or of all, optionally
+    /// only the invocations that started within `since`.
+    History {
+        only: Option<Id>,
+        since: Option<Duration>,
+        json: bool,
+    },
+    /// `--metrics`: the journal and the live holders as Prometheus text.
+    Metrics,
     /// Print a shell completion script.
     Completions(clap_complete::Shell),
 }
@@ -204,6 +213,17 @@ impl Config {
                 only: cli.id.is_some().then(|| id.clone()),
                 json: cli.json,
             }
+        } else if cli.history {
+            let since = cli.since.as_deref().map(duration::parse).transpose();
+            Mode::History {
+                only: cli.id.is_some().then(|| id.clone()),
+                since: since.map_err(|e| usage(format!("--since: {e}")))?,
+                json: cli.json,
+            }
+        } else if cli.metrics {
+            Mode::Metrics
+        } else if cli.json {
+            return Err(usage("--json goes with --status or --history"));
         } else if cli.wait_all {
             Mode::WaitAll
         } else {

@@ -32,6 +32,7 @@
 
 use crate::config::{Command, Config, OnTimeout};
 use crate::exit::Exit;
+use crate::history;
 use crate::report;
 use crate::runner;
 use crate::semaphore::{Acquired, Request, Semaphore};
@@ -79,18 +80,23 @@ pub fn run(cfg: &Config, cmd: &Command, separator: u8, sem: &mut dyn Semaphore) 
                 deadline: cfg.wait.deadline(),
                 command: &display.display(),
             };
-            let slot = match sem.acquire(&request, &mut signals)? {
+            let mut entry = history::Entry::begin(cfg);
+            let acquired = sem.acquire(&request, &mut signals)?;
+            entry.waited(&acquired);
+            let slot = match acquired {
                 Acquired::Slot(slot) => Some(slot),
                 Acquired::TimedOut | Acquired::Crowded => match cfg.on_timeout {
                     // The item is skipped, counted as if it had exited with
                     // the conflict code (0 by default: not at all).
                     OnTimeout::Exit(code) => {
+                        entry.skipped(Exit::code(code));
                         relay.count(Exit::of_each_run(exit_status(code)));
                         continue;
                     }
                     OnTimeout::RunAnyway => None,
                 },
                 Acquired::Interrupted(r) => {
+                    entry.skipped(Exit::signal(r.signo));
                     pass_on(&relay, r.signo, None, own_group);
                     stopped = Some(r.signo);
                     break 'items;
@@ -109,7 +115,8 @@ pub fn run(cfg: &Config, cmd: &Command, separator: u8, sem: &mut dyn Semaphore) 
                     if let Some(slot) = slot.as_mut() {
                         slot.started(child.id());
                     }
-                    relay.add(child, display.display(), started)?;
+                    entry.started(child.id());
+                    relay.add(child, display.display(), started, entry)?;
                     // The run holds the slot now; our copy must not outlive
                     // it, or the slot would free only when qsem ends.
                     drop(slot);
@@ -119,7 +126,9 @@ pub fn run(cfg: &Config, cmd: &Command, separator: u8, sem: &mut dyn Semaphore) 
                         io::ErrorKind::NotFound => Exit::NOT_FOUND,
                         _ => Exit::NOT_EXECUTABLE,
                     };
-                    report::line(&cfg.id, &format!("{}: {e}", display.display()));
+                    let line = format!("{}: {e}", display.display());
+                    entry.not_started(exit, &line);
+                    report::line(&cfg.id, &line);
                     relay.count(exit);
                 }
             }
@@ -251,6 +260,8 @@ struct Run {
     child: Child,
     display: String,
     started: Instant,
+    /// Its journal record, written when it is reaped.
+    entry: history::Entry,
     out: Option<Pipe<ChildStdout>>,
     err: Option<Pipe<ChildStderr>>,
     /// Readable once the run exits; `None` if pidfds are not available.
@@ -377,7 +388,13 @@ impl Relay {
         let _ = sys::write_all(self.wake.as_fd(), b"x");
     }
 
-    fn add(&self, mut child: Child, display: String, started: Instant) -> Result<()> {
+    fn add(
+        &self,
+        mut child: Child,
+        display: String,
+        started: Instant,
+        entry: history::Entry,
+    ) -> Result<()> {
         let pid = child.id() as libc::pid_t;
         let out = child.stdout.take().map(|p| Pipe::new(p, 1));
         let err = child.stderr.take().map(|p| Pipe::new(p, 2));
@@ -394,6 +411,7 @@ impl Relay {
             child,
             display,
             started,
+            entry,
             out,
             err,
             pidfd: sys::pidfd_open(pid).ok(),
@@ -469,8 +487,10 @@ fn tend(shared: &Mutex<Shared>, wake: &OwnedFd, id: &crate::id::Id, quiet: bool)
             // What it wrote before it ended comes before its report line.
             run.drain();
             let exit = Exit::of_each_run(status);
-            if !exit.is_success() && !quiet {
-                let line = runner::describe(&run.display, status, run.started.elapsed());
+            let line = (!exit.is_success())
+                .then(|| runner::describe(&run.display, status, run.started.elapsed()));
+            run.entry.ended(status, line.as_deref());
+            if let Some(line) = line.filter(|_| !quiet) {
                 report::line(id, &line);
             }
             let mut s = lock();

@@ -15,6 +15,7 @@
 use crate::config::{Command, Config, OnLost, OnTimeout};
 use crate::duration;
 use crate::exit::{Exit, Failure};
+use crate::history;
 use crate::report;
 use crate::semaphore::{Acquired, Request, Semaphore, Slot, SlotEvent};
 use crate::signals::{self, Received, Signals};
@@ -67,7 +68,8 @@ fn run_as(
     // Catch signals first: one that comes before the handlers would kill qsem
     // outright instead of ending it with 128+N.
     let mut signals = Signals::install()?;
-    let program = resolve_or_fail(cfg, cmd)?;
+    let mut entry = history::Entry::begin(cfg);
+    let program = resolve_or_fail(cfg, cmd).inspect_err(|e| entry.failed(e))?;
     let display = cmd.display();
     let deadline = cfg.wait.deadline();
     let request = Request {
@@ -78,7 +80,9 @@ fn run_as(
         deadline,
         command: &display,
     };
-    let mut slot = match sem.acquire(&request, &mut signals)? {
+    let acquired = sem.acquire(&request, &mut signals)?;
+    entry.waited(&acquired);
+    let mut slot = match acquired {
         Acquired::Slot(slot) => {
             if cfg.verbose {
                 report::line(
@@ -89,14 +93,14 @@ fn run_as(
             Some(slot)
         }
         Acquired::TimedOut | Acquired::Crowded => match cfg.on_timeout {
-            OnTimeout::Exit(code) => return Ok(Exit::code(code)),
+            OnTimeout::Exit(code) => return Ok(entry.skipped(Exit::code(code))),
             OnTimeout::RunAnyway => None,
         },
-        Acquired::Interrupted(r) => return Ok(Exit::signal(r.signo)),
+        Acquired::Interrupted(r) => return Ok(entry.skipped(Exit::signal(r.signo))),
     };
     // A stop signal that came while the slot was being taken: start nothing.
     if let Some(r) = signals.take_stop() {
-        return Ok(Exit::signal(r.signo));
+        return Ok(entry.skipped(Exit::signal(r.signo)));
     }
     let background = notify.is_some();
     if let Some(fd) = notify.take() {
@@ -116,13 +120,16 @@ fn run_as(
             if background && let Some(slot) = slot {
                 slot.finish(Some(&why))?;
             }
-            return Err(Failure {
+            let err = Failure {
                 exit,
                 message: format!("qsem[{}]: {why}", cfg.id),
             }
-            .into());
+            .into();
+            entry.failed(&err);
+            return Err(err);
         }
     };
+    entry.started(child.id());
     if let Some(slot) = slot.as_mut() {
         slot.started(child.id());
     }
@@ -135,11 +142,13 @@ fn run_as(
     )?;
     if stopped {
         // The loss was reported when it happened; the job's own end is moot.
+        entry.ended(status, Some("stopped: its slot was lost (--on-lost=kill)"));
         return Ok(Exit::SLOT_LOST);
     }
     let exit = Exit::of_child(status);
-    if !exit.is_success() {
-        let line = describe(&display, status, started.elapsed());
+    let line = (!exit.is_success()).then(|| describe(&display, status, started.elapsed()));
+    entry.ended(status, line.as_deref());
+    if let Some(line) = line {
         // Recorded while the slot is still held: a --wait-all woken by its
         // release must find the failure.
         let recorded = match slot.take() {
