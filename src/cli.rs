@@ -10,8 +10,9 @@ Examples:
   # crontab: at most two imports at once; if none can start within 1s, quietly skip
   */1 * * * * qsem --id proc -j2 --wait 1s -- ImportProcess
 
-  # a shell pipeline through /bin/sh, one at a time, failing with 75 when busy
-  qsem --id backup --wait 0 -E 75 -c 'pg_dump db | gzip > db.gz'
+  # a pipeline, one at a time, failing with 75 when busy; pipefail so that a
+  # failed pg_dump fails the job (a pipeline's status is its last command's)
+  qsem --id backup --wait 0 -E 75 -- bash -c 'set -o pipefail; pg_dump db | gzip > db.gz'
 
   # as many jobs as there are CPUs, minus one
   qsem --id encode -j-1 -- ffmpeg -i in.mkv out.mp4
@@ -26,6 +27,13 @@ Examples:
   # who holds which slot, and who waits
   qsem --status
   qsem --status --id proc --json
+
+  # how often proc ran, waited, failed or was skipped today; Prometheus text
+  qsem --history --id proc --since 24h
+  d=/var/lib/prometheus/node-exporter; qsem --metrics > $d/qsem.prom.tmp && mv $d/qsem.prom.tmp $d/qsem.prom
+
+In a crontab, set PATH (cron's is /usr/bin:/bin) and use foreground lines:
+what a --bg job prints after the line returns never reaches cron's mail.
 
 Exit status: the command's own; 128+N if it was killed by signal N; the -E value
 (default 0) if the wait expired; 2 for bad usage; 125 if qsem itself failed;
@@ -195,10 +203,12 @@ Examples:
   sem --id proc -j2 ImportProcess
   # wait until every job of the id has ended (exit 1 if any failed)
   sem --id proc --wait
-  # in the foreground, with the job's exit status
-  sem --fg --id backup 'pg_dump db | gzip > db.gz'
+  # in the foreground, with the job's exit status (a failed pg_dump fails it)
+  sem --fg --id backup 'pg_dump db > db.sql && gzip -f db.sql'
 
-This is qsem's GNU sem personality (qsem invoked as `sem`). See qsem(1).";
+This is qsem's GNU sem personality (qsem invoked as `sem`). Not for crontabs:
+what a background job prints after the line returns is lost to cron's mail;
+use qsem in the foreground there. See qsem(1).";
 
 /// Whether qsem was invoked as `sem` (a symlink), and so reads GNU sem's
 /// command lines.

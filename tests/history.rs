@@ -231,13 +231,38 @@ fn rotation_bounds_the_journal_and_keeps_two_generations() {
         "{kept} records of {record} bytes"
     );
     assert_eq!(count(&env, "rot", "\"invocations\":"), kept as u64);
-    // Concurrently: rotations race, records stay whole, files bounded.
+    // --metrics still counts every one: the dropped generations are carried.
+    assert_eq!(failed_runs(&env, "rot"), 40);
+    assert_eq!(sample(&env, "qsem_run_seconds_count{id=\"rot\"}"), 40);
+    // Concurrently: rotations race, records stay whole, files bounded, and
+    // the counter never falls (a writer that sleeps through two rotations
+    // could lose its record, so not all 40 need be there).
     swarm(&env, 40, "rot", &args, &[("QSEM_HISTORY_SIZE", &size)]);
     records(&env, "rot");
     for f in journals(&env, "rot") {
         let len = std::fs::metadata(&f).unwrap().len();
         assert!(len < 3 * limit, "{f:?}: {len} bytes");
     }
+    let total = failed_runs(&env, "rot");
+    assert!((60..=80).contains(&total), "{total}");
+}
+
+/// The value of one sample of `qsem --metrics`, named with its labels.
+fn sample(env: &Env, series: &str) -> u64 {
+    let (code, text, err) = run(env.qsem().arg("--metrics"));
+    assert_eq!(code, 0, "{err}");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{series} in {text}"));
+    line.parse().unwrap()
+}
+
+fn failed_runs(env: &Env, id: &str) -> u64 {
+    sample(
+        env,
+        &format!("qsem_runs_total{{id=\"{id}\",outcome=\"failed\"}}"),
+    )
 }
 
 fn mode(path: &Path) -> u32 {
@@ -296,6 +321,13 @@ fn a_journal_that_cannot_be_written_never_fails_the_job() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
     let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("cannot write history").count(), 1, "{err}");
+    // A FIFO in the journal's place: refused at once, not waited on.
+    std::fs::remove_file(&journal).unwrap();
+    let made = Command::new("mkfifo").arg(&journal).status().unwrap();
+    assert!(made.success());
+    let (code, _, err) = run(env.qsem().args(["--id", "j", "true"]));
+    assert_eq!(code, 0, "{err}");
     assert_eq!(err.matches("cannot write history").count(), 1, "{err}");
     // QSEM_HISTORY_SIZE=0: no journal, nothing said.
     let (code, _, err) = run(env

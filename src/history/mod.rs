@@ -18,9 +18,11 @@
 //! cannot be written, qsem says so once on stderr and goes on.
 
 mod journal;
+mod place;
 mod prometheus;
 mod record;
 mod summary;
+mod totals;
 
 pub use record::{Ended, Outcome, Skip};
 
@@ -172,7 +174,7 @@ pub fn show(
     let from = since.and_then(|d| now.checked_sub(d));
     let summaries: Vec<summary::Summary> = journal::read(&cfg.dir, only)?
         .into_iter()
-        .map(|(id, records)| summary::summarise(id, &records, from))
+        .map(|j| summary::summarise(j.id, &j.records, from))
         .collect();
     Ok(if json {
         summary::json(&summaries)

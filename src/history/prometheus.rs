@@ -5,103 +5,82 @@
 //! Every family is written whole, HELP and TYPE first, one series per id;
 //! label values are escaped as the format says (backslash, double quote,
 //! newline), and an id that is not UTF-8 is shown with U+FFFD in place of
-//! its bad bytes. The counters count what the journal holds, so they fall
-//! back when the journal rotates, which Prometheus's `rate()` and
-//! `increase()` take for a counter reset.
+//! its bad bytes. The counters and histograms never fall: what a rotation
+//! drops from the journal lives on in its carry (`totals.rs`).
 
+use super::journal::Journal;
 use super::record::{Outcome, Record};
+use super::totals::{Histogram, OUTCOMES, RUN_BUCKETS, Totals, WAIT_BUCKETS};
 use crate::id::Id;
 use crate::semaphore::IdStatus;
 use std::collections::BTreeMap;
 use std::fmt::Write;
-use std::time::Duration;
 
-/// Bucket bounds of the wait, in seconds: from "at once" to "an hour".
-const WAIT_BUCKETS: [f64; 9] = [0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 900.0, 3600.0];
-/// Bucket bounds of the run time, in seconds: from a second to a day.
-const RUN_BUCKETS: [f64; 9] = [
-    1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 14400.0, 86400.0,
-];
-
-const OUTCOMES: [&str; 4] = ["ok", "failed", "timed_out", "skipped"];
+/// What one id's series are made of.
+#[derive(Default)]
+struct Series<'a> {
+    totals: Totals,
+    /// When the latest failed or timed-out job in the journal started.
+    last_failure: Option<std::time::SystemTime>,
+    live: Option<&'a IdStatus>,
+}
 
 /// The exposition of every id with a journal or live holders or waiters.
-pub fn render(journals: &[(Id, Vec<Record>)], live: &[IdStatus]) -> String {
-    let mut ids: BTreeMap<&Id, (&[Record], Option<&IdStatus>)> = BTreeMap::new();
-    for (id, records) in journals {
-        ids.entry(id).or_default().0 = records;
+pub fn render(journals: &[Journal], live: &[IdStatus]) -> String {
+    let mut ids: BTreeMap<&Id, Series> = BTreeMap::new();
+    for j in journals {
+        let s = ids.entry(&j.id).or_default();
+        s.totals = j.carry;
+        for r in &j.records {
+            s.totals.add(r);
+        }
+        let failed = |r: &&Record| matches!(r.outcome, Outcome::Failed(_) | Outcome::TimedOut);
+        s.last_failure = j.records.iter().filter(failed).map(|r| r.start).max();
     }
-    for s in live {
-        ids.entry(&s.id).or_default().1 = Some(s);
+    for status in live {
+        ids.entry(&status.id).or_default().live = Some(status);
     }
     let mut out = String::new();
-    family(
-        &mut out,
-        "qsem_runs_total",
-        "counter",
-        "Invocations in the journal, by outcome.",
-    );
-    for (id, (records, _)) in &ids {
-        for outcome in OUTCOMES {
-            let n = records
-                .iter()
-                .filter(|r| r.outcome.kind() == outcome)
-                .count();
+    let help = "Invocations recorded in the journal, by outcome.";
+    family(&mut out, "qsem_runs_total", "counter", help);
+    for (id, s) in &ids {
+        for (outcome, n) in OUTCOMES.iter().zip(s.totals.runs) {
+            let id = label(id);
             let _ = writeln!(
                 out,
-                "qsem_runs_total{{id=\"{}\",outcome=\"{outcome}\"}} {n}",
-                label(id)
+                "qsem_runs_total{{id=\"{id}\",outcome=\"{outcome}\"}} {n}"
             );
         }
     }
-    family(
-        &mut out,
-        "qsem_wait_seconds",
-        "histogram",
-        "Time from the start of an invocation until the semaphore answered.",
-    );
-    for (id, (records, _)) in &ids {
+    let help = "Time from the start of an invocation until the semaphore answered.";
+    family(&mut out, "qsem_wait_seconds", "histogram", help);
+    for (id, s) in &ids {
         histogram(
             &mut out,
             "qsem_wait_seconds",
             id,
             &WAIT_BUCKETS,
-            records.iter().map(|r| r.wait),
+            &s.totals.wait,
         );
     }
-    family(
-        &mut out,
-        "qsem_run_seconds",
-        "histogram",
-        "Run time of the jobs that started.",
-    );
-    for (id, (records, _)) in &ids {
+    let help = "Run time of the jobs that started.";
+    family(&mut out, "qsem_run_seconds", "histogram", help);
+    for (id, s) in &ids {
         histogram(
             &mut out,
             "qsem_run_seconds",
             id,
             &RUN_BUCKETS,
-            records.iter().filter_map(|r| r.run),
+            &s.totals.run,
         );
     }
-    let failure = |r: &&Record| matches!(r.outcome, Outcome::Failed(_) | Outcome::TimedOut);
-    family(
-        &mut out,
-        "qsem_last_failure_timestamp_seconds",
-        "gauge",
-        "When the latest failed or timed-out job in the journal started (0: none).",
-    );
-    for (id, (records, _)) in &ids {
-        let at = records.iter().filter(failure).map(|r| r.start).max();
-        let secs = at
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "qsem_last_failure_timestamp_seconds{{id=\"{}\"}} {}",
-            label(id),
-            secs.as_secs_f64()
-        );
+    let name = "qsem_last_failure_timestamp_seconds";
+    let help = "When the latest failed or timed-out job in the journal started (0: none).";
+    family(&mut out, name, "gauge", help);
+    for (id, s) in &ids {
+        let since = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).ok();
+        let secs = s.last_failure.and_then(since).unwrap_or_default();
+        let _ = writeln!(out, "{name}{{id=\"{}\"}} {}", label(id), secs.as_secs_f64());
     }
     family(
         &mut out,
@@ -109,18 +88,14 @@ pub fn render(journals: &[(Id, Vec<Record>)], live: &[IdStatus]) -> String {
         "gauge",
         "Slots of the id held now.",
     );
-    for (id, (_, status)) in &ids {
-        let n = status.map_or(0, |s| s.holders.len());
+    for (id, s) in &ids {
+        let n = s.live.map_or(0, |s| s.holders.len());
         let _ = writeln!(out, "qsem_holders{{id=\"{}\"}} {n}", label(id));
     }
-    family(
-        &mut out,
-        "qsem_waiting",
-        "gauge",
-        "Invocations waiting for a slot of the id now.",
-    );
-    for (id, (_, status)) in &ids {
-        let n = status.map_or(0, |s| s.waiting);
+    let help = "Invocations waiting for a slot of the id now.";
+    family(&mut out, "qsem_waiting", "gauge", help);
+    for (id, s) in &ids {
+        let n = s.live.map_or(0, |s| s.waiting);
         let _ = writeln!(out, "qsem_waiting{{id=\"{}\"}} {n}", label(id));
     }
     out
@@ -131,31 +106,17 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// One id's series of a histogram: cumulative buckets, `+Inf`, sum, count.
-fn histogram(
-    out: &mut String,
-    name: &str,
-    id: &Id,
-    bounds: &[f64],
-    values: impl Iterator<Item = Duration>,
-) {
-    let values: Vec<f64> = values.map(|d| d.as_secs_f64()).collect();
+fn histogram(out: &mut String, name: &str, id: &Id, bounds: &[f64], h: &Histogram) {
     let id = label(id);
-    for bound in bounds {
-        let n = values.iter().filter(|&&v| v <= *bound).count();
+    for (bound, n) in bounds.iter().zip(h.cumulative()) {
         let _ = writeln!(out, "{name}_bucket{{id=\"{id}\",le=\"{bound}\"}} {n}");
     }
-    let _ = writeln!(
-        out,
-        "{name}_bucket{{id=\"{id}\",le=\"+Inf\"}} {}",
-        values.len()
-    );
-    // Six decimals: microseconds, as recorded, without binary fractions' tails.
-    let _ = writeln!(
-        out,
-        "{name}_sum{{id=\"{id}\"}} {:.6}",
-        values.iter().sum::<f64>()
-    );
-    let _ = writeln!(out, "{name}_count{{id=\"{id}\"}} {}", values.len());
+    let count = h.count;
+    let _ = writeln!(out, "{name}_bucket{{id=\"{id}\",le=\"+Inf\"}} {count}");
+    // Microseconds, as recorded: six decimals, without binary fractions' tails.
+    let (secs, micros) = (h.sum_micros / 1_000_000, h.sum_micros % 1_000_000);
+    let _ = writeln!(out, "{name}_sum{{id=\"{id}\"}} {secs}.{micros:06}");
+    let _ = writeln!(out, "{name}_count{{id=\"{id}\"}} {count}");
 }
 
 /// An id as a label value: `\`, `"` and newline escaped, as the format says.
@@ -177,7 +138,7 @@ mod tests {
     use super::*;
     use crate::history::record::{Ended, Skip};
     use crate::semaphore::Holder;
-    use std::time::{SystemTime, UNIX_EPOCH};
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
     fn id(s: &str) -> Id {
         Id::new(std::ffi::OsStr::new(s)).unwrap()
@@ -208,14 +169,18 @@ mod tests {
 
     #[test]
     fn families_counters_and_histograms() {
-        let journal = vec![(
-            id("proc"),
-            vec![
+        // What rotations dropped: one run that waited a minute and took two.
+        let mut carry = Totals::default();
+        carry.add(&rec(60_000, Some(120_000), Outcome::Ok));
+        let journal = vec![Journal {
+            id: id("proc"),
+            carry,
+            records: vec![
                 rec(0, Some(500), Outcome::Ok),
                 rec(2000, None, Outcome::Skipped(Skip::Expired)),
                 rec(5, Some(20_000), Outcome::Failed(Ended::Status(3))),
             ],
-        )];
+        }];
         let live = vec![IdStatus {
             id: id("other"),
             holders: vec![Holder {
@@ -232,7 +197,7 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         for want in [
             "# TYPE qsem_runs_total counter",
-            "qsem_runs_total{id=\"proc\",outcome=\"ok\"} 1",
+            "qsem_runs_total{id=\"proc\",outcome=\"ok\"} 2",
             "qsem_runs_total{id=\"proc\",outcome=\"failed\"} 1",
             "qsem_runs_total{id=\"proc\",outcome=\"timed_out\"} 0",
             "qsem_runs_total{id=\"proc\",outcome=\"skipped\"} 1",
@@ -242,12 +207,13 @@ mod tests {
             "qsem_wait_seconds_bucket{id=\"proc\",le=\"0.01\"} 2",
             "qsem_wait_seconds_bucket{id=\"proc\",le=\"1\"} 2",
             "qsem_wait_seconds_bucket{id=\"proc\",le=\"10\"} 3",
-            "qsem_wait_seconds_bucket{id=\"proc\",le=\"+Inf\"} 3",
-            "qsem_wait_seconds_sum{id=\"proc\"} 2.005000",
-            "qsem_wait_seconds_count{id=\"proc\"} 3",
+            "qsem_wait_seconds_bucket{id=\"proc\",le=\"+Inf\"} 4",
+            "qsem_wait_seconds_sum{id=\"proc\"} 62.005000",
+            "qsem_wait_seconds_count{id=\"proc\"} 4",
             "qsem_run_seconds_bucket{id=\"proc\",le=\"1\"} 1",
             "qsem_run_seconds_bucket{id=\"proc\",le=\"60\"} 2",
-            "qsem_run_seconds_count{id=\"proc\"} 2",
+            "qsem_run_seconds_bucket{id=\"proc\",le=\"300\"} 3",
+            "qsem_run_seconds_count{id=\"proc\"} 3",
             "qsem_last_failure_timestamp_seconds{id=\"proc\"} 1000",
             "qsem_last_failure_timestamp_seconds{id=\"other\"} 0",
             "qsem_holders{id=\"other\"} 1",
