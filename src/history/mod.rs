@@ -13,7 +13,8 @@
 //!
 //! Two decisions shape it. The journal is on the job's path, so a record is
 //! one `write(2)` of one line to a file opened `O_APPEND`: no lock, no
-//! read, no fsync, and concurrent writers never tear each other's records.
+//! read, no fsync, and concurrent writers never tear each other's records
+//! (only the rotation, once in some 10,000 records, locks and reads).
 //! And the journal is a convenience, never a reason for a job to fail: if it
 //! cannot be written, qsem says so once on stderr and goes on.
 
@@ -24,7 +25,6 @@ mod record;
 mod summary;
 mod totals;
 
-pub use record::{Ended, Outcome, Skip};
 
 use crate::config::{Backend, Config};
 use crate::exit::{Exit, Failure};
@@ -32,7 +32,7 @@ use crate::id::Id;
 use crate::report;
 use crate::semaphore::{self, Acquired};
 use anyhow::Result;
-use record::Record;
+use record::{Ended, Outcome, Record, Skip};
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};

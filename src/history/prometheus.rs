@@ -136,24 +136,12 @@ fn label(id: &Id) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::record::{Ended, Skip};
+    use crate::history::record::{Ended, Skip, sample};
     use crate::semaphore::Holder;
-    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+    use std::time::SystemTime;
 
     fn id(s: &str) -> Id {
         Id::new(std::ffi::OsStr::new(s)).unwrap()
-    }
-
-    fn rec(wait_ms: u64, run_ms: Option<u64>, outcome: Outcome) -> Record {
-        Record {
-            start: UNIX_EPOCH + Duration::from_secs(1000),
-            wait: Duration::from_millis(wait_ms),
-            run: run_ms.map(Duration::from_millis),
-            outcome,
-            jobs: 1,
-            pid: 1,
-            line: String::new(),
-        }
     }
 
     #[test]
@@ -171,14 +159,14 @@ mod tests {
     fn families_counters_and_histograms() {
         // What rotations dropped: one run that waited a minute and took two.
         let mut carry = Totals::default();
-        carry.add(&rec(60_000, Some(120_000), Outcome::Ok));
+        carry.add(&sample(60_000, Some(120_000), Outcome::Ok));
         let journal = vec![Journal {
             id: id("proc"),
             carry,
             records: vec![
-                rec(0, Some(500), Outcome::Ok),
-                rec(2000, None, Outcome::Skipped(Skip::Expired)),
-                rec(5, Some(20_000), Outcome::Failed(Ended::Status(3))),
+                sample(0, Some(500), Outcome::Ok),
+                sample(2000, None, Outcome::Skipped(Skip::Expired)),
+                sample(5, Some(20_000), Outcome::Failed(Ended::Status(3))),
             ],
         }];
         let live = vec![IdStatus {

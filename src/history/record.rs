@@ -170,6 +170,21 @@ pub fn parse_all(text: &str) -> impl Iterator<Item = Record> + '_ {
     whole.lines().filter_map(Record::parse)
 }
 
+/// A record for the tests of the summaries: started 1000 s after the epoch,
+/// waited and ran as given, with no line.
+#[cfg(test)]
+pub fn sample(wait_ms: u64, run_ms: Option<u64>, outcome: Outcome) -> Record {
+    Record {
+        start: UNIX_EPOCH + Duration::from_secs(1000),
+        wait: Duration::from_millis(wait_ms),
+        run: run_ms.map(Duration::from_millis),
+        outcome,
+        jobs: 1,
+        pid: 1,
+        line: String::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

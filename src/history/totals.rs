@@ -120,28 +120,15 @@ impl Totals {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::record::{Ended, Outcome, Skip};
-    use std::time::UNIX_EPOCH;
-
-    fn rec(wait_ms: u64, run_ms: Option<u64>, outcome: Outcome) -> Record {
-        Record {
-            start: UNIX_EPOCH,
-            wait: Duration::from_millis(wait_ms),
-            run: run_ms.map(Duration::from_millis),
-            outcome,
-            jobs: 1,
-            pid: 1,
-            line: String::new(),
-        }
-    }
+    use crate::history::record::{Ended, Outcome, Skip, sample};
 
     #[test]
     fn counts_and_buckets() {
         let mut t = Totals::default();
-        t.add(&rec(0, Some(500), Outcome::Ok));
-        t.add(&rec(2000, None, Outcome::Skipped(Skip::Expired)));
-        t.add(&rec(5, Some(20_000), Outcome::Failed(Ended::Status(3))));
-        t.add(&rec(7_200_000, Some(90_000_000), Outcome::TimedOut));
+        t.add(&sample(0, Some(500), Outcome::Ok));
+        t.add(&sample(2000, None, Outcome::Skipped(Skip::Expired)));
+        t.add(&sample(5, Some(20_000), Outcome::Failed(Ended::Status(3))));
+        t.add(&sample(7_200_000, Some(90_000_000), Outcome::TimedOut));
         assert_eq!(t.runs, [1, 1, 1, 1]);
         assert_eq!(t.wait.cumulative(), [1, 2, 2, 2, 3, 3, 3, 3, 3]);
         assert_eq!((t.wait.count, t.wait.sum_micros), (4, 7_202_005_000));
@@ -153,8 +140,8 @@ mod tests {
     #[test]
     fn carries_round_trip() {
         let mut b = Totals::default();
-        b.add(&rec(30_000, None, Outcome::Skipped(Skip::Crowded)));
-        b.add(&rec(3, Some(4), Outcome::Ok));
+        b.add(&sample(30_000, None, Outcome::Skipped(Skip::Crowded)));
+        b.add(&sample(3, Some(4), Outcome::Ok));
         let line = b.render();
         assert!(
             line.starts_with("c1 1 0 0 1 ") && line.ends_with('\n'),
