@@ -133,7 +133,7 @@ pub struct Cli {
     #[arg(long, conflicts_with_all = ["command", "shell_command", "status", "bg", "each", "wait_all"])]
     pub history: bool,
 
-    /// With --history: only the invocations that started within DUR (1h, 7d is 168h)
+    /// With --history: only the invocations that started within DUR (24h; a week is 168h)
     #[arg(long, value_name = "DUR", requires = "history")]
     pub since: Option<String>,
 

@@ -25,7 +25,6 @@ mod record;
 mod summary;
 mod totals;
 
-
 use crate::config::{Backend, Config};
 use crate::exit::{Exit, Failure};
 use crate::id::Id;
