@@ -30,6 +30,13 @@ Examples:
   qsem --status
   qsem --status --id proc --json
 
+  # how often proc ran, waited, failed or was skipped today; Prometheus text
+  qsem --history --id proc --since 24h
+  d=/var/lib/prometheus/node-exporter; qsem --metrics > $d/qsem.prom.tmp && mv $d/qsem.prom.tmp $d/qsem.prom
+
+In a crontab, set PATH (cron's is /usr/bin:/bin) and use foreground lines:
+what a --bg job prints after the line returns never reaches cron's mail.
+
 Exit status: the command's own; 128+N if it was killed by signal N; the -E value
 (default 0) if the wait expired or --max-waiting were waiting; 124 if --timeout
 stopped the command; 2 for bad usage; 125 if qsem itself failed;
@@ -46,7 +53,7 @@ lost. Invoked as `sem`, qsem reads GNU sem's command lines. See qsem(1).";
     version,
     after_help = EXAMPLES,
     max_term_width = 100,
-    override_usage = "qsem [OPTIONS] [--] COMMAND [ARG]...\n       qsem [OPTIONS] -c STRING\n       qsem [OPTIONS] --each [--] COMMAND [ARG]...\n       qsem --id ID --wait-all [--wait DUR]\n       qsem --status [--id ID] [--json]"
+    override_usage = "qsem [OPTIONS] [--] COMMAND [ARG]...\n       qsem [OPTIONS] -c STRING\n       qsem [OPTIONS] --each [--] COMMAND [ARG]...\n       qsem --id ID --wait-all [--wait DUR]\n       qsem --status [--id ID] [--json]\n       qsem --history [--id ID] [--since DUR] [--json]\n       qsem --metrics"
 )]
 pub struct Cli {
     /// The semaphore's name: any non-empty string of up to 255 bytes [default: default]
@@ -136,9 +143,21 @@ pub struct Cli {
     #[arg(long = "max-waiting", value_name = "K")]
     pub max_waiting: Option<String>,
 
-    /// With --status: print one JSON document
-    #[arg(long, requires = "status")]
+    /// With --status or --history: print one JSON document
+    #[arg(long)]
     pub json: bool,
+
+    /// Summarise the journal of ID or of every id: outcomes, wait and run times, last failure
+    #[arg(long, conflicts_with_all = ["command", "shell_command", "status", "bg", "each", "wait_all"])]
+    pub history: bool,
+
+    /// With --history: only the invocations that started within DUR (24h; a week is 168h)
+    #[arg(long, value_name = "DUR", requires = "history")]
+    pub since: Option<String>,
+
+    /// Print the journal and the live holders in Prometheus's text format, for node_exporter
+    #[arg(long, conflicts_with_all = ["command", "shell_command", "status", "bg", "each", "wait_all", "history", "json"])]
+    pub metrics: bool,
 
     /// Lock directory [default: $XDG_STATE_HOME/qsem or ~/.local/state/qsem]
     #[arg(long, value_name = "DIR", env = "QSEM_DIR")]
@@ -202,10 +221,12 @@ Examples:
   sem --id proc -j2 ImportProcess
   # wait until every job of the id has ended (exit 1 if any failed)
   sem --id proc --wait
-  # in the foreground, with the job's exit status
-  sem --fg --id backup 'pg_dump db | gzip > db.gz'
+  # in the foreground, with the job's exit status (a failed pg_dump fails it)
+  sem --fg --id backup 'pg_dump db > db.sql && gzip -f db.sql'
 
-This is qsem's GNU sem personality (qsem invoked as `sem`). See qsem(1).";
+This is qsem's GNU sem personality (qsem invoked as `sem`). Not for crontabs:
+what a background job prints after the line returns is lost to cron's mail;
+use qsem in the foreground there. See qsem(1).";
 
 /// Whether qsem was invoked as `sem` (a symlink), and so reads GNU sem's
 /// command lines.

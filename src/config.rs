@@ -196,6 +196,15 @@ pub enum Mode {
     WaitAll,
     /// `--each`: run the command once per item of stdin.
     Each { command: Command, separator: u8 },
+    /// `--history`: summarise the journal, of one id or of all, optionally
+    /// only the invocations that started within `since`.
+    History {
+        only: Option<Id>,
+        since: Option<Duration>,
+        json: bool,
+    },
+    /// `--metrics`: the journal and the live holders as Prometheus text.
+    Metrics,
     /// Print a shell completion script.
     Completions(clap_complete::Shell),
 }
@@ -220,8 +229,8 @@ impl Config {
             (None, None) => (Wait::Forever, OnTimeout::Exit(conflict)),
         };
         let mode = mode(&id, &mut cli)?;
-        if cli.json && !matches!(mode, Mode::Status { .. }) {
-            return Err(usage("--json goes with --status"));
+        if cli.json && !matches!(mode, Mode::Status { .. } | Mode::History { .. }) {
+            return Err(usage("--json goes with --status or --history"));
         }
         let dir = lock_dir(cli.dir.take())?;
         let backend = parse_backend(cli.backend.as_deref(), cli.lost_after.as_deref())?;
@@ -265,6 +274,15 @@ fn mode(id: &Id, cli: &mut Cli) -> Result<Mode> {
             only: cli.id.is_some().then(|| id.clone()),
             json: cli.json,
         }
+    } else if cli.history {
+        let since = cli.since.as_deref().map(duration::parse).transpose();
+        Mode::History {
+            only: cli.id.is_some().then(|| id.clone()),
+            since: since.map_err(|e| usage(format!("--since: {e}")))?,
+            json: cli.json,
+        }
+    } else if cli.metrics {
+        Mode::Metrics
     } else if cli.wait_all {
         Mode::WaitAll
     } else {

@@ -20,6 +20,7 @@ mod config;
 mod duration;
 mod each;
 mod exit;
+mod history;
 mod id;
 mod jobs;
 mod report;
@@ -83,6 +84,10 @@ fn run(cfg: Config) -> Result<Exit> {
         }
         Mode::WaitAll => background::wait_all(&cfg, open()?.as_mut()),
         Mode::Each { command, separator } => each::run(&cfg, command, *separator, open()?.as_mut()),
+        Mode::History { only, since, json } => {
+            write_out(history::show(&cfg, only.as_ref(), *since, *json)?.as_bytes())
+        }
+        Mode::Metrics => write_out(history::metrics(&cfg)?.as_bytes()),
         Mode::Completions(shell) => {
             let mut cmd = cli::completion_command();
             // Into memory first: clap_complete panics on a write error.

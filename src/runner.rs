@@ -20,6 +20,7 @@ use crate::command::Command;
 use crate::config::{Config, OnLost, OnTimeout};
 use crate::duration;
 use crate::exit::{Exit, Failure};
+use crate::history::Entry;
 use crate::report;
 use crate::semaphore::{Acquired, Request, Semaphore, Slot, SlotEvent};
 use crate::signals::{Received, Signals, Wake};
@@ -90,13 +91,15 @@ pub fn resolve_or_fail(cfg: &Config, cmd: &Command) -> Result<PathBuf> {
     })?)
 }
 
-/// Takes a slot for `command` as `cfg` says.
+/// Takes a slot for `command` as `cfg` says; the journal's `entry` learns
+/// when the wait ended and how.
 pub fn take(
     cfg: &Config,
     sem: &mut dyn Semaphore,
     signals: &mut Signals,
     command: &str,
     background: bool,
+    entry: &mut Entry,
 ) -> Result<Taken> {
     let request = Request {
         id: &cfg.id,
@@ -106,7 +109,9 @@ pub fn take(
         background,
         command,
     };
-    Ok(match sem.acquire(&request, signals)? {
+    let acquired = sem.acquire(&request, signals)?;
+    entry.waited(&acquired);
+    Ok(match acquired {
         Acquired::Slot(slot) => {
             if cfg.verbose {
                 let took = format!("took slot {} (limit {})", slot.number(), cfg.jobs);
@@ -142,7 +147,8 @@ fn execute(
     // Catch signals first: one that comes before the handlers would kill qsem
     // outright instead of ending it with 128+N.
     let mut signals = Signals::install()?;
-    let program = resolve_or_fail(cfg, cmd)?;
+    let mut entry = Entry::begin(cfg);
+    let program = resolve_or_fail(cfg, cmd).inspect_err(|e| entry.failed(e))?;
     let display = cmd.display();
     let background = handoff.is_some();
     let quiet = |exit| Outcome {
@@ -150,11 +156,12 @@ fn execute(
         line: None,
         said: false,
     };
-    let mut slot = match take(cfg, sem, &mut signals, &display, background)? {
+    let taken = take(cfg, sem, &mut signals, &display, background, &mut entry)?;
+    let mut slot = match taken {
         Taken::Slot(slot) => Some(slot),
         Taken::Without => None,
-        Taken::Skipped(exit) => return Ok(quiet(exit)),
-        Taken::Stopped(r) => return Ok(quiet(Exit::signal(r.signo))),
+        Taken::Skipped(exit) => return Ok(quiet(entry.skipped(exit))),
+        Taken::Stopped(r) => return Ok(quiet(entry.skipped(Exit::signal(r.signo)))),
     };
     // A signal that came while the slot was being taken, or a launcher that
     // gave up during the hand-off: start nothing.
@@ -164,7 +171,7 @@ fn execute(
     };
     if let Some(exit) = given_up {
         settle(slot, background, None)?;
-        return Ok(quiet(exit));
+        return Ok(quiet(entry.skipped(exit)));
     }
     let own_group = child::own_group();
     let started = Instant::now();
@@ -172,16 +179,19 @@ fn execute(
         Ok(child) => child,
         Err(e) => {
             let (exit, why) = child::spawn_failure(&cmd.program, &e);
+            entry.not_started(exit, &why);
             settle(slot, background, Some(&why))?;
             let message = format!("qsem[{}]: {why}", cfg.id);
             return Err(Failure { exit, message }.into());
         }
     };
+    entry.started(child.id());
     if let Some(slot) = slot.as_mut() {
         slot.started(child.id());
     }
     let ended = supervise(cfg, child, own_group, &mut signals, slot.as_deref_mut())?;
     let outcome = conclude(cfg, &display, ended, started.elapsed());
+    entry.concluded(ended, outcome.exit, outcome.line.as_deref());
     settle(slot, background, outcome.line.as_deref())?;
     Ok(outcome)
 }

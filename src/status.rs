@@ -126,7 +126,7 @@ pub fn json(ids: &[IdStatus], now: SystemTime) -> String {
 }
 
 /// A JSON string literal.
-fn quote(s: &str) -> String {
+pub fn quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {

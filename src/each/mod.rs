@@ -39,6 +39,7 @@ use crate::child::{self, Target};
 use crate::command::Command;
 use crate::config::Config;
 use crate::exit::Exit;
+use crate::history::Entry;
 use crate::report;
 use crate::runner::{self, Taken};
 use crate::semaphore::Semaphore;
@@ -73,22 +74,25 @@ pub fn run(cfg: &Config, cmd: &Command, separator: u8, sem: &mut dyn Semaphore) 
             let mut display = cmd.clone();
             display.args.push(item.clone());
             let display = display.display();
-            let slot = match runner::take(cfg, sem, &mut signals, &display, false)? {
+            let mut entry = Entry::begin(cfg);
+            let slot = match runner::take(cfg, sem, &mut signals, &display, false, &mut entry)? {
                 Taken::Slot(slot) => Some(slot),
                 Taken::Without => None,
                 // The item is skipped, counted as if it had exited with
                 // the conflict code (0 by default: not at all).
                 Taken::Skipped(exit) => {
+                    entry.skipped(exit);
                     let status = ExitStatus::from_raw(i32::from(exit.as_u8()) << 8);
                     relay.count(Exit::of_each_run(status));
                     continue;
                 }
                 Taken::Stopped(r) => {
+                    entry.skipped(Exit::signal(r.signo));
                     stopped = Some(r);
                     break 'items;
                 }
             };
-            start(&how, item, display, slot, &relay)?;
+            start(&how, item, display, slot, &relay, entry)?;
         }
         if items.at_end() {
             break;
@@ -150,6 +154,7 @@ fn start(
     display: String,
     mut slot: Option<Box<dyn crate::semaphore::Slot>>,
     relay: &Relay,
+    mut entry: Entry,
 ) -> Result<()> {
     let How {
         cfg,
@@ -165,18 +170,20 @@ fn start(
     });
     match spawned {
         Ok(child) => {
+            entry.started(child.id());
             if let Some(slot) = slot.as_mut() {
                 slot.started(child.id());
             }
             let target =
                 Target::new(child.id(), own_group).context("the command has no valid pid")?;
-            relay.add(child, target, display, cfg)?;
+            relay.add(child, target, display, cfg, entry)?;
             // The run holds the slot now; our copy must not outlive
             // it, or the slot would free only when qsem ends.
             drop(slot);
         }
         Err(e) => {
             let (exit, why) = child::spawn_failure(&cmd.program, &e);
+            entry.not_started(exit, &why);
             report::line(&cfg.id, &why);
             relay.count(exit);
         }

@@ -14,6 +14,7 @@ use super::output::{Output, Pipe, Pumped, Sink};
 use crate::child::Target;
 use crate::config::Config;
 use crate::exit::Exit;
+use crate::history::Entry;
 use crate::report;
 use crate::runner::{self, Ended, Stop};
 use crate::sys;
@@ -51,6 +52,8 @@ struct Run {
     display: String,
     started: Instant,
     stop: Stop,
+    /// Its journal record, written when it is reaped.
+    entry: Entry,
     out: Option<Pipe<ChildStdout>>,
     err: Option<Pipe<ChildStderr>>,
     /// Readable once the run exits; `None` if pidfds are not available.
@@ -105,6 +108,7 @@ impl Relay {
         target: Target,
         display: String,
         cfg: &Config,
+        entry: Entry,
     ) -> Result<()> {
         let out = child.stdout.take().map(|p| Pipe::new(p, Output::Stdout));
         let err = child.stderr.take().map(|p| Pipe::new(p, Output::Stderr));
@@ -114,6 +118,7 @@ impl Relay {
             display,
             started: Instant::now(),
             stop: Stop::new(cfg),
+            entry,
             out: out.transpose().context("cannot set up a pipe")?,
             err: err.transpose().context("cannot set up a pipe")?,
             pidfd: rustix::process::pidfd_open(pidfd, rustix::process::PidfdFlags::empty()).ok(),
@@ -192,6 +197,8 @@ fn reap(runs: &mut [Run], shared: &Mutex<Shared>, sink: &mut Sink, cfg: &Config)
         drain(run, sink);
         let ended = run.stop.ended(status);
         let outcome = runner::conclude(cfg, &run.display, ended, run.started.elapsed());
+        run.entry
+            .concluded(ended, outcome.exit, outcome.line.as_deref());
         if let Some(line) = outcome.line.filter(|_| !cfg.quiet) {
             report::line(&cfg.id, &line);
         }
