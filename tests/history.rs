@@ -405,3 +405,41 @@ fn serde_like(s: &str) -> String {
             .replace('\n', "\\n")
     )
 }
+
+#[test]
+fn timeouts_and_the_backlog_are_recorded_as_such() {
+    let env = Env::new();
+    let q = |args: &[&str]| run(env.qsem().args(["--id", "lim"]).args(args));
+    assert_eq!(q(&["-q", "--timeout", "200ms", "sleep", "30"]).0, 124);
+    // --each: a run stopped at its timeout is recorded as timed out too.
+    let mut each = env.qsem();
+    each.args(["--id", "lim", "-q", "--timeout", "200ms", "--each", "sleep"]);
+    let mut child = each.stdin(Stdio::piped()).spawn().unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"30\n").unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(125));
+    // A holder, a queued waiter, and a newcomer turned away by the backlog.
+    let ready = env.path("ready");
+    let holder = holder(&env, &["--id", "lim"], &ready);
+    assert!(wait_for_file(&ready, SOON));
+    let mut waiter = env.qsem().args(["--id", "lim", "true"]).spawn().unwrap();
+    assert!(eventually(SOON, || {
+        let (_, out, _) = run(env.qsem().args(["--status", "--id", "lim", "--json"]));
+        out.contains("\"waiting\":1")
+    }));
+    assert_eq!(q(&["--max-waiting", "1", "-E", "9", "true"]).0, 9);
+    release(holder);
+    assert_eq!(waiter.wait().unwrap().code(), Some(0));
+    let outcomes: Vec<String> = records(&env, "lim")
+        .iter()
+        .map(|l| l.split('\t').nth(4).unwrap().to_string())
+        .collect();
+    assert_eq!(
+        outcomes.iter().filter(|o| *o == "timed_out").count(),
+        2,
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes.iter().any(|o| o == "skipped:crowded"),
+        "{outcomes:?}"
+    );
+}
