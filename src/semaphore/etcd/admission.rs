@@ -1,0 +1,358 @@
+//! Who may take a slot: the keys of an id, the view of its holders and
+//! waiters read at one revision, and the rule, as pure functions.
+//!
+//! Keys of an id live under `qsem/<hex of the id's bytes>/` (injective, so
+//! two ids never share a key): `h/<slot>` per holder and `q/<lease>` per
+//! waiter, both attached to their qsem's lease, so that a crashed qsem's
+//! keys vanish with its lease; `r/<lease>` (a running `--bg` job) and
+//! `f/<lease>` (its failure) have no lease, as they must outlive it. `h/`
+//! and `q/` sort next to each other, so one range (and one watch) covers
+//! both.
+//!
+//! **The invariant** rests on one comparison: a holder key is created in a
+//! transaction that succeeds only if no key under `h/` was created after the
+//! revision the taker read (`create_revision < R + 1` over the whole range).
+//! Holders that left since only lower the count, so the count at commit is
+//! at most the count read, which was below the taker's N.
+//!
+//! **Order**: a waiter's place is its key's create revision. A request is
+//! admitted only while the held slots plus the older waiters that would be
+//! admitted now stay below its N; an older waiter that has let such a turn
+//! pass for [`TURN`] (stopped, stalled, dead) no longer counts.
+
+use super::client::{b64, int, unb64};
+use crate::id::Id;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+/// How long an older waiter may let a turn pass before others go first.
+pub const TURN: Duration = Duration::from_secs(1);
+
+/// The keys of one id.
+pub struct Keys {
+    /// `qsem/<hex>/`.
+    base: Vec<u8>,
+}
+
+/// The first key after every key that starts with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl Keys {
+    pub fn new(id: &Id) -> Keys {
+        let mut base = String::from("qsem/");
+        for b in id.as_bytes() {
+            let _ = write!(base, "{b:02x}");
+        }
+        base.push('/');
+        Keys {
+            base: base.into_bytes(),
+        }
+    }
+
+    fn key(&self, kind: &str, name: &str) -> Vec<u8> {
+        let mut k = self.base.clone();
+        k.extend_from_slice(kind.as_bytes());
+        k.push(b'/');
+        k.extend_from_slice(name.as_bytes());
+        k
+    }
+
+    pub fn holder(&self, slot: u32) -> Vec<u8> {
+        self.key("h", &format!("{slot:07}"))
+    }
+
+    pub fn waiter(&self, lease: i64) -> Vec<u8> {
+        self.key("q", &format!("{lease:016x}"))
+    }
+
+    pub fn running(&self, lease: i64) -> Vec<u8> {
+        self.key("r", &format!("{lease:016x}"))
+    }
+
+    pub fn failure(&self, lease: i64) -> Vec<u8> {
+        self.key("f", &format!("{lease:016x}"))
+    }
+
+    /// The prefix of one kind of key (`h`, `q`, `r`, `f`).
+    pub fn kind(&self, kind: &str) -> Vec<u8> {
+        self.key(kind, "")
+    }
+
+    /// Holders and waiters: `[h/, q/ end)`.
+    pub fn queue_range(&self) -> (Vec<u8>, Vec<u8>) {
+        (self.kind("h"), prefix_end(&self.kind("q")))
+    }
+
+    /// `{"key", "range_end"}` of the holders and waiters, for a range request.
+    pub fn queue_request(&self) -> Value {
+        let (key, end) = self.queue_range();
+        json!({"key": b64(&key), "range_end": b64(&end)})
+    }
+}
+
+/// What a holder or waiter key says of its qsem.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Record {
+    pub host: String,
+    pub pid: u32,
+    pub jobs: u32,
+    pub command: String,
+    /// The cluster's clock when the slot was taken (Unix seconds), 0 if unknown.
+    pub start: i64,
+}
+
+impl Record {
+    pub fn to_value(&self) -> String {
+        json!({"host": self.host, "pid": self.pid, "jobs": self.jobs,
+            "command": self.command, "start": self.start})
+        .to_string()
+    }
+
+    pub fn parse(bytes: &[u8]) -> Record {
+        let v: Value = serde_json::from_slice(bytes).unwrap_or_default();
+        let num = |k: &str| v[k].as_u64().unwrap_or(0);
+        Record {
+            host: v["host"].as_str().unwrap_or("?").to_string(),
+            pid: num("pid") as u32,
+            jobs: num("jobs") as u32,
+            command: v["command"].as_str().unwrap_or("").to_string(),
+            start: v["start"].as_i64().unwrap_or(0),
+        }
+    }
+}
+
+/// One key of the view.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub key: Vec<u8>,
+    pub create_revision: i64,
+    pub record: Record,
+}
+
+/// The holders and waiters of an id at one revision.
+#[derive(Debug, Clone, Default)]
+pub struct View {
+    pub revision: i64,
+    pub holders: Vec<(u32, Entry)>,
+    /// Oldest first.
+    pub waiters: Vec<Entry>,
+}
+
+impl View {
+    /// Reads a range response of [`Keys::queue_request`] (or a transaction's
+    /// `response_range`), whose header revision is `revision`.
+    pub fn parse(keys: &Keys, range: &Value, revision: i64) -> View {
+        let (h, q) = (keys.kind("h"), keys.kind("q"));
+        let mut view = View {
+            revision,
+            ..View::default()
+        };
+        for kv in range["kvs"].as_array().into_iter().flatten() {
+            let key = unb64(&kv["key"]);
+            let entry = |key: Vec<u8>| Entry {
+                create_revision: int(&kv["create_revision"]),
+                record: Record::parse(&unb64(&kv["value"])),
+                key,
+            };
+            if let Some(slot) = key.strip_prefix(&h[..]) {
+                let slot = std::str::from_utf8(slot).ok().and_then(|s| s.parse().ok());
+                if let Some(slot) = slot {
+                    view.holders.push((slot, entry(key)));
+                }
+            } else if key.starts_with(&q) {
+                view.waiters.push(entry(key));
+            }
+        }
+        view.waiters.sort_by_key(|w| w.create_revision);
+        view
+    }
+
+    /// The waiters older than `me` (every waiter, for a newcomer) whom a
+    /// free slot would admit now.
+    pub fn ahead(&self, me: Option<i64>) -> impl Iterator<Item = &Entry> {
+        let held = self.holders.len();
+        self.waiters
+            .iter()
+            .take_while(move |w| me.is_none_or(|m| w.create_revision < m))
+            .filter(move |w| held < w.record.jobs as usize)
+    }
+
+    /// The slot a request with limit `jobs` takes now, if any: the lowest
+    /// free one, while the held slots plus the waiters ahead that have not
+    /// lost their turn stay below `jobs`.
+    pub fn admits(&self, jobs: u32, me: Option<i64>, turns: &Turns) -> Option<u32> {
+        let ahead = self.ahead(me).filter(|w| !turns.passed(&w.key)).count();
+        if self.holders.len() + ahead >= jobs as usize {
+            return None;
+        }
+        (1..=jobs).find(|s| self.holders.iter().all(|(h, _)| h != s))
+    }
+}
+
+/// The waiters seen blocking a turn, and since when (on this host's clock).
+#[derive(Default)]
+pub struct Turns {
+    since: HashMap<Vec<u8>, Instant>,
+}
+
+impl Turns {
+    /// Notes who blocks the turn in `view`; forgets who no longer does.
+    pub fn note(&mut self, view: &View, me: Option<i64>) {
+        let now = Instant::now();
+        let ahead: Vec<&Entry> = view.ahead(me).collect();
+        self.since.retain(|k, _| ahead.iter().any(|w| &w.key == k));
+        for w in ahead {
+            self.since.entry(w.key.clone()).or_insert(now);
+        }
+    }
+
+    /// Whether the waiter with this key has let its turn pass.
+    pub fn passed(&self, key: &[u8]) -> bool {
+        self.since.get(key).is_some_and(|t| t.elapsed() >= TURN)
+    }
+
+    /// When the next blocking waiter loses its turn, if one blocks.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.since
+            .values()
+            .map(|t| *t + TURN)
+            .filter(|t| *t > Instant::now())
+            .min()
+    }
+}
+
+/// The transaction that takes `slot` for `lease` if no holder key was
+/// created after `revision`; `also` adds operations (remove the waiter key,
+/// record a running `--bg` job).
+pub fn take(
+    keys: &Keys,
+    view: &View,
+    slot: u32,
+    lease: i64,
+    record: &Record,
+    also: Vec<Value>,
+) -> Value {
+    let h = keys.kind("h");
+    let mut success = vec![json!({"request_put": {
+        "key": b64(&keys.holder(slot)), "value": b64(record.to_value().as_bytes()),
+        "lease": lease.to_string(),
+    }})];
+    success.extend(also);
+    json!({
+        "compare": [
+            {"key": b64(&h), "range_end": b64(&prefix_end(&h)), "target": "CREATE",
+             "result": "LESS", "create_revision": (view.revision + 1).to_string()},
+            {"key": b64(&keys.holder(slot)), "target": "CREATE", "result": "EQUAL",
+             "create_revision": "0"},
+        ],
+        "success": success,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, rev: i64, jobs: u32) -> Entry {
+        Entry {
+            key: key.as_bytes().to_vec(),
+            create_revision: rev,
+            record: Record {
+                jobs,
+                ..Record::default()
+            },
+        }
+    }
+
+    fn view(held: &[u32], waiters: &[(i64, u32)]) -> View {
+        View {
+            revision: 100,
+            holders: held
+                .iter()
+                .map(|&s| (s, entry(&format!("h{s}"), 1, 9)))
+                .collect(),
+            waiters: waiters
+                .iter()
+                .map(|&(rev, jobs)| entry(&format!("q{rev}"), rev, jobs))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_mixed_jobs_rule_and_first_come_first_served() {
+        let none = Turns::default();
+        // Fewer than N held: the lowest free slot.
+        assert_eq!(view(&[], &[]).admits(2, None, &none), Some(1));
+        assert_eq!(view(&[1, 3], &[]).admits(5, None, &none), Some(2));
+        // N or more held, whatever limits the holders used: wait.
+        assert_eq!(view(&[4, 5], &[]).admits(2, None, &none), None);
+        // An older waiter that a free slot admits goes first ...
+        assert_eq!(view(&[], &[(10, 1)]).admits(1, Some(11), &none), None);
+        // ... but two free slots serve it and the next one at once.
+        assert_eq!(view(&[], &[(10, 2)]).admits(2, Some(11), &none), Some(1));
+        // An older waiter that cannot run now (its N is smaller) does not block.
+        assert_eq!(view(&[1], &[(10, 1)]).admits(5, Some(11), &none), Some(2));
+        // Younger waiters never block; a newcomer is behind everyone.
+        assert_eq!(view(&[], &[(12, 1)]).admits(1, Some(11), &none), Some(1));
+        assert_eq!(view(&[], &[(12, 1)]).admits(1, None, &none), None);
+    }
+
+    #[test]
+    fn a_waiter_that_lets_its_turn_pass_loses_it() {
+        let v = view(&[], &[(10, 1)]);
+        let mut turns = Turns::default();
+        turns.note(&v, Some(11));
+        assert_eq!(v.admits(1, Some(11), &turns), None);
+        assert!(turns.next_expiry().is_some());
+        let long_ago = Instant::now() - TURN - Duration::from_millis(1);
+        turns.since.insert(b"q10".to_vec(), long_ago);
+        assert_eq!(v.admits(1, Some(11), &turns), Some(1));
+        // Noted again while still blocking: the old instant stays.
+        turns.note(&v, Some(11));
+        assert!(turns.passed(b"q10"));
+        // Once it no longer blocks, it is forgotten.
+        turns.note(&view(&[1], &[(10, 1)]), Some(11));
+        assert!(!turns.passed(b"q10"));
+    }
+
+    #[test]
+    fn keys_are_injective_and_ranges_cover_them() {
+        let id = |s: &str| Id::new(std::ffi::OsStr::new(s)).unwrap();
+        let (a, b) = (Keys::new(&id("a/b")), Keys::new(&id("a")));
+        assert_eq!(a.holder(3), b"qsem/612f62/h/0000003");
+        assert!(!a.holder(1).starts_with(&b.kind("h")));
+        let (start, end) = a.queue_range();
+        for k in [a.holder(1), a.holder(1_000_000), a.waiter(i64::MAX)] {
+            assert!(k >= start && k < end, "{k:?}");
+        }
+        for k in [a.running(5), a.failure(5)] {
+            assert!(k < start || k >= end, "{k:?}");
+        }
+        assert_eq!(prefix_end(b"a/"), b"a0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let r = Record {
+            host: "web-1".into(),
+            pid: 42,
+            jobs: 3,
+            command: "gzip 'a b'".into(),
+            start: 1_700_000_000,
+        };
+        assert_eq!(Record::parse(r.to_value().as_bytes()), r);
+        assert_eq!(Record::parse(b"junk").host, "?");
+    }
+}

@@ -1,0 +1,561 @@
+//! The one place that speaks to etcd: its v3 JSON gateway (`POST /v3/...`,
+//! JSON bodies, keys and values in base64, 64-bit numbers as strings) over
+//! ureq, a small blocking HTTP client. No HTTP is written here by hand.
+//!
+//! **Every request is bounded.** A call takes the instant it must be answered
+//! by (a waiter's `--wait` deadline, or a short bound of its own), tries each
+//! endpoint in turn for at most [`ATTEMPT`] and never past that instant, and
+//! starts with the member that answered last, so that one member down costs
+//! nothing after the first call. A member that answers "no leader" or
+//! "unavailable" (an election under way) counts as down for that call.
+//! [`Client::call`] goes round the members until one answers, the instant
+//! passes ([`CallError::Expired`]), or none has answered for [`UNREACHABLE`]
+//! ([`CallError::Unreachable`], qsem's own failure).
+//!
+//! **Watches** are streams: one thread per watch reads the response's lines
+//! and writes a byte to a pipe per change, so that a waiter sleeps in
+//! `Signals::wait` on its signal pipe and this pipe at once. A broken stream
+//! is resumed from the revision after the last one seen, so no change is
+//! missed; an idle stream is reopened every [`WATCH_IDLE`], which is also how
+//! a thread whose waiter has gone notices and ends.
+
+use crate::config::EtcdSettings;
+use crate::sys;
+use anyhow::{Context, Result, anyhow};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::{Value, json};
+use std::io::BufRead;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The longest one endpoint may take to answer one request.
+pub const ATTEMPT: Duration = Duration::from_secs(2);
+/// How long no member may answer before a call gives up.
+pub const UNREACHABLE: Duration = Duration::from_secs(4);
+/// How long a watch stream may stay silent before it is reopened.
+const WATCH_IDLE: Duration = Duration::from_secs(20);
+/// The pause between two rounds of the members while none answers.
+const ROUND_PAUSE: Duration = Duration::from_millis(100);
+
+/// Why a call got no answer.
+#[derive(Debug)]
+pub enum CallError {
+    /// The caller's instant passed first.
+    Expired,
+    /// No member answered for [`UNREACHABLE`]; the text says what was tried.
+    Unreachable(String),
+    /// A member answered with an error that asking again will not mend
+    /// (permission denied, a bad request).
+    Refused(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Expired => f.write_str("no answer from etcd in time"),
+            CallError::Unreachable(why) | CallError::Refused(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for CallError {}
+
+/// A connection to a cluster, shared by the threads of one process.
+pub struct Client {
+    agent: ureq::Agent,
+    /// `http://h:p` or `https://h:p`, one per member.
+    bases: Vec<String>,
+    /// The member that answered last.
+    current: AtomicUsize,
+    /// `USER`, `PASSWORD` if the cluster wants them.
+    auth: Option<(String, String)>,
+    /// The token from `/v3/auth/authenticate`.
+    token: Mutex<Option<String>>,
+    /// The cluster's clock: the `Date` of the last answer (Unix seconds),
+    /// and when it came on this host's monotonic clock.
+    date: Mutex<Option<(i64, Instant)>>,
+}
+
+/// One attempt's outcome against one member.
+enum Attempt {
+    Answer(Value),
+    /// Try another member (or this one again later).
+    Down(String),
+    /// The token expired: authenticate again.
+    Unauthenticated,
+    Refused(String),
+}
+
+impl Client {
+    pub fn new(settings: &EtcdSettings) -> Result<Client> {
+        let scheme = if settings.tls { "https" } else { "http" };
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(1)))
+            .max_idle_connections_per_host(4);
+        if settings.tls {
+            config = config.tls_config(super::tls::config()?);
+        }
+        let password = settings
+            .password
+            .clone()
+            .or_else(|| std::env::var("QSEM_ETCD_PASSWORD").ok());
+        let auth = match (&settings.user, password) {
+            (Some(user), Some(password)) => Some((user.clone(), password)),
+            (Some(user), None) => {
+                return Err(anyhow!(
+                    "etcd user '{user}' given without a password: set QSEM_ETCD_PASSWORD"
+                ));
+            }
+            (None, _) => None,
+        };
+        Ok(Client {
+            agent: config.build().new_agent(),
+            bases: settings
+                .endpoints
+                .iter()
+                .map(|e| format!("{scheme}://{e}"))
+                .collect(),
+            current: AtomicUsize::new(0),
+            auth,
+            token: Mutex::new(None),
+            date: Mutex::new(None),
+        })
+    }
+
+    /// Now on the cluster's clock (Unix seconds), as of the last answer;
+    /// `None` before any.
+    pub fn cluster_now(&self) -> Option<i64> {
+        let date = *self.date.lock().unwrap_or_else(|e| e.into_inner());
+        date.map(|(secs, at)| secs + at.elapsed().as_secs() as i64)
+    }
+
+    /// The endpoints, for messages.
+    pub fn describe(&self) -> String {
+        self.bases.join(",")
+    }
+
+    /// `POST path` with `body`, answered by any member, by `until` at the
+    /// latest (`None`: within [`UNREACHABLE`] of silence).
+    pub fn call(
+        &self,
+        path: &str,
+        body: &Value,
+        until: Option<Instant>,
+    ) -> Result<Value, CallError> {
+        let body = body.to_string();
+        let mut silent_since: Option<Instant> = None;
+        let mut last = String::new();
+        let mut reauthenticated = false;
+        loop {
+            let n = self.bases.len();
+            let first = self.current.load(Ordering::Relaxed);
+            for i in (first..first + n).map(|i| i % n) {
+                let Some(limit) = bound(until) else {
+                    return Err(CallError::Expired);
+                };
+                match self.attempt(i, path, &body, limit) {
+                    Attempt::Answer(v) => {
+                        self.current.store(i, Ordering::Relaxed);
+                        return Ok(v);
+                    }
+                    Attempt::Down(why) => last = format!("{}: {why}", self.bases[i]),
+                    Attempt::Unauthenticated if !reauthenticated && self.auth.is_some() => {
+                        reauthenticated = true;
+                        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    }
+                    Attempt::Unauthenticated => {
+                        return Err(CallError::Refused(format!(
+                            "etcd at {} refused qsem's credentials",
+                            self.bases[i]
+                        )));
+                    }
+                    Attempt::Refused(why) => return Err(CallError::Refused(why)),
+                }
+            }
+            let since = *silent_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= UNREACHABLE {
+                return Err(CallError::Unreachable(format!(
+                    "cannot reach etcd at {} (tried for {}s; last: {last})",
+                    self.describe(),
+                    UNREACHABLE.as_secs()
+                )));
+            }
+            let pause = Instant::now() + ROUND_PAUSE;
+            std::thread::sleep(
+                until
+                    .map_or(pause, |u| u.min(pause))
+                    .saturating_duration_since(Instant::now()),
+            );
+        }
+    }
+
+    fn attempt(&self, i: usize, path: &str, body: &str, limit: Duration) -> Attempt {
+        let token = match self.token(i, limit) {
+            Ok(t) => t,
+            Err(a) => return a,
+        };
+        let url = format!("{}{path}", self.bases[i]);
+        let mut req = self
+            .agent
+            .post(&url)
+            .config()
+            .timeout_global(Some(limit))
+            .build()
+            .header("content-type", "application/json");
+        if let Some(t) = &token {
+            req = req.header("authorization", t);
+        }
+        let mut resp = match req.send(body) {
+            Ok(r) => r,
+            Err(e) => return Attempt::Down(e.to_string()),
+        };
+        let status = resp.status().as_u16();
+        let date = resp.headers().get("date").and_then(|d| d.to_str().ok());
+        if let Some(secs) = date.and_then(http_date) {
+            *self.date.lock().unwrap_or_else(|e| e.into_inner()) = Some((secs, Instant::now()));
+        }
+        let text = match resp.body_mut().read_to_string() {
+            Ok(t) => t,
+            Err(e) => return Attempt::Down(e.to_string()),
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            return Attempt::Down(format!("HTTP {status}: not JSON: {}", cut(&text)));
+        };
+        match error_of(&v) {
+            None if status == 200 => Attempt::Answer(v),
+            None => Attempt::Down(format!("HTTP {status}")),
+            Some((code, message)) => classify(code, &message, &self.bases[i]),
+        }
+    }
+
+    /// The auth token to send, fetched from member `i` the first time.
+    fn token(&self, i: usize, limit: Duration) -> Result<Option<String>, Attempt> {
+        let Some((user, password)) = &self.auth else {
+            return Ok(None);
+        };
+        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = token.as_ref() {
+            return Ok(Some(t.clone()));
+        }
+        let url = format!("{}/v3/auth/authenticate", self.bases[i]);
+        let body = json!({"name": user, "password": password}).to_string();
+        let answer = self
+            .agent
+            .post(&url)
+            .config()
+            .timeout_global(Some(limit))
+            .build()
+            .send(&body)
+            .map_err(|e| Attempt::Down(e.to_string()))?
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| Attempt::Down(e.to_string()))?;
+        let v: Value = serde_json::from_str(&answer)
+            .map_err(|_| Attempt::Down(format!("not JSON: {}", cut(&answer))))?;
+        if let Some((code, message)) = error_of(&v) {
+            return Err(match classify(code, &message, &self.bases[i]) {
+                Attempt::Unauthenticated => Attempt::Refused(format!(
+                    "etcd at {} refused user '{user}': {message}",
+                    self.bases[i]
+                )),
+                other => other,
+            });
+        }
+        let t = v["token"]
+            .as_str()
+            .ok_or_else(|| Attempt::Down("no token in the answer".into()))?
+            .to_string();
+        *token = Some(t.clone());
+        Ok(Some(t))
+    }
+
+    /// Watches keys from `key` up to `range_end` from revision `start` on:
+    /// the returned pipe becomes readable at each change after `start - 1`.
+    pub fn watch(self: &Arc<Self>, key: &[u8], range_end: &[u8], start: i64) -> Result<Watch> {
+        let (read, write) = sys::pipe().context("cannot create a pipe for an etcd watch")?;
+        let gone = Arc::new(AtomicBool::new(false));
+        let stream = WatchStream {
+            client: Arc::clone(self),
+            key: B64.encode(key),
+            range_end: B64.encode(range_end),
+            next: start,
+            wake: write,
+            gone: Arc::clone(&gone),
+        };
+        std::thread::Builder::new()
+            .name("qsem-etcd-watch".into())
+            .spawn(move || stream.run())
+            .context("cannot start a thread for an etcd watch")?;
+        Ok(Watch { read, gone })
+    }
+}
+
+/// A member's error answer: `{"error": …, "code": N, "message": …}`, or a
+/// stream's `{"error": {"grpc_code": N, "message": …}}`.
+fn error_of(v: &Value) -> Option<(i64, String)> {
+    let e = v.get("error")?;
+    let (code, message) = if e.is_object() {
+        (&e["grpc_code"], &e["message"])
+    } else {
+        (&v["code"], &v["message"])
+    };
+    Some((
+        code.as_i64().unwrap_or(2),
+        message.as_str().unwrap_or("unknown error").to_string(),
+    ))
+}
+
+/// gRPC status codes: 14 unavailable, 4 deadline exceeded, 16 unauthenticated.
+fn classify(code: i64, message: &str, base: &str) -> Attempt {
+    let transient = [
+        "leader",
+        "timed out",
+        "timeout",
+        "too many requests",
+        "not capable",
+    ];
+    match code {
+        14 | 4 | 8 | 10 => Attempt::Down(message.to_string()),
+        16 if message.contains("token") => Attempt::Unauthenticated,
+        _ if transient.iter().any(|t| message.contains(t)) => Attempt::Down(message.to_string()),
+        _ => Attempt::Refused(format!("etcd at {base}: {message}")),
+    }
+}
+
+fn cut(s: &str) -> &str {
+    let end = s.char_indices().nth(120).map_or(s.len(), |(i, _)| i);
+    &s[..end]
+}
+
+/// How long an attempt may take: at most [`ATTEMPT`], never past `until`;
+/// `None` if `until` has passed.
+fn bound(until: Option<Instant>) -> Option<Duration> {
+    match until {
+        None => Some(ATTEMPT),
+        Some(u) => {
+            let left = u.saturating_duration_since(Instant::now());
+            (!left.is_zero()).then(|| left.min(ATTEMPT))
+        }
+    }
+}
+
+/// A running watch: its pipe's read end. Dropping it tells the thread to end.
+pub struct Watch {
+    read: OwnedFd,
+    gone: Arc<AtomicBool>,
+}
+
+impl Watch {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.read.as_fd()
+    }
+
+    /// Empties the pipe, after a wake-up.
+    pub fn drain(&self) {
+        let mut buf = [0u8; 64];
+        while sys::read(self.read.as_fd(), &mut buf).is_ok_and(|n| n > 0) {}
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.gone.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The thread behind a [`Watch`].
+struct WatchStream {
+    client: Arc<Client>,
+    key: String,
+    range_end: String,
+    /// The first revision not seen yet.
+    next: i64,
+    wake: OwnedFd,
+    gone: Arc<AtomicBool>,
+}
+
+impl WatchStream {
+    fn run(mut self) {
+        let mut member = self.client.current.load(Ordering::Relaxed);
+        while !self.gone.load(Ordering::Relaxed) {
+            if self.stream(member).is_err() {
+                // The waiter has gone (its pipe is closed).
+                return;
+            }
+            // Broken, refused or idle: a waiter looks again, in case what
+            // broke the stream was a change; then the next member.
+            if self.tell().is_err() {
+                return;
+            }
+            member = (member + 1) % self.client.bases.len();
+            std::thread::sleep(ROUND_PAUSE);
+        }
+    }
+
+    /// Reads one stream until it ends; `Err` only if the waiter has gone.
+    fn stream(&mut self, member: usize) -> Result<(), ()> {
+        let body = json!({"create_request": {
+            "key": self.key, "range_end": self.range_end, "start_revision": self.next.to_string(),
+        }})
+        .to_string();
+        let token = self.client.token(member, ATTEMPT).unwrap_or(None);
+        let mut req = self
+            .client
+            .agent
+            .post(&format!("{}/v3/watch", self.client.bases[member]))
+            .config()
+            .timeout_per_read(Some(WATCH_IDLE))
+            .build();
+        if let Some(t) = &token {
+            req = req.header("authorization", t);
+        }
+        let Ok(resp) = req.send(&body) else {
+            return Ok(());
+        };
+        let mut lines = std::io::BufReader::new(resp.into_body().into_reader());
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match lines.read_line(&mut line) {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => {}
+            }
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                return Ok(());
+            };
+            let r = &v["result"];
+            if error_of(&v).is_some() || r["canceled"].as_bool() == Some(true) {
+                // Compacted past `next`, or refused: start again from now.
+                self.next = int(&r["header"]["revision"]).max(self.next - 1) + 1;
+                return Ok(());
+            }
+            if let Some(events) = r["events"].as_array().filter(|e| !e.is_empty()) {
+                let last = events.iter().map(|e| int(&e["kv"]["mod_revision"])).max();
+                self.next = self.next.max(last.unwrap_or(0) + 1);
+                self.tell().map_err(drop)?;
+            }
+            if self.gone.load(Ordering::Relaxed) {
+                return Err(());
+            }
+        }
+    }
+
+    /// One byte to the waiter; a full pipe means it is readable already.
+    fn tell(&self) -> std::io::Result<()> {
+        match sys::write_all(self.wake.as_fd(), b"w") {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// An HTTP date (`Mon, 30 Nov 2026 01:35:42 GMT`, what Go's server sends)
+/// as Unix seconds.
+fn http_date(s: &str) -> Option<i64> {
+    let mut f = s.split_whitespace().skip(1);
+    let day: i64 = f.next()?.parse().ok()?;
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let name = f.next()?;
+    let month = months.iter().position(|m| *m == name)? as i64 + 1;
+    let year: i64 = f.next()?.parse().ok()?;
+    let hms: Vec<i64> = f
+        .next()?
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    let [h, m, sec] = hms[..] else { return None };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + m * 60 + sec)
+}
+
+/// A 64-bit number as the gateway writes it: a string, or absent for zero.
+pub fn int(v: &Value) -> i64 {
+    match v {
+        Value::String(s) => s.parse().unwrap_or(0),
+        Value::Number(n) => n.as_i64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    B64.encode(bytes)
+}
+
+/// A base64 field (a key or value), or empty if absent or malformed.
+pub fn unb64(v: &Value) -> Vec<u8> {
+    v.as_str()
+        .and_then(|s| B64.decode(s).ok())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_and_errors_as_the_gateway_writes_them() {
+        assert_eq!(int(&json!("9007199254740993")), 9_007_199_254_740_993);
+        assert_eq!(int(&json!(7)), 7);
+        assert_eq!(int(&Value::Null), 0);
+        assert_eq!(unb64(&json!(b64(b"qsem/\xff"))), b"qsem/\xff");
+        let unary = json!({"error": "etcdserver: requested lease not found",
+            "message": "etcdserver: requested lease not found", "code": 5});
+        assert_eq!(
+            error_of(&unary),
+            Some((5, "etcdserver: requested lease not found".into()))
+        );
+        let stream = json!({"error": {"grpc_code": 14, "message": "no leader"}});
+        assert_eq!(error_of(&stream), Some((14, "no leader".into())));
+        assert_eq!(error_of(&json!({"header": {}})), None);
+        assert!(matches!(classify(14, "x", "b"), Attempt::Down(_)));
+        assert!(matches!(
+            classify(2, "etcdserver: leader changed", "b"),
+            Attempt::Down(_)
+        ));
+        assert!(matches!(
+            classify(16, "etcdserver: invalid auth token", "b"),
+            Attempt::Unauthenticated
+        ));
+        assert!(matches!(
+            classify(7, "etcdserver: permission denied", "b"),
+            Attempt::Refused(_)
+        ));
+    }
+
+    #[test]
+    fn the_clusters_date() {
+        assert_eq!(http_date("Thu, 01 Jan 1970 00:00:00 GMT"), Some(0));
+        assert_eq!(
+            http_date("Mon, 30 Nov 2026 01:35:42 GMT"),
+            Some(1_796_002_542)
+        );
+        assert_eq!(
+            http_date("Tue, 29 Feb 2000 12:00:01 GMT"),
+            Some(951_825_601)
+        );
+        assert_eq!(http_date("yesterday"), None);
+    }
+
+    #[test]
+    fn attempts_never_pass_the_callers_instant() {
+        assert_eq!(bound(None), Some(ATTEMPT));
+        assert_eq!(bound(Some(Instant::now())), None);
+        let soon = bound(Some(Instant::now() + Duration::from_millis(300))).unwrap();
+        assert!(soon <= Duration::from_millis(300), "{soon:?}");
+        let later = Instant::now() + Duration::from_secs(60);
+        assert_eq!(bound(Some(later)), Some(ATTEMPT));
+    }
+}
