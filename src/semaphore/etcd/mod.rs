@@ -49,6 +49,9 @@ use std::time::{Duration, Instant};
 /// its deadline, before leaving its key to expire (others pass it after a
 /// turn anyway).
 const LEAVE_BOUND: Duration = Duration::from_millis(60);
+/// How long the first look and take may run past a deadline that is
+/// already (nearly) due, as with `--wait 0`: one attempt, not none.
+const FIRST_TRY: Duration = Duration::from_millis(80);
 
 pub struct Etcd {
     client: Arc<Client>,
@@ -260,6 +263,11 @@ impl Attempt<'_> {
 
 impl Semaphore for Etcd {
     fn acquire(&mut self, req: &Request, signals: &mut Signals) -> Result<Acquired> {
+        let first_try = Instant::now() + FIRST_TRY;
+        let req = &Request {
+            deadline: req.deadline.map(|d| d.max(first_try)),
+            ..*req
+        };
         let mut a = Attempt {
             c: &self.client,
             keys: Keys::new(req.id),
@@ -282,6 +290,14 @@ impl Semaphore for Etcd {
             a.leave();
         }
         match outcome {
+            // Not one answer before the deadline: the cluster is out of
+            // reach, which is not a quiet expiry.
+            Err(CallError::Expired) if self.client.cluster_now().is_none() => {
+                Err(failed(CallError::Unreachable(format!(
+                    "cannot reach etcd at {} before the --wait deadline",
+                    self.client.describe()
+                ))))
+            }
             Err(CallError::Expired) => Ok(Acquired::TimedOut),
             other => other.map_err(failed),
         }

@@ -1,0 +1,270 @@
+//! A throwaway 3-member etcd cluster on 127.0.0.1 for the etcd engine's
+//! tests, on ports picked free at start, with its data on tmpfs where there
+//! is one. Members die with the test process (PR_SET_PDEATHSIG from a
+//! thread that lives as long as it) and when their [`Cluster`] is dropped.
+//! Also a TCP relay that a test can cut, to stand for a holder whose
+//! network is gone.
+
+use super::{eventually, skipped};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, mpsc};
+use std::time::Duration;
+
+pub struct Member {
+    pub name: String,
+    pub client_port: u16,
+    child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub members: Vec<Member>,
+    dir: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The shared cluster of a test binary, started once; `None` (with a
+/// printed reason) if etcd is not installed.
+pub fn shared() -> Option<&'static Cluster> {
+    static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
+    CLUSTER.get_or_init(|| Cluster::start("shared")).as_ref()
+}
+
+/// Runs `f` on a thread that never ends, so that PR_SET_PDEATHSIG (which
+/// follows the thread that forked) fires only when the test process ends.
+fn on_lasting_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        tx.send(f()).unwrap();
+        loop {
+            std::thread::park();
+        }
+    });
+    rx.recv().unwrap()
+}
+
+impl Cluster {
+    pub fn start(tag: &str) -> Option<Cluster> {
+        if Command::new("etcd").arg("--version").output().is_err() {
+            skipped("etcd is not installed (run .ci/etcd.sh)");
+            return None;
+        }
+        let base = if std::path::Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!("qsem-etcd-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let initial: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("n{i}=http://127.0.0.1:{peer}"))
+            .collect();
+        let initial = initial.join(",");
+        let members = (0..3)
+            .map(|i| {
+                let (client, peer) = ports[i];
+                let name = format!("n{i}");
+                let args: Vec<String> = vec![
+                    "--name".into(),
+                    name.clone(),
+                    "--data-dir".into(),
+                    dir.join(&name).display().to_string(),
+                    "--listen-client-urls".into(),
+                    format!("http://127.0.0.1:{client}"),
+                    "--advertise-client-urls".into(),
+                    format!("http://127.0.0.1:{client}"),
+                    "--listen-peer-urls".into(),
+                    format!("http://127.0.0.1:{peer}"),
+                    "--initial-advertise-peer-urls".into(),
+                    format!("http://127.0.0.1:{peer}"),
+                    "--initial-cluster".into(),
+                    initial.clone(),
+                    "--initial-cluster-state".into(),
+                    "new".into(),
+                    "--initial-cluster-token".into(),
+                    format!("qsem-{tag}"),
+                ];
+                let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+                let child = on_lasting_thread(move || {
+                    let mut cmd = Command::new("etcd");
+                    cmd.args(&args).stdout(Stdio::null()).stderr(log);
+                    // SAFETY: prctl is async-signal-safe and touches no memory.
+                    unsafe {
+                        cmd.pre_exec(|| {
+                            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                            Ok(())
+                        });
+                    }
+                    cmd.spawn().expect("etcd starts")
+                });
+                Member {
+                    name,
+                    client_port: client,
+                    child: Some(child),
+                }
+            })
+            .collect();
+        let c = Cluster { members, dir };
+        let healthy = eventually(Duration::from_secs(30), || {
+            c.etcdctl(&["endpoint", "health"]).0
+        });
+        assert!(
+            healthy,
+            "the etcd cluster did not start; logs in {}",
+            c.dir.display()
+        );
+        Some(c)
+    }
+
+    /// `etcd://` with every member.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.endpoints())
+    }
+
+    pub fn endpoints(&self) -> String {
+        let e: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("127.0.0.1:{}", m.client_port))
+            .collect();
+        e.join(",")
+    }
+
+    /// Runs etcdctl against every member: (success, stdout).
+    pub fn etcdctl(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoints()))
+            .arg("--command-timeout=2s")
+            .args(args)
+            .output()
+            .expect("etcdctl runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// The index of the leader, as the members that answer say.
+    pub fn leader(&self) -> Option<usize> {
+        let (_, out) = self.etcdctl(&["endpoint", "status", "-w", "json"]);
+        // One object per member: its endpoint, its id, and the leader's id.
+        for member in out.split("{\"Endpoint\":\"").skip(1) {
+            let field = |name: &str| {
+                let at = member.find(name)? + name.len();
+                Some(
+                    member[at..]
+                        .chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect::<String>(),
+                )
+            };
+            if field("\"member_id\":") == field("\"leader\":") {
+                let port: u16 = member.split(['"', ':']).nth(1)?.parse().ok()?;
+                return self.members.iter().position(|m| m.client_port == port);
+            }
+        }
+        None
+    }
+
+    /// Sends `signal` to member `i` (SIGKILL also reaps it).
+    pub fn signal(&mut self, i: usize, signal: i32) {
+        if let Some(child) = self.members[i].child.as_mut() {
+            super::kill(child.id(), signal);
+            if signal == libc::SIGKILL {
+                let _ = child.wait();
+                self.members[i].child = None;
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            if let Some(mut c) = m.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP relay to one port that a test can cut: once cut, nothing more
+/// passes either way and new connections hang, as with a host whose
+/// network is gone (the connections stay open, unanswered).
+pub struct Relay {
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+}
+
+impl Relay {
+    pub fn to(target: u16) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&cut);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                for (from, to) in [
+                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                    (server, client),
+                ] {
+                    let flag = Arc::clone(&flag);
+                    std::thread::spawn(move || pump(from, to, &flag));
+                }
+            }
+        });
+        Relay { port, cut }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, cut: &AtomicBool) {
+    from.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if cut.load(Ordering::SeqCst) {
+            // Hold both ends open, silent, until the test process ends.
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) if !cut.load(Ordering::SeqCst) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
