@@ -298,6 +298,35 @@ fn never_more_than_n_at_once_with_kill_9() {
 }
 
 #[test]
+fn mixed_limits_hold_at_every_instant_under_contention() {
+    let Some(c) = shared() else { return };
+    let env = Env::new();
+    let url = c.url();
+    let dir = env.path("running");
+    std::fs::create_dir_all(&dir).unwrap();
+    let jobs: Vec<Job> = (0..30)
+        .map(|i| {
+            let n = if i % 2 == 0 { 2 } else { 4 };
+            let job = format!(
+                "touch {d}/$$; k=$(ls {d} | wc -l); [ $k -le {n} ] || echo $k >> {v}; sleep 0.1; rm {d}/$$",
+                d = dir.display(),
+                v = env.path("violations").display()
+            );
+            let child = qsem(&env, &url)
+                .args(["--id", "mixstorm", &format!("-j{n}"), "--", "sh", "-c", &job])
+                .spawn()
+                .unwrap();
+            Job(Some(child))
+        })
+        .collect();
+    for j in jobs {
+        assert_eq!(j.end().0, 0);
+    }
+    let violations = std::fs::read_to_string(env.path("violations")).unwrap_or_default();
+    assert_eq!(violations, "", "a limit was passed");
+}
+
+#[test]
 fn background_failures_are_kept_for_the_next_wait_all() {
     let Some(c) = shared() else { return };
     let env = Env::new();
