@@ -491,3 +491,66 @@ fn a_cut_off_holder_is_stopped_before_anyone_else_starts() {
     assert_eq!(code, 122, "{err}");
     assert!(err.contains("stopping the command"), "{err}");
 }
+
+#[test]
+fn tls_with_the_clusters_ca_and_nothing_else() {
+    let Some(c) = Cluster::start_with("tls", 1, true) else {
+        return;
+    };
+    let env = Env::new();
+    let url = c.url();
+    assert!(url.starts_with("etcds://"), "{url}");
+    let ca = c.ca.clone().unwrap();
+    let (code, out, err) = run(qsem(&env, &url)
+        .env("QSEM_ETCD_CACERT", &ca)
+        .args(["--id", "tls", "echo", "ran"]));
+    assert_eq!((code, out.as_str(), err.as_str()), (0, "ran\n", ""));
+    // The system's roots do not vouch for the test CA: refused, loudly.
+    let (code, out, err) = run(qsem(&env, &url).args(["--id", "tls", "echo", "ran"]));
+    assert_eq!((code, out.as_str()), (125, ""), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+}
+
+#[test]
+fn a_cluster_with_users_wants_the_password() {
+    let Some(c) = Cluster::start_with("auth", 1, false) else {
+        return;
+    };
+    let env = Env::new();
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["role", "add", "qsem"],
+        &[
+            "role",
+            "grant-permission",
+            "qsem",
+            "--prefix=true",
+            "readwrite",
+            "qsem/",
+        ],
+        &["user", "add", "qsem:s3cret-pw"],
+        &["user", "grant-role", "qsem", "qsem"],
+        &["auth", "enable"],
+    ] {
+        let (ok, out) = c.etcdctl(&[&["--user=root:rootpw"][..], args].concat());
+        assert!(ok, "etcdctl {args:?}: {out}");
+    }
+    let url = c.url().replace("etcd://", "etcd://qsem@");
+    let (code, out, err) = run(qsem(&env, &url)
+        .env("QSEM_ETCD_PASSWORD", "s3cret-pw")
+        .args(["--id", "auth", "echo", "ran"]));
+    assert_eq!((code, out.as_str(), err.as_str()), (0, "ran\n", ""));
+    let (code, _, err) = run(qsem(&env, &url)
+        .env("QSEM_ETCD_PASSWORD", "wrong-pw")
+        .args(["--id", "auth", "echo", "ran"]));
+    assert_eq!(code, 125, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("'qsem'") && !err.contains("wrong-pw"), "{err}");
+    // Without any password: said before anything is tried.
+    let (code, _, err) = run(qsem(&env, &url)
+        .env_remove("QSEM_ETCD_PASSWORD")
+        .args(["--id", "auth", "echo", "ran"]));
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("QSEM_ETCD_PASSWORD"), "{err}");
+}

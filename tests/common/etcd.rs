@@ -24,6 +24,8 @@ pub struct Member {
 pub struct Cluster {
     pub members: Vec<Member>,
     dir: PathBuf,
+    /// With TLS on the client port: the test CA's certificate (PEM).
+    pub ca: Option<PathBuf>,
 }
 
 fn free_port() -> u16 {
@@ -54,8 +56,38 @@ fn on_lasting_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) 
     rx.recv().unwrap()
 }
 
+/// A test CA and a certificate for 127.0.0.1 signed by it, in `dir`:
+/// (ca.crt, server.crt, server.key).
+fn certificates(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    let script = format!(
+        "set -e; cd {d}; ec='-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes'; \
+         openssl req -x509 $ec -days 2 -subj /CN=qsem-etcd-ca -keyout ca.key -out ca.crt; \
+         openssl req $ec -subj /CN=localhost -keyout server.key -out server.csr; \
+         printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\\nbasicConstraints=CA:FALSE\\n' > ext; \
+         openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+           -days 2 -extfile ext -out server.crt",
+        d = dir.display()
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .output()
+        .expect("openssl runs");
+    assert!(out.status.success(), "openssl: {out:?}");
+    (
+        dir.join("ca.crt"),
+        dir.join("server.crt"),
+        dir.join("server.key"),
+    )
+}
+
 impl Cluster {
+    /// Three members, plain HTTP.
     pub fn start(tag: &str) -> Option<Cluster> {
+        Cluster::start_with(tag, 3, false)
+    }
+
+    /// `members` members, their client ports on HTTPS if `tls`.
+    pub fn start_with(tag: &str, count: usize, tls: bool) -> Option<Cluster> {
         if Command::new("etcd").arg("--version").output().is_err() {
             skipped("etcd is not installed (run .ci/etcd.sh)");
             return None;
@@ -68,26 +100,28 @@ impl Cluster {
         let dir = base.join(format!("qsem-etcd-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let certs = tls.then(|| certificates(&dir));
+        let scheme = if tls { "https" } else { "http" };
+        let ports: Vec<(u16, u16)> = (0..count).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> = ports
             .iter()
             .enumerate()
             .map(|(i, (_, peer))| format!("n{i}=http://127.0.0.1:{peer}"))
             .collect();
         let initial = initial.join(",");
-        let members = (0..3)
+        let members = (0..count)
             .map(|i| {
                 let (client, peer) = ports[i];
                 let name = format!("n{i}");
-                let args: Vec<String> = vec![
+                let mut args: Vec<String> = vec![
                     "--name".into(),
                     name.clone(),
                     "--data-dir".into(),
                     dir.join(&name).display().to_string(),
                     "--listen-client-urls".into(),
-                    format!("http://127.0.0.1:{client}"),
+                    format!("{scheme}://127.0.0.1:{client}"),
                     "--advertise-client-urls".into(),
-                    format!("http://127.0.0.1:{client}"),
+                    format!("{scheme}://127.0.0.1:{client}"),
                     "--listen-peer-urls".into(),
                     format!("http://127.0.0.1:{peer}"),
                     "--initial-advertise-peer-urls".into(),
@@ -99,6 +133,10 @@ impl Cluster {
                     "--initial-cluster-token".into(),
                     format!("qsem-{tag}"),
                 ];
+                if let Some((_, cert, key)) = &certs {
+                    args.push(format!("--cert-file={}", cert.display()));
+                    args.push(format!("--key-file={}", key.display()));
+                }
                 let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
                 let child = on_lasting_thread(move || {
                     let mut cmd = Command::new("etcd");
@@ -119,7 +157,11 @@ impl Cluster {
                 }
             })
             .collect();
-        let c = Cluster { members, dir };
+        let c = Cluster {
+            members,
+            dir,
+            ca: certs.map(|(ca, _, _)| ca),
+        };
         let healthy = eventually(Duration::from_secs(30), || {
             c.etcdctl(&["endpoint", "health"]).0
         });
@@ -131,9 +173,10 @@ impl Cluster {
         Some(c)
     }
 
-    /// `etcd://` with every member.
+    /// `etcd://` (or `etcds://`) with every member.
     pub fn url(&self) -> String {
-        format!("etcd://{}", self.endpoints())
+        let scheme = if self.ca.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{}", self.endpoints())
     }
 
     pub fn endpoints(&self) -> String {
@@ -147,7 +190,11 @@ impl Cluster {
 
     /// Runs etcdctl against every member: (success, stdout).
     pub fn etcdctl(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new("etcdctl")
+        let mut cmd = Command::new("etcdctl");
+        if let Some(ca) = &self.ca {
+            cmd.arg(format!("--cacert={}", ca.display()));
+        }
+        let out = cmd
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoints()))
             .arg("--command-timeout=2s")

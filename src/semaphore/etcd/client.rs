@@ -258,11 +258,11 @@ impl Client {
             .map_err(|_| Attempt::Down(format!("not JSON: {}", cut(&answer))))?;
         if let Some((code, message)) = error_of(&v) {
             return Err(match classify(code, &message, &self.bases[i]) {
-                Attempt::Unauthenticated => Attempt::Refused(format!(
+                Attempt::Down(why) => Attempt::Down(why),
+                _ => Attempt::Refused(format!(
                     "etcd at {} refused user '{user}': {message}",
                     self.bases[i]
                 )),
-                other => other,
             });
         }
         let t = v["token"]
