@@ -95,6 +95,22 @@ fn counts(env: &Env, url: &str, id: &str) -> (usize, u32) {
     (held, waiting)
 }
 
+/// A job that fails the test's check (a line in `violations`) if, as it
+/// starts, more than `limit` jobs run (each has a file in `running/`).
+fn counted(env: &Env, limit: u32, seconds: &str) -> String {
+    let dir = env.path("running");
+    std::fs::create_dir_all(&dir).unwrap();
+    format!(
+        "touch {d}/$$; k=$(ls {d} | wc -l); [ $k -le {limit} ] || echo $k >> {v}; sleep {seconds}; rm {d}/$$",
+        d = dir.display(),
+        v = env.path("violations").display()
+    )
+}
+
+fn violations(env: &Env) -> String {
+    std::fs::read_to_string(env.path("violations")).unwrap_or_default()
+}
+
 fn stop(env: &Env) {
     std::fs::write(env.path("stop"), "").unwrap();
 }
@@ -254,13 +270,7 @@ fn never_more_than_n_at_once_with_kill_9() {
     let Some(c) = shared() else { return };
     let env = Env::new();
     let url = c.url();
-    let dir = env.path("running");
-    std::fs::create_dir_all(&dir).unwrap();
-    let job = format!(
-        "touch {d}/$$; n=$(ls {d} | wc -l); [ $n -le 3 ] || echo $n >> {v}; sleep 0.2; rm {d}/$$",
-        d = dir.display(),
-        v = env.path("violations").display()
-    );
+    let job = counted(&env, 3, "0.2");
     let mut jobs: Vec<Job> = (0..40)
         .map(|_| {
             let child = qsem(&env, &url)
@@ -292,8 +302,7 @@ fn never_more_than_n_at_once_with_kill_9() {
         let (code, _) = j.end();
         assert!(code == 0 || code == -1, "exit {code}");
     }
-    let violations = std::fs::read_to_string(env.path("violations")).unwrap_or_default();
-    assert_eq!(violations, "", "more than 3 jobs at once");
+    assert_eq!(violations(&env), "", "more than 3 jobs at once");
     assert!(eventually(SOON, || counts(&env, &url, "storm") == (0, 0)));
 }
 
@@ -302,18 +311,20 @@ fn mixed_limits_hold_at_every_instant_under_contention() {
     let Some(c) = shared() else { return };
     let env = Env::new();
     let url = c.url();
-    let dir = env.path("running");
-    std::fs::create_dir_all(&dir).unwrap();
     let jobs: Vec<Job> = (0..30)
         .map(|i| {
             let n = if i % 2 == 0 { 2 } else { 4 };
-            let job = format!(
-                "touch {d}/$$; k=$(ls {d} | wc -l); [ $k -le {n} ] || echo $k >> {v}; sleep 0.1; rm {d}/$$",
-                d = dir.display(),
-                v = env.path("violations").display()
-            );
+            let job = counted(&env, n, "0.1");
             let child = qsem(&env, &url)
-                .args(["--id", "mixstorm", &format!("-j{n}"), "--", "sh", "-c", &job])
+                .args([
+                    "--id",
+                    "mixstorm",
+                    &format!("-j{n}"),
+                    "--",
+                    "sh",
+                    "-c",
+                    &job,
+                ])
                 .spawn()
                 .unwrap();
             Job(Some(child))
@@ -322,8 +333,7 @@ fn mixed_limits_hold_at_every_instant_under_contention() {
     for j in jobs {
         assert_eq!(j.end().0, 0);
     }
-    let violations = std::fs::read_to_string(env.path("violations")).unwrap_or_default();
-    assert_eq!(violations, "", "a limit was passed");
+    assert_eq!(violations(&env), "", "a limit was passed");
 }
 
 #[test]
@@ -442,8 +452,7 @@ fn the_leader_killed_while_holders_run_and_waiters_wait() {
         assert_eq!(j.end(), (0, String::new()));
     }
     assert!(["w1", "w2", "w3"].iter().all(|n| started(&env, n)));
-    let violations = std::fs::read_to_string(env.path("violations")).unwrap_or_default();
-    assert_eq!(violations, "");
+    assert_eq!(violations(&env), "");
 }
 
 #[test]
