@@ -563,3 +563,31 @@ fn a_cluster_with_users_wants_the_password() {
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("QSEM_ETCD_PASSWORD"), "{err}");
 }
+
+#[test]
+fn a_holder_whose_lease_expired_says_so_and_takes_a_slot_again() {
+    let Some(c) = shared() else { return };
+    let env = Env::new();
+    let relay = Relay::to(c.members[2].client_port);
+    let cut_url = format!("etcd://127.0.0.1:{}", relay.port);
+    let h = hold(
+        &env,
+        &cut_url,
+        &["--id", "again", "--lost-after", "3s"],
+        "h",
+    );
+    relay.cut();
+    // The lease expires on the cluster: the slot is free meanwhile.
+    let (code, out, _) =
+        run(qsem(&env, &c.url()).args(["--id", "again", "--wait", "20", "echo", "ran"]));
+    assert_eq!((code, out.as_str()), (0, "ran\n"));
+    relay.restore();
+    // Renewals get through again: the holder finds its lease gone, and
+    // takes the free slot again by the ordinary rule.
+    assert!(eventually(SOON, || counts(&env, &c.url(), "again").0 == 1));
+    stop(&env);
+    let (code, err) = h.end();
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("has not confirmed slot 1"), "{err}");
+    assert!(err.contains("took slot 1 again"), "{err}");
+}

@@ -253,9 +253,9 @@ impl Drop for Cluster {
     }
 }
 
-/// A TCP relay to one port that a test can cut: once cut, nothing more
-/// passes either way and new connections hang, as with a host whose
-/// network is gone (the connections stay open, unanswered).
+/// A TCP relay to one port that a test can cut: while cut, nothing passes
+/// either way and new connections hang, as with a host whose network is
+/// gone (the connections stay open, unanswered).
 pub struct Relay {
     pub port: u16,
     cut: Arc<AtomicBool>,
@@ -287,6 +287,11 @@ impl Relay {
     pub fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
     }
+
+    /// Lets traffic through again (what was sent meanwhile is lost).
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
 }
 
 fn pump(mut from: TcpStream, mut to: TcpStream, cut: &AtomicBool) {
@@ -294,9 +299,10 @@ fn pump(mut from: TcpStream, mut to: TcpStream, cut: &AtomicBool) {
         .unwrap();
     let mut buf = [0u8; 16 * 1024];
     loop {
-        if cut.load(Ordering::SeqCst) {
-            // Hold both ends open, silent, until the test process ends.
-            std::thread::sleep(Duration::from_secs(3600));
+        // While cut, both ends stay open and silent.
+        while cut.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = from.read(&mut buf);
         }
         match from.read(&mut buf) {
             Ok(0) => return,

@@ -207,11 +207,21 @@ impl Keeper {
         let mut next = Instant::now() + every;
         loop {
             match inbox.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                Ok(Order::Started(pid)) => self.record_pid(pid),
+                // A job that has ended already needs no pid in `--status`.
+                Ok(Order::Started(pid)) => match inbox.try_recv() {
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        revoke(&self.h.client, self.h.lease, Instant::now() + REVOKE_BOUND);
+                        return;
+                    }
+                    Err(mpsc::TryRecvError::Empty) => self.record_pid(pid),
+                    Ok(Order::Started(pid)) => self.record_pid(pid),
+                    Ok(Order::Finish(failure, reply)) => {
+                        let _ = reply.send(self.end(failure.as_deref()));
+                        return;
+                    }
+                },
                 Ok(Order::Finish(failure, reply)) => {
-                    let done = self.finish(failure.as_deref());
-                    revoke(&self.h.client, self.h.lease, Instant::now() + REVOKE_BOUND);
-                    let _ = reply.send(done);
+                    let _ = reply.send(self.end(failure.as_deref()));
                     return;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -289,6 +299,11 @@ impl Keeper {
             return;
         };
         let old = self.h.slot;
+        if self.h.background {
+            // The new lease's running record stands for the job now.
+            let stale = json!({"key": b64(&self.h.keys.running(self.h.lease))});
+            let _ = self.h.client.call("/v3/kv/deleterange", &stale, bound);
+        }
         (self.h.lease, self.h.slot, self.h.fence, self.h.confirmed) = (lease, slot, fence, sent);
         self.lost = false;
         self.tell(SlotEvent::Regained(format!(
@@ -307,11 +322,15 @@ impl Keeper {
         let _ = self.h.client.call("/v3/kv/put", &put, Some(until));
     }
 
-    fn finish(&self, failure: Option<&str>) -> Result<()> {
-        if !self.h.background {
-            return Ok(());
-        }
-        failures::finish(&self.h.client, &self.h.keys, self.h.lease, failure)
+    /// Records a background job's end, then gives the slot back.
+    fn end(&self, failure: Option<&str>) -> Result<()> {
+        let recorded = if self.h.background {
+            failures::finish(&self.h.client, &self.h.keys, self.h.lease, failure)
+        } else {
+            Ok(())
+        };
+        revoke(&self.h.client, self.h.lease, Instant::now() + REVOKE_BOUND);
+        recorded
     }
 }
 
