@@ -12,33 +12,23 @@
 //! passes ([`CallError::Expired`]), or none has answered for [`UNREACHABLE`]
 //! ([`CallError::Unreachable`], qsem's own failure).
 //!
-//! **Watches** are streams: one thread per watch reads the response's lines
-//! and writes a byte to a pipe per change, so that a waiter sleeps in
-//! `Signals::wait` on its signal pipe and this pipe at once. A broken stream
-//! is resumed from the revision after the last one seen, so no change is
-//! missed; an idle stream is reopened every [`WATCH_IDLE`], which is also how
-//! a thread whose waiter has gone notices and ends.
+//! Watches, which are streams, are in `watch.rs`.
 
 use crate::config::EtcdSettings;
-use crate::sys;
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
-use std::io::BufRead;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// The longest one endpoint may take to answer one request.
 pub const ATTEMPT: Duration = Duration::from_secs(2);
 /// How long no member may answer before a call gives up.
 pub const UNREACHABLE: Duration = Duration::from_secs(4);
-/// How long a watch stream may stay silent before it is reopened.
-const WATCH_IDLE: Duration = Duration::from_secs(20);
 /// The pause between two rounds of the members while none answers.
-const ROUND_PAUSE: Duration = Duration::from_millis(100);
+pub const ROUND_PAUSE: Duration = Duration::from_millis(100);
 
 /// Why a call got no answer.
 #[derive(Debug)]
@@ -65,11 +55,11 @@ impl std::error::Error for CallError {}
 
 /// A connection to a cluster, shared by the threads of one process.
 pub struct Client {
-    agent: ureq::Agent,
+    pub(super) agent: ureq::Agent,
     /// `http://h:p` or `https://h:p`, one per member.
-    bases: Vec<String>,
+    pub(super) bases: Vec<String>,
     /// The member that answered last.
-    current: AtomicUsize,
+    pub(super) current: AtomicUsize,
     /// `USER`, `PASSWORD` if the cluster wants them.
     auth: Option<(String, String)>,
     /// The token from `/v3/auth/authenticate`.
@@ -80,7 +70,7 @@ pub struct Client {
 }
 
 /// One attempt's outcome against one member.
-enum Attempt {
+pub(super) enum Attempt {
     Answer(Value),
     /// Try another member (or this one again later).
     Down(String),
@@ -233,7 +223,7 @@ impl Client {
     }
 
     /// The auth token to send, fetched from member `i` the first time.
-    fn token(&self, i: usize, limit: Duration) -> Result<Option<String>, Attempt> {
+    pub(super) fn token(&self, i: usize, limit: Duration) -> Result<Option<String>, Attempt> {
         let Some((user, password)) = &self.auth else {
             return Ok(None);
         };
@@ -272,31 +262,11 @@ impl Client {
         *token = Some(t.clone());
         Ok(Some(t))
     }
-
-    /// Watches keys from `key` up to `range_end` from revision `start` on:
-    /// the returned pipe becomes readable at each change after `start - 1`.
-    pub fn watch(self: &Arc<Self>, key: &[u8], range_end: &[u8], start: i64) -> Result<Watch> {
-        let (read, write) = sys::pipe().context("cannot create a pipe for an etcd watch")?;
-        let gone = Arc::new(AtomicBool::new(false));
-        let stream = WatchStream {
-            client: Arc::clone(self),
-            key: B64.encode(key),
-            range_end: B64.encode(range_end),
-            next: start,
-            wake: write,
-            gone: Arc::clone(&gone),
-        };
-        std::thread::Builder::new()
-            .name("qsem-etcd-watch".into())
-            .spawn(move || stream.run())
-            .context("cannot start a thread for an etcd watch")?;
-        Ok(Watch { read, gone })
-    }
 }
 
 /// A member's error answer: `{"error": …, "code": N, "message": …}`, or a
 /// stream's `{"error": {"grpc_code": N, "message": …}}`.
-fn error_of(v: &Value) -> Option<(i64, String)> {
+pub(super) fn error_of(v: &Value) -> Option<(i64, String)> {
     let e = v.get("error")?;
     let (code, message) = if e.is_object() {
         (&e["grpc_code"], &e["message"])
@@ -339,116 +309,6 @@ fn bound(until: Option<Instant>) -> Option<Duration> {
         Some(u) => {
             let left = u.saturating_duration_since(Instant::now());
             (!left.is_zero()).then(|| left.min(ATTEMPT))
-        }
-    }
-}
-
-/// A running watch: its pipe's read end. Dropping it tells the thread to end.
-pub struct Watch {
-    read: OwnedFd,
-    gone: Arc<AtomicBool>,
-}
-
-impl Watch {
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.read.as_fd()
-    }
-
-    /// Empties the pipe, after a wake-up.
-    pub fn drain(&self) {
-        let mut buf = [0u8; 64];
-        while sys::read(self.read.as_fd(), &mut buf).is_ok_and(|n| n > 0) {}
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        self.gone.store(true, Ordering::Relaxed);
-    }
-}
-
-/// The thread behind a [`Watch`].
-struct WatchStream {
-    client: Arc<Client>,
-    key: String,
-    range_end: String,
-    /// The first revision not seen yet.
-    next: i64,
-    wake: OwnedFd,
-    gone: Arc<AtomicBool>,
-}
-
-impl WatchStream {
-    fn run(mut self) {
-        let mut member = self.client.current.load(Ordering::Relaxed);
-        while !self.gone.load(Ordering::Relaxed) {
-            if self.stream(member).is_err() {
-                // The waiter has gone (its pipe is closed).
-                return;
-            }
-            // Broken, refused or idle: a waiter looks again, in case what
-            // broke the stream was a change; then the next member.
-            if self.tell().is_err() {
-                return;
-            }
-            member = (member + 1) % self.client.bases.len();
-            std::thread::sleep(ROUND_PAUSE);
-        }
-    }
-
-    /// Reads one stream until it ends; `Err` only if the waiter has gone.
-    fn stream(&mut self, member: usize) -> Result<(), ()> {
-        let body = json!({"create_request": {
-            "key": self.key, "range_end": self.range_end, "start_revision": self.next.to_string(),
-        }})
-        .to_string();
-        let token = self.client.token(member, ATTEMPT).unwrap_or(None);
-        let mut req = self
-            .client
-            .agent
-            .post(&format!("{}/v3/watch", self.client.bases[member]))
-            .config()
-            .timeout_per_read(Some(WATCH_IDLE))
-            .build();
-        if let Some(t) = &token {
-            req = req.header("authorization", t);
-        }
-        let Ok(resp) = req.send(&body) else {
-            return Ok(());
-        };
-        let mut lines = std::io::BufReader::new(resp.into_body().into_reader());
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match lines.read_line(&mut line) {
-                Ok(0) | Err(_) => return Ok(()),
-                Ok(_) => {}
-            }
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                return Ok(());
-            };
-            let r = &v["result"];
-            if error_of(&v).is_some() || r["canceled"].as_bool() == Some(true) {
-                // Compacted past `next`, or refused: start again from now.
-                self.next = int(&r["header"]["revision"]).max(self.next - 1) + 1;
-                return Ok(());
-            }
-            if let Some(events) = r["events"].as_array().filter(|e| !e.is_empty()) {
-                let last = events.iter().map(|e| int(&e["kv"]["mod_revision"])).max();
-                self.next = self.next.max(last.unwrap_or(0) + 1);
-                self.tell().map_err(drop)?;
-            }
-            if self.gone.load(Ordering::Relaxed) {
-                return Err(());
-            }
-        }
-    }
-
-    /// One byte to the waiter; a full pipe means it is readable already.
-    fn tell(&self) -> std::io::Result<()> {
-        match sys::write_all(self.wake.as_fd(), b"w") {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
-            other => other,
         }
     }
 }

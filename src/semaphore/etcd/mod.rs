@@ -31,10 +31,12 @@ mod failures;
 mod lease;
 mod status;
 mod tls;
+mod watch;
 
 use self::admission::{Keys, Record, Turns, View};
-use self::client::{CallError, Client, Watch, b64, int};
+use self::client::{CallError, Client, b64, int};
 use self::lease::{EtcdSlot, Holding};
+use self::watch::Watch;
 use super::{Acquired, IdStatus, Idle, Request, Semaphore};
 use crate::config::EtcdSettings;
 use crate::id::Id;

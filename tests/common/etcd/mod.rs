@@ -2,17 +2,23 @@
 //! tests, on ports picked free at start, with its data on tmpfs where there
 //! is one. Members die with the test process (PR_SET_PDEATHSIG from a
 //! thread that lives as long as it) and when their [`Cluster`] is dropped.
-//! Also a TCP relay that a test can cut, to stand for a holder whose
-//! network is gone.
+//! `relay.rs`: a TCP relay a test can cut (a holder whose network is gone);
+//! `jobs.rs`: qsem runs and jobs that tests share.
+
+mod jobs;
+mod relay;
+// Every test binary compiles the harness; only the etcd ones use these.
+#[allow(unused_imports)]
+pub use jobs::*;
+#[allow(unused_imports)]
+pub use relay::Relay;
 
 use super::{eventually, skipped};
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, mpsc};
+use std::sync::{OnceLock, mpsc};
 use std::time::Duration;
 
 pub struct Member {
@@ -250,74 +256,5 @@ impl Drop for Cluster {
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A TCP relay to one port that a test can cut: while cut, nothing passes
-/// either way and new connections hang, as with a host whose network is
-/// gone (the connections stay open, unanswered).
-pub struct Relay {
-    pub port: u16,
-    cut: Arc<AtomicBool>,
-}
-
-impl Relay {
-    pub fn to(target: u16) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cut = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&cut);
-        std::thread::spawn(move || {
-            for client in listener.incoming().flatten() {
-                let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
-                    continue;
-                };
-                for (from, to) in [
-                    (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                    (server, client),
-                ] {
-                    let flag = Arc::clone(&flag);
-                    std::thread::spawn(move || pump(from, to, &flag));
-                }
-            }
-        });
-        Relay { port, cut }
-    }
-
-    pub fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-    }
-
-    /// Lets traffic through again (what was sent meanwhile is lost).
-    pub fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
-
-fn pump(mut from: TcpStream, mut to: TcpStream, cut: &AtomicBool) {
-    from.set_read_timeout(Some(Duration::from_millis(50)))
-        .unwrap();
-    let mut buf = [0u8; 16 * 1024];
-    loop {
-        // While cut, both ends stay open and silent.
-        while cut.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(50));
-            let _ = from.read(&mut buf);
-        }
-        match from.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) if !cut.load(Ordering::SeqCst) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
-            Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return,
-        }
     }
 }
