@@ -90,6 +90,9 @@ pub struct EtcdSettings {
     /// The TTL of the holders' leases: how soon a crashed or cut-off
     /// holder's slot frees.
     pub lost_after: Duration,
+    /// `--on-lost=kill`: a watchdog process stops the job even if qsem
+    /// itself is stopped (set by [`Config::from_cli`]).
+    pub kill_on_lost: bool,
 }
 
 /// What a job whose shared-server slot is lost should do.
@@ -248,7 +251,7 @@ impl Config {
             }
         };
         let dir = lock_dir(cli.dir)?;
-        let backend = parse_backend(cli.backend.as_deref(), cli.lost_after.as_deref())?;
+        let mut backend = parse_backend(cli.backend.as_deref(), cli.lost_after.as_deref())?;
         let on_lost = match cli.on_lost.as_deref() {
             None | Some("warn") => OnLost::Warn,
             Some("kill") => OnLost::Kill,
@@ -258,6 +261,9 @@ impl Config {
                 )));
             }
         };
+        if let Backend::Etcd(etcd) = &mut backend {
+            etcd.kill_on_lost = on_lost == OnLost::Kill;
+        }
         Ok(Config {
             dir,
             backend,
@@ -435,6 +441,7 @@ fn parse_etcd(url: &str, lost_after: Duration) -> Result<EtcdSettings> {
         user,
         password,
         lost_after,
+        kill_on_lost: false,
     })
 }
 
@@ -700,6 +707,9 @@ mod tests {
         assert_eq!(s.password.as_deref(), Some("s3cret"));
         let s = etcd("etcd://qsem@h:1").unwrap();
         assert_eq!((s.user.as_deref(), s.password), (Some("qsem"), None));
+        assert!(!s.kill_on_lost);
+        let c = config(&["--backend", "etcd://h:1", "--on-lost=kill", "true"]).unwrap();
+        assert!(matches!(c.backend, Backend::Etcd(s) if s.kill_on_lost));
         for (url, needle) in [
             ("etcd://h:x", "'h:x'"),
             ("etcd://h:0", "'h:0'"),

@@ -4,7 +4,7 @@
 
 mod common;
 use common::etcd::*;
-use common::{Env, SOON, eventually, run, wait_for_file};
+use common::{Env, SOON, eventually, kill, run, wait_for_file};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -109,50 +109,80 @@ fn the_leader_killed_while_holders_run_and_waiters_wait() {
     assert_eq!(violations(&env), "");
 }
 
-#[test]
-fn a_cut_off_holder_is_stopped_before_anyone_else_starts() {
-    let Some(c) = shared() else { return };
-    let env = Env::new();
-    // The holder reaches the cluster through a relay to one member, which
-    // the test then cuts; the waiter reaches it directly.
-    let relay = Relay::to(c.members[1].client_port);
-    let cut_url = format!("etcd://127.0.0.1:{}", relay.port);
-    // The job ignores SIGTERM: only SIGKILL, the grace later, ends it.
+/// A `--on-lost=kill` holder through `url` whose job ignores SIGTERM (only
+/// SIGKILL, the grace later, ends it): the qsem, and the job's pid.
+fn stubborn_holder(env: &Env, url: &str, id: &str) -> (Job, String) {
     let job = format!(
         "trap '' TERM; echo $$ > {p}.tmp; mv {p}.tmp {p}; while [ -d {root} ]; do sleep 0.1; done",
         p = env.path("holder.pid").display(),
         root = env.root.display()
     );
-    let holder = qsem(&env, &cut_url)
-        .args([
-            "--id",
-            "cut",
-            "--lost-after",
-            "15s",
-            "--on-lost=kill",
-            "--",
-            "sh",
-            "-c",
-            &job,
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let holder = Job(Some(holder));
+    let args = [
+        "--id",
+        id,
+        "--lost-after",
+        "15s",
+        "--on-lost=kill",
+        "--",
+        "sh",
+        "-c",
+        &job,
+    ];
+    let holder = Job(Some(
+        qsem(env, url)
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
     assert!(wait_for_file(&env.path("holder.pid"), SOON));
-    let job_pid = std::fs::read_to_string(env.path("holder.pid")).unwrap();
-    relay.cut();
-    // The waiter's job checks, as it starts, that the holder's job is gone.
+    let pid = std::fs::read_to_string(env.path("holder.pid")).unwrap();
+    (holder, pid.trim().to_string())
+}
+
+/// Takes the next slot of `id`; its job says whether the process `pid`
+/// still ran when it started (a zombie has ended).
+fn next_job_sees(env: &Env, c: &Cluster, id: &str, pid: &str) -> String {
     let check = format!(
-        "if kill -0 {} 2>/dev/null; then echo overlap; else echo alone; fi",
-        job_pid.trim()
+        "s=$(cut -d' ' -f3 /proc/{pid}/stat 2>/dev/null); \
+         if [ -z \"$s\" ] || [ \"$s\" = Z ]; then echo alone; else echo overlap; fi"
     );
     let (code, out, err) =
-        run(qsem(&env, &c.url()).args(["--id", "cut", "--wait", "60", "--", "sh", "-c", &check]));
-    assert_eq!((code, out.as_str()), (0, "alone\n"), "{err}");
+        run(qsem(env, &c.url()).args(["--id", id, "--wait", "60", "--", "sh", "-c", &check]));
+    assert_eq!(code, 0, "{err}");
+    out
+}
+
+#[test]
+fn a_cut_off_holder_is_stopped_before_anyone_else_starts() {
+    let Some(c) = shared() else { return };
+    let env = Env::new();
+    // The holder reaches the cluster through a relay to one member, which
+    // the test then cuts; the next one reaches it directly.
+    let relay = Relay::to(c.members[1].client_port);
+    let (holder, pid) = stubborn_holder(&env, &format!("etcd://127.0.0.1:{}", relay.port), "cut");
+    relay.cut();
+    assert_eq!(next_job_sees(&env, c, "cut", &pid), "alone\n");
     let (code, err) = holder.end();
     assert_eq!(code, 122, "{err}");
     assert!(err.contains("stopping the command"), "{err}");
+}
+
+#[test]
+fn a_stopped_holders_job_is_stopped_before_anyone_else_starts() {
+    let Some(c) = shared() else { return };
+    let env = Env::new();
+    let (holder, pid) = stubborn_holder(&env, &c.url(), "frozen");
+    // qsem itself can do nothing now: its watchdog must.
+    kill(holder.pid(), libc::SIGSTOP);
+    assert_eq!(next_job_sees(&env, c, "frozen", &pid), "alone\n");
+    kill(holder.pid(), libc::SIGCONT);
+    let (code, err) = holder.end();
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("qsem does not answer; stopping the command"),
+        "{err}"
+    );
 }
 
 #[test]

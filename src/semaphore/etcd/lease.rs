@@ -22,6 +22,7 @@
 use super::admission::{Keys, Record};
 use super::client::{CallError, Client, b64, int};
 use super::failures;
+use super::watchdog::{self, Watchdog};
 use crate::duration;
 use crate::runner::LOST_GRACE;
 use crate::semaphore::{Slot, SlotEvent};
@@ -51,7 +52,7 @@ pub fn interval(ttl: Duration) -> Duration {
 /// slot lost: a third of the TTL, less if SIGTERM plus [`LOST_GRACE`] and a
 /// margin would not fit before the TTL, but never less than one interval.
 pub fn lose_after(ttl: Duration) -> Duration {
-    let fits = ttl.saturating_sub(LOST_GRACE + Duration::from_secs(2));
+    let fits = ttl.saturating_sub(LOST_GRACE + watchdog::LAG + Duration::from_secs(1));
     (ttl / 3).min(fits).max(interval(ttl))
 }
 
@@ -112,6 +113,10 @@ pub struct Holding {
     pub background: bool,
     /// When the last renewal (or the grant) that the cluster confirmed was sent.
     pub confirmed: Instant,
+    /// `--on-lost=kill`: start a [`Watchdog`] with the job.
+    pub kill_on_lost: bool,
+    /// The id, for the watchdog's message.
+    pub label: String,
 }
 
 impl EtcdSlot {
@@ -125,6 +130,7 @@ impl EtcdSlot {
             wake,
             news: Arc::clone(&news),
             lost: false,
+            watchdog: None,
         };
         let thread = std::thread::Builder::new()
             .name("qsem-etcd-lease".into())
@@ -199,6 +205,7 @@ struct Keeper {
     news: Arc<Mutex<Vec<SlotEvent>>>,
     /// Reported lost, and not (yet) confirmed or taken again.
     lost: bool,
+    watchdog: Option<Watchdog>,
 }
 
 impl Keeper {
@@ -213,8 +220,10 @@ impl Keeper {
                         revoke(&self.h.client, self.h.lease, Instant::now() + REVOKE_BOUND);
                         return;
                     }
-                    Err(mpsc::TryRecvError::Empty) => self.record_pid(pid),
-                    Ok(Order::Started(pid)) => self.record_pid(pid),
+                    Err(mpsc::TryRecvError::Empty) | Ok(Order::Started(_)) => {
+                        self.guard(pid);
+                        self.record_pid(pid);
+                    }
                     Ok(Order::Finish(failure, reply)) => {
                         let _ = reply.send(self.end(failure.as_deref()));
                         return;
@@ -225,6 +234,9 @@ impl Keeper {
                     return;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    if let Some(w) = self.watchdog.take() {
+                        w.stand_down();
+                    }
                     revoke(&self.h.client, self.h.lease, Instant::now() + REVOKE_BOUND);
                     return;
                 }
@@ -253,7 +265,7 @@ impl Keeper {
         let until = until.max(sent + Duration::from_millis(100));
         match renew(&self.h.client, self.h.lease, Some(until)) {
             Ok(true) => {
-                self.h.confirmed = sent;
+                self.confirmed(sent);
                 if self.lost {
                     self.lost = false;
                     self.tell(SlotEvent::Regained(format!(
@@ -304,7 +316,8 @@ impl Keeper {
             let stale = json!({"key": b64(&self.h.keys.running(self.h.lease))});
             let _ = self.h.client.call("/v3/kv/deleterange", &stale, bound);
         }
-        (self.h.lease, self.h.slot, self.h.fence, self.h.confirmed) = (lease, slot, fence, sent);
+        (self.h.lease, self.h.slot, self.h.fence) = (lease, slot, fence);
+        self.confirmed(sent);
         self.lost = false;
         self.tell(SlotEvent::Regained(format!(
             "took slot {slot} again (it had slot {old}; QSEM_SLOT and QSEM_FENCE still say the old ones, fence now {fence})"
@@ -322,8 +335,41 @@ impl Keeper {
         let _ = self.h.client.call("/v3/kv/put", &put, Some(until));
     }
 
+    /// With `--on-lost=kill`: a watchdog for the job `pid`, due when the
+    /// loss would be declared, plus its lag.
+    fn guard(&mut self, pid: u32) {
+        if !self.h.kill_on_lost {
+            return;
+        }
+        let due = watchdog::at(self.h.confirmed, lose_after(self.h.ttl) + watchdog::LAG);
+        let message = format!(
+            "qsem[{}]: etcd has not confirmed slot {}'s lease and qsem does not answer; \
+             stopping the command (SIGTERM, then SIGKILL after {})\n",
+            self.h.label,
+            self.h.slot,
+            duration::human(LOST_GRACE)
+        );
+        match Watchdog::start(pid, due, message) {
+            Ok(w) => self.watchdog = Some(w),
+            Err(e) => self.tell(SlotEvent::Lost(format!(
+                "cannot guard the job against a lost lease ({e:#})"
+            ))),
+        }
+    }
+
+    /// Tells the watchdog, if any, of a renewal confirmed as sent at `sent`.
+    fn confirmed(&mut self, sent: Instant) {
+        self.h.confirmed = sent;
+        if let Some(w) = &self.watchdog {
+            w.extend(watchdog::at(sent, lose_after(self.h.ttl) + watchdog::LAG));
+        }
+    }
+
     /// Records a background job's end, then gives the slot back.
-    fn end(&self, failure: Option<&str>) -> Result<()> {
+    fn end(&mut self, failure: Option<&str>) -> Result<()> {
+        if let Some(w) = self.watchdog.take() {
+            w.stand_down();
+        }
         let recorded = if self.h.background {
             failures::finish(&self.h.client, &self.h.keys, self.h.lease, failure)
         } else {
@@ -345,8 +391,12 @@ mod tests {
             let ttl = s(ttl);
             let declared = lose_after(ttl);
             assert!(declared >= interval(ttl), "{ttl:?}");
-            // SIGTERM at `declared`, SIGKILL a grace later: before expiry.
-            assert!(declared + LOST_GRACE < ttl, "{ttl:?}: {declared:?}");
+            // SIGTERM at `declared` (the watchdog's a lag later), SIGKILL a
+            // grace later: before expiry.
+            assert!(
+                declared + watchdog::LAG + LOST_GRACE < ttl,
+                "{ttl:?}: {declared:?}"
+            );
         }
         assert_eq!(lose_after(s(30)), s(10));
         // Too short a TTL for the grace: declared as early as renewals allow.

@@ -32,6 +32,7 @@ mod lease;
 mod status;
 mod tls;
 mod watch;
+mod watchdog;
 
 use self::admission::{Keys, Record, Turns, View};
 use self::client::{CallError, Client, b64, int};
@@ -59,6 +60,7 @@ pub struct Etcd {
     client: Arc<Client>,
     ttl: Duration,
     verbose: bool,
+    kill_on_lost: bool,
 }
 
 impl Etcd {
@@ -67,6 +69,7 @@ impl Etcd {
             client: Arc::new(Client::new(settings)?),
             ttl: Duration::from_secs(lease::ttl_secs(settings.lost_after) as u64),
             verbose,
+            kill_on_lost: settings.kill_on_lost,
         })
     }
 
@@ -133,6 +136,7 @@ struct Attempt<'a> {
     req: &'a Request<'a>,
     record: Record,
     ttl: Duration,
+    kill_on_lost: bool,
     /// The lease, and when its last confirmed renewal (or grant) was sent.
     lease: Option<(i64, Instant)>,
     /// The waiter key's create revision: the place in the queue.
@@ -191,6 +195,8 @@ impl Attempt<'_> {
                 ttl: self.ttl,
                 background: self.req.background,
                 confirmed,
+                kill_on_lost: self.kill_on_lost,
+                label: self.req.id.to_string(),
             })
             .map_err(|e| CallError::Refused(format!("{e:#}")))?;
             return Ok(Step::Done(Acquired::Slot(Box::new(slot))));
@@ -282,6 +288,7 @@ impl Semaphore for Etcd {
                 start: 0,
             },
             ttl: self.ttl,
+            kill_on_lost: self.kill_on_lost,
             lease: None,
             place: None,
             watch: None,
