@@ -178,6 +178,49 @@ impl View {
         view
     }
 
+    /// Brings the view up to date with a watch's events (`{"type", "kv"}`,
+    /// in revision order, from a watch that started right after the view's
+    /// revision, or earlier): events the view already has are skipped, and
+    /// the view's revision becomes the last event's. Complete as long as
+    /// the watch did not break (see `watch.rs`), which the invariant needs:
+    /// a holder missing from a view at revision R is one that the taking
+    /// transaction's comparison cannot see.
+    pub fn apply(&mut self, keys: &Keys, events: &[Value]) {
+        let (h, q) = (keys.kind("h"), keys.kind("q"));
+        // One revision's events (a transaction's) come in one batch.
+        let seen = self.revision;
+        for e in events {
+            let kv = &e["kv"];
+            let revision = int(&kv["mod_revision"]);
+            if revision <= seen {
+                continue;
+            }
+            self.revision = self.revision.max(revision);
+            let key = unb64(&kv["key"]);
+            let deleted = e["type"].as_str() == Some("DELETE");
+            let entry = || Entry {
+                key: key.clone(),
+                create_revision: int(&kv["create_revision"]),
+                record: Record::parse(&unb64(&kv["value"])),
+            };
+            if let Some(slot) = key.strip_prefix(&h[..]) {
+                let Some(slot) = std::str::from_utf8(slot).ok().and_then(|s| s.parse().ok()) else {
+                    continue;
+                };
+                self.holders.retain(|(s, _)| *s != slot);
+                if !deleted {
+                    self.holders.push((slot, entry()));
+                }
+            } else if key.starts_with(&q) {
+                self.waiters.retain(|w| w.key != key);
+                if !deleted {
+                    self.waiters.push(entry());
+                    self.waiters.sort_by_key(|w| w.create_revision);
+                }
+            }
+        }
+    }
+
     /// The waiters older than `me` (every waiter, for a newcomer) whom a
     /// free slot would admit now.
     pub fn ahead(&self, me: Option<i64>) -> impl Iterator<Item = &Entry> {
@@ -341,6 +384,52 @@ mod tests {
         }
         assert_eq!(prefix_end(b"a/"), b"a0");
         assert_eq!(prefix_end(b"a\xff"), b"b");
+    }
+
+    #[test]
+    fn watch_events_bring_a_view_up_to_date() {
+        let keys = Keys::new(&Id::new(std::ffi::OsStr::new("w")).unwrap());
+        let kv = |key: Vec<u8>, create: i64, m: i64| {
+            json!({"key": b64(&key), "create_revision": create.to_string(),
+                "mod_revision": m.to_string(), "value": b64(br#"{"jobs":2}"#)})
+        };
+        let put = |key, create, m| json!({"kv": kv(key, create, m)});
+        let del = |key, m| json!({"type": "DELETE", "kv": kv(key, 0, m)});
+        let mut v = View {
+            revision: 10,
+            ..View::default()
+        };
+        v.apply(
+            &keys,
+            &[
+                put(keys.holder(1), 9, 9), // seen already: skipped
+                put(keys.waiter(7), 11, 11),
+                put(keys.holder(2), 12, 12),
+                del(keys.waiter(7), 12),
+                put(keys.waiter(5), 13, 13),
+                put(keys.holder(2), 12, 14),  // a record updated
+                put(keys.running(1), 15, 15), // not in the queue's range
+            ],
+        );
+        assert_eq!(v.revision, 15);
+        let slots: Vec<u32> = v.holders.iter().map(|(s, _)| *s).collect();
+        assert_eq!(slots, [2]);
+        assert_eq!(v.waiters.len(), 1);
+        assert_eq!(v.waiters[0].key, keys.waiter(5));
+        assert_eq!(v.waiters[0].record.jobs, 2);
+        // A taking transaction: the waiter key goes, the holder key comes.
+        v.apply(
+            &keys,
+            &[
+                del(keys.holder(2), 16),
+                del(keys.waiter(5), 17),
+                put(keys.holder(1), 17, 17),
+            ],
+        );
+        assert_eq!(v.revision, 17);
+        assert!(v.waiters.is_empty());
+        let slots: Vec<u32> = v.holders.iter().map(|(s, _)| *s).collect();
+        assert_eq!(slots, [1]);
     }
 
     #[test]

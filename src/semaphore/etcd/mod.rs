@@ -166,8 +166,8 @@ impl Attempt<'_> {
     }
 
     /// Decides on one view: take a slot, queue, give up, or sleep.
-    fn step(&mut self, view: View) -> Result<Step, CallError> {
-        self.turns.note(&view, self.place);
+    fn step(&mut self, view: &View) -> Result<Step, CallError> {
+        self.turns.note(view, self.place);
         let until = self.req.deadline;
         if let Some(slot) = view.admits(self.req.jobs, self.place, &self.turns) {
             let lease = self.lease()?;
@@ -180,7 +180,7 @@ impl Attempt<'_> {
             }
             let mut record = self.record.clone();
             record.start = self.c.cluster_now().unwrap_or(0);
-            let txn = admission::take(&self.keys, &view, slot, lease, &record, also);
+            let txn = admission::take(&self.keys, view, slot, lease, &record, also);
             let Some(fence) = commit(self.c, &txn, until)? else {
                 return Ok(Step::Again(look(self.c, &self.keys, until)?));
             };
@@ -239,7 +239,7 @@ impl Attempt<'_> {
         let Some((id, sent)) = self.lease else {
             return Ok(());
         };
-        if sent.elapsed() < lease::interval(self.ttl) * 2 {
+        if sent.elapsed() < self.ttl / 2 {
             return Ok(());
         }
         let now = Instant::now();
@@ -356,8 +356,7 @@ impl Etcd {
     fn wait_for_slot(&self, a: &mut Attempt, signals: &mut Signals) -> Result<Acquired, CallError> {
         let mut view = look(a.c, &a.keys, a.req.deadline)?;
         loop {
-            let revision = view.revision;
-            match a.step(view)? {
+            match a.step(&view)? {
                 Step::Done(done) => return Ok(done),
                 Step::Again(v) => {
                     view = v;
@@ -369,7 +368,7 @@ impl Etcd {
                 self.say(a.req.id, "waiting for a slot");
                 let (start, end) = a.keys.queue_range();
                 let w =
-                    a.c.watch(&start, &end, revision + 1)
+                    a.c.watch(&start, &end, view.revision + 1)
                         .map_err(|e| CallError::Refused(format!("{e:#}")))?;
                 a.watch = Some(w);
             }
@@ -379,11 +378,16 @@ impl Etcd {
                 .map_err(|e| CallError::Refused(format!("{e:#}")))?;
             match wake {
                 Wake::Signal(r) => return Ok(Acquired::Interrupted(r)),
-                Wake::Ready(_) => w.drain(),
+                // The watch's events say what changed; only a broken watch
+                // (which may have missed some) costs a read.
+                Wake::Ready(_) => match w.take() {
+                    (_, true) => view = look(a.c, &a.keys, a.req.deadline)?,
+                    (events, false) => view.apply(&a.keys, &events),
+                },
+                // The deadline, a renewal, or a turn let pass: the same view.
                 Wake::Timeout => {}
             }
             a.renew_if_due()?;
-            view = look(a.c, &a.keys, a.req.deadline)?;
         }
     }
 }

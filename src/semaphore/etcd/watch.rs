@@ -1,10 +1,12 @@
 //! Watches: etcd streams a watch's changes as lines of one HTTP response.
-//! One thread per watch reads them and writes a byte to a pipe per change,
-//! so that a waiter sleeps in `Signals::wait` on its signal pipe and this
-//! pipe at once. A broken stream is resumed from the revision after the
-//! last one seen, so no change is missed; an idle stream is reopened every
-//! [`WATCH_IDLE`], which is also how a thread whose waiter has gone notices
-//! and ends.
+//! One thread per watch reads them, keeps the events for the waiter, and
+//! writes a byte to a pipe, so that a waiter sleeps in `Signals::wait` on
+//! its signal pipe and this pipe at once, and then brings its view up to
+//! date from the events without asking the cluster again. A broken stream
+//! is resumed from the revision after the last one seen, so no change is
+//! missed, but the waiter is told, and reads afresh; an idle stream is
+//! reopened every [`WATCH_IDLE`], which is also how a thread whose waiter
+//! has gone notices and ends.
 
 use super::client::{ATTEMPT, Client, ROUND_PAUSE, b64, error_of, int};
 use crate::sys;
@@ -12,12 +14,21 @@ use anyhow::{Context, Result};
 use serde_json::{Value, json};
 use std::io::BufRead;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long a watch stream may stay silent before it is reopened.
-const WATCH_IDLE: Duration = Duration::from_secs(20);
+const WATCH_IDLE: Duration = Duration::from_secs(60);
+
+/// What a watch has seen since the waiter last looked.
+#[derive(Default)]
+struct News {
+    /// The events (`{"type", "kv"}`), in revision order.
+    events: Vec<Value>,
+    /// The stream broke or was refused since: the events may not say all.
+    broken: bool,
+}
 
 impl Client {
     /// Watches keys from `key` up to `range_end` from revision `start` on:
@@ -25,7 +36,9 @@ impl Client {
     pub fn watch(self: &Arc<Self>, key: &[u8], range_end: &[u8], start: i64) -> Result<Watch> {
         let (read, write) = sys::pipe().context("cannot create a pipe for an etcd watch")?;
         let gone = Arc::new(AtomicBool::new(false));
+        let news = Arc::new(Mutex::new(News::default()));
         let stream = WatchStream {
+            news: Arc::clone(&news),
             client: Arc::clone(self),
             key: b64(key),
             range_end: b64(range_end),
@@ -37,7 +50,7 @@ impl Client {
             .name("qsem-etcd-watch".into())
             .spawn(move || stream.run())
             .context("cannot start a thread for an etcd watch")?;
-        Ok(Watch { read, gone })
+        Ok(Watch { read, gone, news })
     }
 }
 
@@ -45,6 +58,7 @@ impl Client {
 pub struct Watch {
     read: OwnedFd,
     gone: Arc<AtomicBool>,
+    news: Arc<Mutex<News>>,
 }
 
 impl Watch {
@@ -56,6 +70,15 @@ impl Watch {
     pub fn drain(&self) {
         let mut buf = [0u8; 64];
         while sys::read(self.read.as_fd(), &mut buf).is_ok_and(|n| n > 0) {}
+    }
+
+    /// The events since the last call, and whether they may be incomplete
+    /// (the stream broke meanwhile: read afresh).
+    pub fn take(&self) -> (Vec<Value>, bool) {
+        self.drain();
+        let mut news = self.news.lock().unwrap_or_else(|e| e.into_inner());
+        let news = std::mem::take(&mut *news);
+        (news.events, news.broken)
     }
 }
 
@@ -74,6 +97,7 @@ struct WatchStream {
     next: i64,
     wake: OwnedFd,
     gone: Arc<AtomicBool>,
+    news: Arc<Mutex<News>>,
 }
 
 impl WatchStream {
@@ -86,6 +110,7 @@ impl WatchStream {
             }
             // Broken, refused or idle: a waiter looks again, in case what
             // broke the stream was a change; then the next member.
+            self.news.lock().unwrap_or_else(|e| e.into_inner()).broken = true;
             if self.tell().is_err() {
                 return;
             }
@@ -134,6 +159,9 @@ impl WatchStream {
             if let Some(events) = r["events"].as_array().filter(|e| !e.is_empty()) {
                 let last = events.iter().map(|e| int(&e["kv"]["mod_revision"])).max();
                 self.next = self.next.max(last.unwrap_or(0) + 1);
+                let mut news = self.news.lock().unwrap_or_else(|e| e.into_inner());
+                news.events.extend(events.iter().cloned());
+                drop(news);
                 self.tell().map_err(drop)?;
             }
             if self.gone.load(Ordering::Relaxed) {
