@@ -10,12 +10,13 @@
 //! `qsem/<id>/q/<lease>` whose create revision is its place; it sleeps in
 //! [`Signals::wait`] on its signal pipe and a watch of the id's holders and
 //! waiters that starts at the revision after the one it read (so the server
-//! serves it from its synced path, not its 100 ms catch-up loop), and looks
-//! again at every change, at its deadline, and when an older waiter has let
-//! its turn pass. The lease is revoked the moment a slot or a wait ends; a
-//! crashed qsem's keys vanish when its lease expires (`lease.rs`, which also
-//! says how a holder that cannot renew its lease reports the loss early
-//! enough for `--on-lost=kill` to fence).
+//! serves it from its synced path, not its 100 ms catch-up loop), brings its
+//! view up to date from the watch's events, and decides again at every
+//! change, at its deadline, and when an older waiter has let its turn pass.
+//! The lease is revoked the moment a slot or a wait ends; a crashed qsem's
+//! keys vanish when its lease expires (`lease.rs`, which also says how a
+//! holder that cannot renew its lease reports the loss early enough for
+//! `--on-lost=kill` to fence; `watchdog.rs` does it when qsem cannot).
 //!
 //! The fencing token (`QSEM_FENCE`) is the holder key's create revision:
 //! etcd's revision grows with every write to the cluster, so every grant of
@@ -252,9 +253,7 @@ impl Attempt<'_> {
     }
 
     fn next_wake(&self) -> Option<Instant> {
-        let renew = self
-            .lease
-            .map(|(_, sent)| sent + lease::interval(self.ttl) * 2);
+        let renew = self.lease.map(|(_, sent)| sent + self.ttl / 2);
         [self.req.deadline, renew, self.turns.next_expiry()]
             .into_iter()
             .flatten()
