@@ -46,7 +46,31 @@ fn free_port() -> u16 {
 /// printed reason) if etcd is not installed.
 pub fn shared() -> Option<&'static Cluster> {
     static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
-    CLUSTER.get_or_init(|| Cluster::start("shared")).as_ref()
+    CLUSTER
+        .get_or_init(|| {
+            remove_leftovers();
+            Cluster::start("shared")
+        })
+        .as_ref()
+}
+
+/// The data of shared clusters of test processes that have ended (a
+/// static is never dropped; its members die with the process, their data
+/// stays).
+fn remove_leftovers() {
+    for base in ["/dev/shm".into(), std::env::temp_dir()] {
+        for entry in std::fs::read_dir(base).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix("qsem-etcd-")
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse::<u32>().ok());
+            let gone = pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists());
+            if gone {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
 }
 
 /// Runs `f` on a thread that never ends, so that PR_SET_PDEATHSIG (which
