@@ -67,6 +67,9 @@ pub struct Client {
     /// The cluster's clock: the `Date` of the last answer (Unix seconds),
     /// and when it came on this host's monotonic clock.
     date: Mutex<Option<(i64, Instant)>>,
+    /// The id of the cluster that answered first: endpoints of two clusters
+    /// in one URL would keep two limits, and views no transaction can check.
+    cluster: Mutex<Option<String>>,
 }
 
 /// One attempt's outcome against one member.
@@ -113,6 +116,7 @@ impl Client {
             auth,
             token: Mutex::new(None),
             date: Mutex::new(None),
+            cluster: Mutex::new(None),
         })
     }
 
@@ -216,9 +220,33 @@ impl Client {
             return Attempt::Down(format!("HTTP {status}: not JSON: {}", cut(&text)));
         };
         match error_of(&v) {
-            None if status == 200 => Attempt::Answer(v),
+            None if status == 200 => match self.same_cluster(&v, i) {
+                Ok(()) => Attempt::Answer(v),
+                Err(why) => Attempt::Refused(why),
+            },
             None => Attempt::Down(format!("HTTP {status}")),
             Some((code, message)) => classify(code, &message, &self.bases[i]),
+        }
+    }
+
+    /// Whether an answer from member `i` comes from the cluster that
+    /// answered first (the first answer decides); `Err` says why not.
+    pub(super) fn same_cluster(&self, v: &Value, i: usize) -> Result<(), String> {
+        let header = v.get("result").unwrap_or(v);
+        let Some(id) = header["header"]["cluster_id"].as_str() else {
+            return Ok(());
+        };
+        let mut first = self.cluster.lock().unwrap_or_else(|e| e.into_inner());
+        match first.as_deref() {
+            None => {
+                *first = Some(id.to_string());
+                Ok(())
+            }
+            Some(known) if known == id => Ok(()),
+            Some(known) => Err(format!(
+                "etcd at {} belongs to another cluster (id {id}) than the members that answered before (id {known}): check --backend",
+                self.bases[i]
+            )),
         }
     }
 
@@ -393,6 +421,28 @@ mod tests {
             classify(7, "etcdserver: permission denied", "b"),
             Attempt::Refused(_)
         ));
+    }
+
+    #[test]
+    fn every_answer_must_come_from_the_first_cluster() {
+        let settings = EtcdSettings {
+            endpoints: vec!["a:1".into(), "b:2".into()],
+            tls: false,
+            user: None,
+            password: None,
+            lost_after: Duration::from_secs(30),
+            kill_on_lost: false,
+        };
+        let c = Client::new(&settings).unwrap();
+        let answer = |id: &str| json!({"header": {"cluster_id": id, "revision": "5"}});
+        assert_eq!(c.same_cluster(&answer("11"), 0), Ok(()));
+        assert_eq!(c.same_cluster(&json!({"result": answer("11")}), 1), Ok(()));
+        let e = c.same_cluster(&answer("22"), 1).unwrap_err();
+        assert!(
+            e.contains("http://b:2") && e.contains("22") && e.contains("11"),
+            "{e}"
+        );
+        assert_eq!(c.same_cluster(&json!({"kvs": []}), 1), Ok(()));
     }
 
     #[test]

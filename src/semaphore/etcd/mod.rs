@@ -229,9 +229,13 @@ impl Attempt<'_> {
         let txn = json!({"success": [put, {"request_range": self.keys.queue_request()}]});
         let v = self.c.call("/v3/kv/txn", &txn, self.req.deadline)?;
         let revision = int(&v["header"]["revision"]);
-        self.place = Some(revision);
-        let range = &v["responses"][1]["response_range"];
-        Ok(View::parse(&self.keys, range, revision))
+        let view = View::parse(&self.keys, &v["responses"][1]["response_range"], revision);
+        // The key's create revision, which is not this transaction's if an
+        // earlier attempt was applied but not answered in time.
+        let mine = self.keys.waiter(lease);
+        let place = view.waiters.iter().find(|w| w.key == mine);
+        self.place = Some(place.map_or(revision, |w| w.create_revision));
+        Ok(view)
     }
 
     /// Renews the waiter's lease if due; a lease that expired (the qsem

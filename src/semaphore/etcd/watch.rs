@@ -151,6 +151,10 @@ impl WatchStream {
                 return Ok(());
             };
             let r = &v["result"];
+            if self.client.same_cluster(&v, member).is_err() {
+                // Not the cluster the waiter reads: its events would lie.
+                return Ok(());
+            }
             if error_of(&v).is_some() || r["canceled"].as_bool() == Some(true) {
                 // Compacted past `next`, or refused: start again from now.
                 self.next = int(&r["header"]["revision"]).max(self.next - 1) + 1;

@@ -113,11 +113,37 @@ fn close_others(keep: &[i32]) {
 
 /// The watchdog's whole life. No allocation from here on.
 fn watch(read: &OwnedFd, pidfd: &OwnedFd, job: Pid, mut due: i64, message: &[u8]) -> ! {
-    let mut qsem_gone = false;
+    let mut pipe = Some(read);
+    while let Some(ready) = sleep(pidfd, pipe, due) {
+        let mut buf = [0u8; 64];
+        match rustix::io::read(ready, &mut buf) {
+            // qsem is gone: the last instant it sent still holds.
+            Ok(0) | Err(_) => pipe = None,
+            // Each message is one 8-byte write, which a pipe keeps whole.
+            Ok(n) if n >= 8 => {
+                let last = &buf[(n / 8 - 1) * 8..n / 8 * 8];
+                due = i64::from_le_bytes(last.try_into().unwrap_or([0; 8]));
+                if due == STAND_DOWN {
+                    exit();
+                }
+            }
+            Ok(_) => {}
+        }
+    }
+    let _ = rustix::io::write(std::io::stderr(), message);
+    stop(pidfd, job, Signal::TERM);
+    sleep(pidfd, None, now_ns() + LOST_GRACE.as_nanos() as i64);
+    stop(pidfd, job, Signal::KILL);
+    exit()
+}
+
+/// Sleeps until `until` (then `None`) or until `pipe` is readable (then
+/// the pipe); ends the watchdog if the job ends meanwhile.
+fn sleep<'a>(pidfd: &OwnedFd, pipe: Option<&'a OwnedFd>, until: i64) -> Option<&'a OwnedFd> {
     loop {
-        let left = due - now_ns();
+        let left = until - now_ns();
         if left <= 0 {
-            break;
+            return None;
         }
         let timeout = Timespec {
             tv_sec: left / 1_000_000_000,
@@ -125,49 +151,23 @@ fn watch(read: &OwnedFd, pidfd: &OwnedFd, job: Pid, mut due: i64, message: &[u8]
         };
         let mut fds = [
             PollFd::new(pidfd, PollFlags::IN),
-            PollFd::new(read, PollFlags::IN),
+            PollFd::new(pidfd, PollFlags::IN),
         ];
-        let watched = if qsem_gone { 1 } else { 2 };
+        let watched = match pipe {
+            Some(p) => {
+                fds[1] = PollFd::new(p, PollFlags::IN);
+                2
+            }
+            None => 1,
+        };
         let _ = poll(&mut fds[..watched], Some(&timeout));
         if !fds[0].revents().is_empty() {
             exit();
         }
-        if !qsem_gone && !fds[1].revents().is_empty() {
-            let mut buf = [0u8; 64];
-            match rustix::io::read(read, &mut buf) {
-                Ok(0) | Err(_) => qsem_gone = true,
-                // Each message is one 8-byte write, which a pipe keeps whole.
-                Ok(n) if n >= 8 => {
-                    let last = &buf[(n / 8 - 1) * 8..n / 8 * 8];
-                    due = i64::from_le_bytes(last.try_into().unwrap_or([0; 8]));
-                    if due == STAND_DOWN {
-                        exit();
-                    }
-                }
-                Ok(_) => {}
-            }
+        if watched == 2 && !fds[1].revents().is_empty() {
+            return pipe;
         }
     }
-    let _ = rustix::io::write(std::io::stderr(), message);
-    stop(pidfd, job, Signal::TERM);
-    let kill_at = now_ns() + LOST_GRACE.as_nanos() as i64;
-    loop {
-        let left = kill_at - now_ns();
-        if left <= 0 {
-            break;
-        }
-        let timeout = Timespec {
-            tv_sec: left / 1_000_000_000,
-            tv_nsec: left % 1_000_000_000,
-        };
-        let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
-        let _ = poll(&mut fds, Some(&timeout));
-        if !fds[0].revents().is_empty() {
-            exit();
-        }
-    }
-    stop(pidfd, job, Signal::KILL);
-    exit()
 }
 
 /// Signals the job's process group, or the job alone if it leads none.

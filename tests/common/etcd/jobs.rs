@@ -96,7 +96,9 @@ pub fn counted(env: &Env, limit: u32, seconds: &str) -> String {
     let dir = env.path("running");
     std::fs::create_dir_all(&dir).unwrap();
     format!(
-        "touch {d}/$$; k=$(ls {d} | wc -l); [ $k -le {limit} ] || echo $k >> {v}; sleep {seconds}; rm {d}/$$",
+        "echo $QSEM_SLOT > {d}/$$; k=$(ls {d} | wc -l); \
+         [ $k -le {limit} ] || echo \"$k running as -j{limit} $$ started: $(cd {d}; grep . *)\" >> {v}; \
+         sleep {seconds}; rm {d}/$$",
         d = dir.display(),
         v = env.path("violations").display()
     )
