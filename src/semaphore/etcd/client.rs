@@ -25,8 +25,11 @@ use std::time::{Duration, Instant};
 
 /// The longest one endpoint may take to answer one request.
 pub const ATTEMPT: Duration = Duration::from_secs(2);
-/// How long no member may answer before a call gives up.
+/// How long no member may be reachable before a call gives up.
 pub const UNREACHABLE: Duration = Duration::from_secs(4);
+/// How long members that are reachable but answer nothing useful (an
+/// election, an overloaded cluster) are given before a call gives up.
+pub const BUSY: Duration = Duration::from_secs(20);
 /// The pause between two rounds of the members while none answers.
 pub const ROUND_PAUSE: Duration = Duration::from_millis(100);
 
@@ -75,8 +78,11 @@ pub struct Client {
 /// One attempt's outcome against one member.
 pub(super) enum Attempt {
     Answer(Value),
-    /// Try another member (or this one again later).
+    /// No connection: try another member (or this one again later).
     Down(String),
+    /// Connected, but no answer in time, or "no leader": likewise, with
+    /// more patience.
+    Busy(String),
     /// The token expired: authenticate again.
     Unauthenticated,
     Refused(String),
@@ -144,6 +150,7 @@ impl Client {
         let mut silent_since: Option<Instant> = None;
         let mut last = String::new();
         let mut reauthenticated = false;
+        let mut busy = false;
         loop {
             let n = self.bases.len();
             let first = self.current.load(Ordering::Relaxed);
@@ -157,6 +164,10 @@ impl Client {
                         return Ok(v);
                     }
                     Attempt::Down(why) => last = format!("{}: {why}", self.bases[i]),
+                    Attempt::Busy(why) => {
+                        busy = true;
+                        last = format!("{}: {why}", self.bases[i]);
+                    }
                     Attempt::Unauthenticated if !reauthenticated && self.auth.is_some() => {
                         reauthenticated = true;
                         *self.token.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -171,11 +182,12 @@ impl Client {
                 }
             }
             let since = *silent_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= UNREACHABLE {
+            let patience = if busy { BUSY } else { UNREACHABLE };
+            if since.elapsed() >= patience {
                 return Err(CallError::Unreachable(format!(
                     "cannot reach etcd at {} (tried for {}s; last: {last})",
                     self.describe(),
-                    UNREACHABLE.as_secs()
+                    patience.as_secs()
                 )));
             }
             let pause = Instant::now() + ROUND_PAUSE;
@@ -205,7 +217,7 @@ impl Client {
         }
         let mut resp = match req.send(body) {
             Ok(r) => r,
-            Err(e) => return Attempt::Down(e.to_string()),
+            Err(e) => return unanswered(e),
         };
         let status = resp.status().as_u16();
         let date = resp.headers().get("date").and_then(|d| d.to_str().ok());
@@ -214,17 +226,17 @@ impl Client {
         }
         let text = match resp.body_mut().read_to_string() {
             Ok(t) => t,
-            Err(e) => return Attempt::Down(e.to_string()),
+            Err(e) => return Attempt::Busy(e.to_string()),
         };
         let Ok(v) = serde_json::from_str::<Value>(&text) else {
-            return Attempt::Down(format!("HTTP {status}: not JSON: {}", cut(&text)));
+            return Attempt::Busy(format!("HTTP {status}: not JSON: {}", cut(&text)));
         };
         match error_of(&v) {
             None if status == 200 => match self.same_cluster(&v, i) {
                 Ok(()) => Attempt::Answer(v),
                 Err(why) => Attempt::Refused(why),
             },
-            None => Attempt::Down(format!("HTTP {status}")),
+            None => Attempt::Busy(format!("HTTP {status}")),
             Some((code, message)) => classify(code, &message, &self.bases[i]),
         }
     }
@@ -268,15 +280,15 @@ impl Client {
             .timeout_global(Some(limit))
             .build()
             .send(&body)
-            .map_err(|e| Attempt::Down(e.to_string()))?
+            .map_err(unanswered)?
             .body_mut()
             .read_to_string()
-            .map_err(|e| Attempt::Down(e.to_string()))?;
+            .map_err(|e| Attempt::Busy(e.to_string()))?;
         let v: Value = serde_json::from_str(&answer)
-            .map_err(|_| Attempt::Down(format!("not JSON: {}", cut(&answer))))?;
+            .map_err(|_| Attempt::Busy(format!("not JSON: {}", cut(&answer))))?;
         if let Some((code, message)) = error_of(&v) {
             return Err(match classify(code, &message, &self.bases[i]) {
-                Attempt::Down(why) => Attempt::Down(why),
+                a @ (Attempt::Down(_) | Attempt::Busy(_)) => a,
                 _ => Attempt::Refused(format!(
                     "etcd at {} refused user '{user}': {message}",
                     self.bases[i]
@@ -285,7 +297,7 @@ impl Client {
         }
         let t = v["token"]
             .as_str()
-            .ok_or_else(|| Attempt::Down("no token in the answer".into()))?
+            .ok_or_else(|| Attempt::Busy("no token in the answer".into()))?
             .to_string();
         *token = Some(t.clone());
         Ok(Some(t))
@@ -317,10 +329,26 @@ fn classify(code: i64, message: &str, base: &str) -> Attempt {
         "not capable",
     ];
     match code {
-        14 | 4 | 8 | 10 => Attempt::Down(message.to_string()),
+        14 | 4 | 8 | 10 => Attempt::Busy(message.to_string()),
         16 if message.contains("token") => Attempt::Unauthenticated,
-        _ if transient.iter().any(|t| message.contains(t)) => Attempt::Down(message.to_string()),
+        _ if transient.iter().any(|t| message.contains(t)) => Attempt::Busy(message.to_string()),
         _ => Attempt::Refused(format!("etcd at {base}: {message}")),
+    }
+}
+
+/// A request that got no answer: no connection at all (the member is down,
+/// or its host unreachable), or a connection that answered nothing in time.
+fn unanswered(e: ureq::Error) -> Attempt {
+    use ureq::Timeout;
+    match e {
+        ureq::Error::Timeout(Timeout::Connect | Timeout::Resolve)
+        | ureq::Error::ConnectionFailed
+        | ureq::Error::HostNotFound
+        | ureq::Error::Io(_)
+        // A certificate this member cannot prove: as good as down.
+        | ureq::Error::Tls(_)
+        | ureq::Error::Rustls(_) => Attempt::Down(e.to_string()),
+        _ => Attempt::Busy(e.to_string()),
     }
 }
 
@@ -408,10 +436,10 @@ mod tests {
         let stream = json!({"error": {"grpc_code": 14, "message": "no leader"}});
         assert_eq!(error_of(&stream), Some((14, "no leader".into())));
         assert_eq!(error_of(&json!({"header": {}})), None);
-        assert!(matches!(classify(14, "x", "b"), Attempt::Down(_)));
+        assert!(matches!(classify(14, "x", "b"), Attempt::Busy(_)));
         assert!(matches!(
             classify(2, "etcdserver: leader changed", "b"),
-            Attempt::Down(_)
+            Attempt::Busy(_)
         ));
         assert!(matches!(
             classify(16, "etcdserver: invalid auth token", "b"),
