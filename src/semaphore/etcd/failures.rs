@@ -11,8 +11,9 @@
 //! exactly the keys it counted, in one transaction guarded by each key's
 //! revision, so that two `--wait-all`s never count one failure twice.
 
-use super::admission::{Keys, prefix_end};
-use super::client::{Client, b64, int, unb64};
+use super::client::Client;
+use super::keys::{Keys, prefix_end};
+use super::wire::{b64, int, unb64};
 use anyhow::Result;
 use serde_json::{Value, json};
 use std::time::Instant;

@@ -19,10 +19,12 @@
 //! says so ([`SlotEvent::Regained`]); if the lease has expired, it tries,
 //! every interval, to take a slot again by the ordinary rule.
 
-use super::admission::{Keys, Record};
-use super::client::{CallError, Client, b64, int};
+use super::admission::Record;
+use super::client::{CallError, Client};
 use super::failures;
+use super::keys::Keys;
 use super::watchdog::{self, Watchdog};
+use super::wire::{b64, int};
 use crate::duration;
 use crate::runner::LOST_GRACE;
 use crate::semaphore::{Slot, SlotEvent};

@@ -29,16 +29,20 @@
 mod admission;
 mod client;
 mod failures;
+mod keys;
 mod lease;
 mod status;
 mod tls;
 mod watch;
 mod watchdog;
+mod wire;
 
-use self::admission::{Keys, Record, Turns, View};
-use self::client::{CallError, Client, b64, int};
+use self::admission::{Record, Turns, View};
+use self::client::{CallError, Client};
+use self::keys::Keys;
 use self::lease::{EtcdSlot, Holding};
 use self::watch::Watch;
+use self::wire::{b64, int};
 use super::{Acquired, IdStatus, Idle, Request, Semaphore};
 use crate::config::EtcdSettings;
 use crate::id::Id;

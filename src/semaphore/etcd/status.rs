@@ -3,8 +3,10 @@
 //! cluster's `Date` when the slot was taken, against its `Date` now) and
 //! the waiter keys, of one id or of all. One read; nothing is written.
 
-use super::admission::{Keys, View, prefix_end};
-use super::client::{CallError, Client, b64, int, unb64};
+use super::admission::View;
+use super::client::{CallError, Client};
+use super::keys::{Keys, prefix_end};
+use super::wire::{b64, int, unb64};
 use crate::id::Id;
 use crate::semaphore::{Holder, IdStatus};
 use serde_json::json;

@@ -8,7 +8,8 @@
 //! reopened every [`WATCH_IDLE`], which is also how a thread whose waiter
 //! has gone notices and ends.
 
-use super::client::{ATTEMPT, Client, ROUND_PAUSE, b64, error_of, int};
+use super::client::{ATTEMPT, Client, ROUND_PAUSE};
+use super::wire::{b64, error_of, int};
 use crate::sys;
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
