@@ -159,6 +159,12 @@ enum Step {
     Again(View),
 }
 
+/// Whether a call failed because the request's lease had expired (its qsem
+/// was starved or stopped for longer than the TTL).
+fn lease_gone(e: &CallError) -> bool {
+    matches!(e, CallError::Refused(why) if why.contains("requested lease not found"))
+}
+
 impl Attempt<'_> {
     fn lease(&mut self) -> Result<i64, CallError> {
         if let Some((id, _)) = self.lease {
@@ -170,8 +176,20 @@ impl Attempt<'_> {
         Ok(id)
     }
 
-    /// Decides on one view: take a slot, queue, give up, or sleep.
+    /// Decides on one view: take a slot, queue, give up, or sleep. A lease
+    /// that expired meanwhile takes the place in the queue with it: queue
+    /// again, with a new one.
     fn step(&mut self, view: &View) -> Result<Step, CallError> {
+        match self.decide(view) {
+            Err(e) if lease_gone(&e) => {
+                (self.lease, self.place) = (None, None);
+                Ok(Step::Again(look(self.c, &self.keys, self.req.deadline)?))
+            }
+            other => other,
+        }
+    }
+
+    fn decide(&mut self, view: &View) -> Result<Step, CallError> {
         self.turns.note(view, self.place);
         let until = self.req.deadline;
         if let Some(slot) = view.admits(self.req.jobs, self.place, &self.turns) {

@@ -91,13 +91,17 @@ pub fn counts(env: &Env, url: &str, id: &str) -> (usize, u32) {
 }
 
 /// A job that fails the test's check (a line in `violations`) if, as it
-/// starts, more than `limit` jobs run (each has a file in `running/`).
+/// starts, `limit` or more jobs that were admitted before it still run:
+/// they held their slots when it was admitted. (Jobs admitted after it, by
+/// a larger limit, may legally make more.) Each running job has a file in
+/// `running/` with its fence, which orders admissions.
 pub fn counted(env: &Env, limit: u32, seconds: &str) -> String {
     let dir = env.path("running");
     std::fs::create_dir_all(&dir).unwrap();
     format!(
-        "echo $QSEM_SLOT > {d}/$$; k=$(ls {d} | wc -l); \
-         [ $k -le {limit} ] || echo \"$k running as -j{limit} $$ started: $(cd {d}; grep . *)\" >> {v}; \
+        "echo $QSEM_FENCE > {d}/$$.tmp; mv {d}/$$.tmp {d}/$$; k=0; \
+         for f in {d}/*; do read fe < $f 2>/dev/null && [ \"$fe\" -lt $QSEM_FENCE ] && k=$((k+1)); done; \
+         [ $k -lt {limit} ] || echo \"$k admitted before a -j{limit} job (fence $QSEM_FENCE) still ran\" >> {v}; \
          sleep {seconds}; rm {d}/$$",
         d = dir.display(),
         v = env.path("violations").display()
