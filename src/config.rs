@@ -18,8 +18,11 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod backend;
 mod dir;
 mod sem;
+pub use backend::EtcdSettings;
+use backend::parse_backend;
 use dir::lock_dir;
 
 /// Reads qsem's command line (`args`, argv[0] first) in the personality its
@@ -124,6 +127,8 @@ pub enum Backend {
         /// server frees it, and the holder notices), at least 2s.
         lost_after: Duration,
     },
+    /// An etcd cluster shared by a fleet (`etcd://h:p[,h:p…]`, `etcds://` for TLS).
+    Etcd(EtcdSettings),
 }
 
 /// What a job whose shared-server slot is lost should do.
@@ -233,7 +238,7 @@ impl Config {
             return Err(usage("--json goes with --status or --history"));
         }
         let dir = lock_dir(cli.dir.take())?;
-        let backend = parse_backend(cli.backend.as_deref(), cli.lost_after.as_deref())?;
+        let mut backend = parse_backend(cli.backend.as_deref(), cli.lost_after.as_deref())?;
         let on_lost = match cli.on_lost.as_deref() {
             None | Some("warn") => OnLost::Warn,
             Some("kill") => OnLost::Kill,
@@ -243,6 +248,9 @@ impl Config {
                 )));
             }
         };
+        if let Backend::Etcd(etcd) = &mut backend {
+            etcd.kill_on_lost = on_lost == OnLost::Kill;
+        }
         let (timeout, kill_after, max_waiting) = limits(&cli)?;
         Ok(Config {
             dir,
@@ -338,41 +346,6 @@ fn command_from_words(words: Vec<OsString>) -> Result<Command> {
         program,
         args: words.collect(),
     })
-}
-
-/// `--backend` / `QSEM_BACKEND`: empty or absent means lock files.
-/// The engine: a shared server if `url` names one, else lock files.
-fn parse_backend(url: Option<&str>, lost_after: Option<&str>) -> Result<Backend> {
-    // Checked whatever the engine: a bad value is a mistake to point out.
-    let lost_after = parse_lost_after(lost_after)?;
-    let Some(url) = url.map(str::trim).filter(|u| !u.is_empty()) else {
-        return Ok(Backend::Files);
-    };
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Backend::Postgres {
-            url: url.to_string(),
-            lost_after,
-        })
-    } else {
-        let shown = url.split_once('@').map_or(url, |(_, host)| host);
-        Err(usage(format!(
-            "unsupported backend '{shown}': expected postgres://[USER@]HOST[:PORT]/DATABASE"
-        )))
-    }
-}
-
-/// `--lost-after`: at least 2s, as TCP keepalives count in seconds.
-fn parse_lost_after(given: Option<&str>) -> Result<Duration> {
-    let Some(given) = given else {
-        return Ok(DEFAULT_LOST_AFTER);
-    };
-    let d = duration::parse(given).map_err(|e| usage(format!("invalid --lost-after: {e}")))?;
-    if d < Duration::from_secs(2) {
-        return Err(usage(format!(
-            "invalid --lost-after '{given}': at least 2s (TCP keepalives count in seconds)"
-        )));
-    }
-    Ok(d)
 }
 
 /// A duration option that must be more than zero (`--timeout 0` would stop

@@ -12,6 +12,8 @@
 //! directory; the PostgreSQL engine (`postgres`) shares a limit across
 //! machines; `fake` is an in-memory engine for the runner's unit tests.
 
+#[cfg(feature = "etcd")]
+pub mod etcd;
 #[cfg(test)]
 pub mod fake;
 pub mod files;
@@ -169,6 +171,12 @@ pub fn open(backend: &Backend, dir: &Path, verbose: bool) -> Result<Box<dyn Sema
         #[cfg(not(feature = "postgres"))]
         Backend::Postgres { .. } => anyhow::bail!(
             "--backend postgres://: this qsem was built without PostgreSQL support (cargo feature \"postgres\")"
+        ),
+        #[cfg(feature = "etcd")]
+        Backend::Etcd(settings) => Ok(Box::new(etcd::Etcd::new(settings, verbose)?)),
+        #[cfg(not(feature = "etcd"))]
+        Backend::Etcd(_) => anyhow::bail!(
+            "--backend etcd://: this qsem was built without etcd support (cargo feature \"etcd\")"
         ),
     }
 }

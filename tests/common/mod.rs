@@ -3,6 +3,8 @@
 //! outcomes with generous bounds (a slow CI machine must not make a test flaky).
 #![allow(dead_code)]
 
+pub mod etcd;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
