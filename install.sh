@@ -49,16 +49,15 @@ command -v cargo >/dev/null 2>&1 || {
     echo "install.sh: cargo is needed to build qsem (https://rustup.rs)" >&2
     exit 1
 }
-# Linked statically and at a fixed address (glibc or musl), with the
-# release profile's LTO and panic=abort: no dynamic loader, no relocations
-# at each start, and fewer pages touched, which is most of a job's overhead
-# and memory (bench/RESULTS.md). The price is no address randomisation of
-# qsem's own code (the stack and heap keep theirs). QSEM_STATIC=0 builds a
-# plain dynamic binary; so does a host whose C library cannot be linked
-# statically.
+# Linked statically as a position-independent executable (static-pie), with
+# the release profile's LTO and panic=abort: no dynamic loader and no shared
+# libraries to map at each start, which is most of a job's overhead
+# (bench/RESULTS.md), while qsem's own code keeps its address randomisation.
+# QSEM_STATIC=0 builds a plain dynamic binary; so does a host whose C library
+# cannot be linked statically.
 host=$(rustc -vV | sed -n 's/^host: //p')
 if [ "${QSEM_STATIC:-1}" != 0 ] &&
-    RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static -C relocation-model=static" \
+    RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
         cargo build --release --locked --quiet --target "$host" --target-dir target/static; then
     bin=target/static/$host/release/qsem
 else

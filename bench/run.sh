@@ -19,11 +19,11 @@ if [ -n "$need" ]; then
     sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
     $sudo apt-get update -qq && $sudo apt-get install -y -qq $need >&2
 fi
-# qsem as install.sh builds it: static, non-PIE, with the release profile's
+# qsem as install.sh builds it: static-pie, with the release profile's
 # LTO and panic=abort. The plain dynamic build is measured beside it
 # (QSEM_BENCH_DYNAMIC=0 skips it).
 host=$(rustc -vV | sed -n 's/^host: //p')
-RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
+RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --release --locked --target "$host" --target-dir target/static >&2
 qsem="$PWD/target/static/$host/release/qsem"
 other=""
