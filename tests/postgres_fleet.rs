@@ -39,13 +39,11 @@ fn qsem_on(fleet: &Fleet, c: &Cluster, host: usize, env: &Env) -> Command {
     cmd
 }
 
-/// Seconds since the epoch, as a job's shell writes them.
+/// Seconds since the epoch, as a job's shell writes them (once written).
 fn stamp(path: &std::path::Path) -> f64 {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .trim()
-        .parse()
-        .unwrap()
+    let read = || std::fs::read_to_string(path).ok()?.trim().parse().ok();
+    assert!(eventually(SOON, || read().is_some()), "{}", path.display());
+    read().unwrap()
 }
 
 #[test]
@@ -64,48 +62,42 @@ fn a_stalled_or_cut_off_host_delays_nobody_past_their_wait() {
             .unwrap(),
         "holder",
     );
-    // Host 1 stalls mid-admission: its COMMITs never reach the server
-    // (a query message `Q`, its length, then the text), then it stops
-    // answering at all while it waits for the slot.
-    fleet.nft(
-        1,
-        &format!(
-            "table inet qsem-pg-cut {{ chain out {{ type filter hook output priority -10; \
-             policy accept; tcp dport {} @ih,40,48 0x434f4d4d4954 drop; }}; }}",
-            c.port
-        ),
+    // Host 1 stalls mid-admission: it reaches the server through a relay
+    // that stops passing its traffic on at the first COMMIT (as a network
+    // that drops those packets would), and, later, it is cut off entirely
+    // while it waits for the slot.
+    let relay = StallingRelay::start(&fleet.server_addr(), c.port);
+    let stalled_url = format!(
+        "postgres://postgres:{}@{}:{}/postgres",
+        common::postgres::PASSWORD,
+        fleet.server_addr(),
+        relay
     );
+    let on_host_1 = |args: &[&str]| {
+        let mut cmd = fleet.command(1, env!("CARGO_BIN_EXE_qsem"));
+        cmd.env("QSEM_DIR", &envs[1].locks)
+            .arg("--backend")
+            .arg(&stalled_url)
+            .args(args)
+            .stderr(Stdio::null());
+        Job(Some(cmd.spawn().unwrap()))
+    };
     let mut stalled: Vec<Job> = (0..2)
-        .map(|_| {
-            Job(Some(
-                qsem_on(&fleet, &c, 1, &envs[1])
-                    .args(["--id", "stall", "--wait", "0", "--", "true"])
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .unwrap(),
-            ))
-        })
+        .map(|_| on_host_1(&["--id", "stall", "--wait", "0", "--", "true"]))
         .collect();
-    stalled.push(Job(Some(
-        qsem_on(&fleet, &c, 1, &envs[1])
-            .args(["--id", "stall", "--", "true"])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )));
+    stalled.push(on_host_1(&["--id", "stall", "--", "true"]));
     std::thread::sleep(Duration::from_millis(1500));
     fleet.cut(1);
     // Host 2 gives up at its --wait, not when host 1's session times out.
     let t = Instant::now();
-    let (code, _, err) = common::run(
-        qsem_on(&fleet, &c, 2, &envs[2])
-            .args(["--id", "stall", "--wait", "1s", "-E", "75", "--", "true"]),
-    );
+    let (code, _, err) = common::run(qsem_on(&fleet, &c, 2, &envs[2]).args([
+        "-v", "--id", "stall", "--wait", "1s", "-E", "75", "--", "true",
+    ]));
     let took = t.elapsed();
     assert_eq!(code, 75, "{err}");
     assert!(
-        took < Duration::from_secs(3),
-        "--wait 1s returned after {took:?}"
+        took < Duration::from_secs(6),
+        "--wait 1s returned after {took:?}: {err}"
     );
     // Once the slot is free, host 2 gets it within its --wait.
     common::postgres::finish(&envs[0], vec![holder]);
@@ -120,6 +112,52 @@ fn a_stalled_or_cut_off_host_delays_nobody_past_their_wait() {
     assert!(ran.exists());
     fleet.heal(1);
     drop(stalled);
+}
+
+/// A TCP relay to the server that passes traffic on until a client sends a
+/// message containing `COMMIT`, then holds that connection silently open.
+struct StallingRelay;
+
+impl StallingRelay {
+    /// Listens on `addr` (a free port, returned) and relays to `addr:port`.
+    fn start(addr: &str, port: u16) -> u16 {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind((addr, 0)).unwrap();
+        let relay = listener.local_addr().unwrap().port();
+        let upstream = (addr.to_string(), port);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(upstream.clone()) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut s_in, mut c_out) = (server, client);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n) = c_in.read(&mut buf) {
+                        if n == 0 || buf[..n].windows(6).any(|w| w == b"COMMIT") {
+                            // Stalled: nothing more reaches the server.
+                            std::thread::park();
+                        }
+                        if s_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n) = s_in.read(&mut buf) {
+                        if n == 0 || c_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        relay
+    }
 }
 
 #[test]

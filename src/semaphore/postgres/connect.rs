@@ -58,44 +58,7 @@ impl Connector {
         if let Some(password) = parts.password {
             pg.password(password);
         }
-        if pg.get_hosts().is_empty() {
-            pg.host(env("PGHOST").as_deref().unwrap_or("localhost"));
-        }
-        if pg.get_ports().is_empty()
-            && let Some(port) = env("PGPORT")
-        {
-            pg.port(
-                port.parse()
-                    .with_context(|| format!("invalid PGPORT '{port}'"))?,
-            );
-        }
-        if pg.get_user().is_none() {
-            let user = env("PGUSER")
-                .or_else(|| env("USER"))
-                .or_else(|| env("LOGNAME"))
-                .context("no PostgreSQL user: put one in the URL, or set PGUSER")?;
-            pg.user(user);
-        }
-        if pg.get_password().is_none()
-            && let Some(password) = env("PGPASSWORD")
-        {
-            pg.password(password);
-        }
-        if pg.get_dbname().is_none()
-            && let Some(db) = env("PGDATABASE")
-        {
-            pg.dbname(db);
-        }
-        if !rest.contains("sslmode=")
-            && let Some(mode) = env("PGSSLMODE")
-        {
-            pg.ssl_mode(match mode.as_str() {
-                "disable" => SslMode::Disable,
-                "prefer" | "allow" => SslMode::Prefer,
-                "require" | "verify-ca" | "verify-full" => SslMode::Require,
-                other => bail!("invalid PGSSLMODE '{other}': expected disable, prefer or require"),
-            });
-        }
+        complete_from_env(&mut pg, &rest)?;
         let tls = match pg.get_ssl_mode() {
             SslMode::Require => Some(tls_connector()?),
             // Plain, as `prefer` is with a server that offers no TLS: a
@@ -192,6 +155,51 @@ impl Connector {
         }
         Ok(s)
     }
+}
+
+/// What the URL leaves out, from `PGHOST`, `PGPORT`, `PGUSER`, `PGPASSWORD`,
+/// `PGDATABASE` and `PGSSLMODE`, as libpq takes them.
+fn complete_from_env(pg: &mut tokio_postgres::Config, rest: &str) -> Result<()> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if pg.get_hosts().is_empty() {
+        pg.host(env("PGHOST").as_deref().unwrap_or("localhost"));
+    }
+    if pg.get_ports().is_empty()
+        && let Some(port) = env("PGPORT")
+    {
+        pg.port(
+            port.parse()
+                .with_context(|| format!("invalid PGPORT '{port}'"))?,
+        );
+    }
+    if pg.get_user().is_none() {
+        let user = env("PGUSER")
+            .or_else(|| env("USER"))
+            .or_else(|| env("LOGNAME"))
+            .context("no PostgreSQL user: put one in the URL, or set PGUSER")?;
+        pg.user(user);
+    }
+    if pg.get_password().is_none()
+        && let Some(password) = env("PGPASSWORD")
+    {
+        pg.password(password);
+    }
+    if pg.get_dbname().is_none()
+        && let Some(db) = env("PGDATABASE")
+    {
+        pg.dbname(db);
+    }
+    if !rest.contains("sslmode=")
+        && let Some(mode) = env("PGSSLMODE")
+    {
+        pg.ssl_mode(match mode.as_str() {
+            "disable" => SslMode::Disable,
+            "prefer" | "allow" => SslMode::Prefer,
+            "require" | "verify-ca" | "verify-full" => SslMode::Require,
+            other => bail!("invalid PGSSLMODE '{other}': expected disable, prefer or require"),
+        });
+    }
+    Ok(())
 }
 
 /// The server process that answers this query of `s`.

@@ -57,7 +57,8 @@ fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
             .query(&format!(
                 "SELECT l.classid::text, l.objid::text, l.pid::text, coalesce(a.usename, ''), \
                  coalesce(a.application_name, ''), coalesce(a.query, ''), \
-                 (extract(epoch FROM clock_timestamp()) * 1000)::int8::text \
+                 (extract(epoch FROM clock_timestamp()) * 1000)::int8::text, \
+                 coalesce(host(a.client_addr), 'local') \
                  FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE {cond}; \
                  SELECT application_name FROM pg_stat_activity \
                  WHERE application_name LIKE {} AND datname = current_database()",
@@ -69,52 +70,15 @@ fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
             res.get(1).cloned().unwrap_or_default(),
         ))
     })?;
-    let text =
-        |row: &Vec<Option<String>>, i: usize| row.get(i).cloned().flatten().unwrap_or_default();
     let now = SystemTime::now();
     // Grouped by key prefix; the id's name comes from a record.
     let mut by_key: BTreeMap<u64, (Option<Id>, Vec<Holder>, u32)> = BTreeMap::new();
     for row in &locks {
-        let (Ok(classid), Ok(objid)) = (text(row, 0).parse(), text(row, 1).parse()) else {
+        let Some((prefix, id, holder)) = holder_of(row, only.is_some(), now) else {
             continue;
         };
-        let (prefix, slot) = slot_of(classid, objid);
-        let server_now: u64 = text(row, 6).parse().unwrap_or(0);
-        let rec = Record::parse(&text(row, 5)).filter(|r| {
-            Keys::of(&Id::new(OsStr::from_bytes(&r.id)).unwrap_or_else(|_| unknown(0))).prefix
-                == prefix
-                && text(row, 4).starts_with("qsem h ")
-        });
-        let holder = match &rec {
-            Some(r) => Holder {
-                slot,
-                pid: r.pid,
-                host: r.host.clone(),
-                started: now.checked_sub(Duration::from_millis(
-                    server_now.saturating_sub(r.started_ms),
-                )),
-                jobs: r.jobs,
-                command: r.command.clone(),
-            },
-            // Unknown ids' locks are anybody's; the asked id's are its slots.
-            None if only.is_none() => continue,
-            None => Holder {
-                slot,
-                pid: text(row, 2).parse().unwrap_or(0),
-                host: "?".into(),
-                started: None,
-                jobs: 0,
-                command: format!(
-                    "(foreign session: user {}, application '{}')",
-                    text(row, 3),
-                    text(row, 4)
-                ),
-            },
-        };
         let entry = by_key.entry(prefix).or_insert((None, Vec::new(), 0));
-        if entry.0.is_none() {
-            entry.0 = rec.and_then(|r| Id::new(OsStr::from_bytes(&r.id)).ok());
-        }
+        entry.0 = entry.0.take().or(id);
         entry.1.push(holder);
     }
     for row in &waiters {
@@ -151,6 +115,56 @@ fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(out)
+}
+
+/// Column `i` of a row, as text.
+fn text(row: &[Option<String>], i: usize) -> String {
+    row.get(i).cloned().flatten().unwrap_or_default()
+}
+
+/// One `pg_locks` row as a holder: a qsem holder if its session says so in
+/// its name and record (the record's id must hash to the lock's key), else,
+/// when one id was asked for, a foreign session holding a slot of it.
+fn holder_of(
+    row: &[Option<String>],
+    asked: bool,
+    now: SystemTime,
+) -> Option<(u64, Option<Id>, Holder)> {
+    let (classid, objid) = (text(row, 0).parse().ok()?, text(row, 1).parse().ok()?);
+    let (prefix, slot) = slot_of(classid, objid);
+    let server_now: u64 = text(row, 6).parse().unwrap_or(0);
+    let id = Record::parse(&text(row, 5))
+        .filter(|_| text(row, 4).starts_with("qsem h "))
+        .and_then(|r| Some((Id::new(OsStr::from_bytes(&r.id)).ok()?, r)))
+        .filter(|(id, _)| Keys::of(id).prefix == prefix);
+    let holder = match &id {
+        Some((_, r)) => Holder {
+            slot,
+            pid: r.pid,
+            host: r.host.clone(),
+            // The age on the server's clock, as a time on ours.
+            started: now.checked_sub(Duration::from_millis(
+                server_now.saturating_sub(r.started_ms),
+            )),
+            jobs: r.jobs,
+            command: r.command.clone(),
+        },
+        // Unknown ids' locks are anybody's; the asked id's are its slots.
+        None if !asked => return None,
+        None => Holder {
+            slot,
+            pid: text(row, 2).parse().unwrap_or(0),
+            host: text(row, 7),
+            started: None,
+            jobs: 0,
+            command: format!(
+                "(foreign session: user {}, application '{}')",
+                text(row, 3),
+                text(row, 4)
+            ),
+        },
+    };
+    Some((prefix, id.map(|(id, _)| id), holder))
 }
 
 fn unknown(k: u64) -> Id {

@@ -97,6 +97,17 @@ enum Ended {
     Interrupted(Received),
 }
 
+/// The end of a race that did not finish its work, as the wait's end.
+macro_rules! settle {
+    ($race:expr) => {
+        match $race.await? {
+            Race::Done(done) => done,
+            Race::Expired => return Ok(Ended::TimedOut),
+            Race::Signal(r) => return Ok(Ended::Interrupted(r)),
+        }
+    };
+}
+
 async fn on_server(
     pg: &Postgres,
     req: &Request<'_>,
@@ -115,28 +126,12 @@ async fn on_server(
     let asker = if may_wait { Asker::Waiter } else { Asker::Once };
     let listen = format!("LISTEN {}", keys.channel());
     let first = req.deadline.map(|d| d.max(Instant::now() + FIRST_LOOK));
-    let mut s = match race(c.open_checked(check), first, signals).await? {
-        Race::Done(s) => Some(s?),
-        Race::Expired => return Ok(Ended::TimedOut),
-        Race::Signal(r) => return Ok(Ended::Interrupted(r)),
-    };
+    let mut s = Some(settle!(race(c.open_checked(check), first, signals))?);
     let mut since = None;
-    let mut looks = 0;
+    let mut until = first;
     loop {
         let Some(sess) = s.as_mut() else {
-            match race(c.open(), req.deadline, signals).await? {
-                Race::Done(Ok(new)) => s = Some(new),
-                Race::Done(Err(e)) => {
-                    say(&format!("{e:#}; trying again"));
-                    match pause(RECONNECT_PAUSE, req.deadline, signals).await? {
-                        Race::Done(()) => {}
-                        Race::Expired => return Ok(Ended::TimedOut),
-                        Race::Signal(r) => return Ok(Ended::Interrupted(r)),
-                    }
-                }
-                Race::Expired => return Ok(Ended::TimedOut),
-                Race::Signal(r) => return Ok(Ended::Interrupted(r)),
-            }
+            s = Some(settle!(reconnect(pg, req, signals)));
             continue;
         };
         // Listen before looking, so that no release between the look and
@@ -147,24 +142,19 @@ async fn on_server(
             }
             attempt(sess, keys, rec, asker).await
         };
-        looks += 1;
-        let until = if looks == 1 { first } else { req.deadline };
-        let outcome = match race(look, until, signals).await? {
-            Race::Done(outcome) => outcome,
-            Race::Expired => return Ok(Ended::TimedOut),
-            Race::Signal(r) => return Ok(Ended::Interrupted(r)),
-        };
+        let outcome = settle!(race(look, until, signals));
+        until = req.deadline;
         match outcome {
             Ok(Attempt::Took(slot)) => {
                 let now = server_ms(sess).await;
                 return Ok(Ended::Took(s.take().expect("a session"), slot, now));
             }
             Ok(Attempt::Shared) => bail!(no_session_locks(&c.target, "")),
+            Ok(Attempt::Wait { held }) if !may_wait => {
+                say(&format!("no free slot ({held} held); giving up at once"));
+                return Ok(Ended::TimedOut);
+            }
             Ok(Attempt::Wait { held }) => {
-                if !may_wait {
-                    say("no free slot; giving up at once");
-                    return Ok(Ended::TimedOut);
-                }
                 if since.is_none() {
                     since = Some(Instant::now());
                     say(&format!(
@@ -197,6 +187,32 @@ async fn on_server(
                 return Ok(Ended::TimedOut);
             }
             Woke::Signal(r) => return Ok(Ended::Interrupted(r)),
+        }
+    }
+}
+
+/// A new session for a waiter whose connection broke, tried every
+/// [`RECONNECT_PAUSE`] until the deadline or a signal.
+async fn reconnect(
+    pg: &Postgres,
+    req: &Request<'_>,
+    signals: &mut Signals,
+) -> Result<Race<Session>> {
+    loop {
+        match race(pg.connector.open(), req.deadline, signals).await? {
+            Race::Done(Ok(s)) => return Ok(Race::Done(s)),
+            Race::Done(Err(e)) => {
+                if pg.verbose {
+                    report::line(req.id, &format!("{e:#}; trying again"));
+                }
+                match race(tokio::time::sleep(RECONNECT_PAUSE), req.deadline, signals).await? {
+                    Race::Done(()) => {}
+                    Race::Expired => return Ok(Race::Expired),
+                    Race::Signal(r) => return Ok(Race::Signal(r)),
+                }
+            }
+            Race::Expired => return Ok(Race::Expired),
+            Race::Signal(r) => return Ok(Race::Signal(r)),
         }
     }
 }
@@ -264,10 +280,6 @@ pub async fn race<T>(
         _ = expired => Ok(Race::Expired),
         signo = stop_signal(signals) => Ok(Race::Signal(signo?)),
     }
-}
-
-async fn pause(d: Duration, deadline: Option<Instant>, signals: &mut Signals) -> Result<Race<()>> {
-    race(tokio::time::sleep(d), deadline, signals).await
 }
 
 /// Why a waiter's sleep ended.
