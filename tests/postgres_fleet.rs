@@ -86,7 +86,11 @@ fn a_stalled_or_cut_off_host_delays_nobody_past_their_wait() {
         .map(|_| on_host_1(&["--id", "stall", "--wait", "0", "--", "true"]))
         .collect();
     stalled.push(on_host_1(&["--id", "stall", "--", "true"]));
-    std::thread::sleep(Duration::from_millis(1500));
+    // Until host 1 has stalled in a transaction, or waits for the slot.
+    assert!(eventually(SOON, || c.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' \
+         OR application_name LIKE 'qsem w %'"
+    ) != "0"));
     fleet.cut(1);
     // Host 2 gives up at its --wait, not when host 1's session times out.
     let t = Instant::now();

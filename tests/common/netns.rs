@@ -76,7 +76,29 @@ impl Fleet {
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         }
+        fleet.remove_with_this_process();
         Ok(fleet)
+    }
+
+    /// Removes everything when this test process ends, even if it is killed
+    /// and no drop runs (the drop usually comes first; then this finds
+    /// nothing left).
+    fn remove_with_this_process(&self) {
+        let mut script = format!("while [ -d /proc/{} ]; do sleep 1; done", std::process::id());
+        for link in self.veths.iter().chain([&self.bridge]) {
+            script.push_str(&format!("; ip link del {link} 2>/dev/null"));
+        }
+        for ns in &self.namespaces {
+            script.push_str(&format!("; ip netns del {ns} 2>/dev/null"));
+        }
+        // It outlives this process by design; nobody here waits for it.
+        #[allow(clippy::zombie_processes)]
+        let _ = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
     }
 
     /// The server's address as the hosts reach it.

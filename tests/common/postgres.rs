@@ -264,9 +264,9 @@ fn start_cluster(opts: &Options, owned: bool) -> Cluster {
         owned,
     };
     c.ctl("start", &["-o", &opts]);
-    if !owned {
-        stop_with_this_process(&c);
-    }
+    // An owned cluster is stopped on drop, or by this if the test process
+    // is killed first.
+    stop_with_this_process(&c);
     wait_out_the_grace(&c);
     c
 }
@@ -301,7 +301,7 @@ fn make_certificates(data: &Path) {
     chown(&[&data.join("server.key"), &data.join("server.crt")]);
 }
 
-/// Stops the shared cluster when this test process ends, however it ends.
+/// Stops a cluster when this test process ends, however it ends.
 fn stop_with_this_process(c: &Cluster) {
     let stopper = format!(
         "while [ -d /proc/{pid} ]; do sleep 1; done; {ctl} -D {data} -m immediate stop >/dev/null 2>&1; rm -rf {dir}",

@@ -9,11 +9,15 @@
 //!
 //! The message: the first statement reads the held slots and, if fewer than
 //! N are held, tries the free ones from the lowest with
-//! `pg_try_advisory_lock`, stopping at the first it gets (a `CASE` keeps
-//! the look before the try; `LIMIT 1` keeps it to one); in the same
+//! `pg_try_advisory_lock`, stopping at the first it gets; in the same
 //! statement it sets `application_name` to what the session now is (holder
 //! or waiter). The second statement counts the id's locks again: a taker
 //! that raced past its own N (possible only with mixed N) lets go and waits.
+//! Every condition sits in one `CASE` before the try: the planner may order
+//! the terms of a `WHERE` as it likes, and a lock taken by a row that a
+//! later term rejects would stay taken unseen (a waiter during the grace
+//! after a restart held a reclaiming holder's slot so). `LIMIT 1` keeps it
+//! to one slot.
 //! No lock is held between round trips and none is waited for.
 
 use super::RECLAIM_GRACE;
@@ -115,7 +119,9 @@ pub fn slot_of(classid: u64, objid: u64) -> (u64, u32) {
 /// What one admission attempt came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Attempt {
-    Took(u32),
+    /// The slot, and the server's clock then (ms since the epoch), which
+    /// `--status` reckons the holder's age from.
+    Took(u32, u64),
     /// Not admitted; `held` slots of the id were held.
     Wait {
         held: u32,
@@ -163,10 +169,11 @@ pub async fn attempt(s: &Session, keys: &Keys, rec: &Record, asker: Asker) -> Re
          WHERE {cond}) \
          SELECT x.s::text, set_config('application_name', CASE WHEN x.s IS NULL \
          THEN {refused_name} ELSE {pre} || ' ' || x.s || ' ' || {post} END, false), \
-         pg_backend_pid()::text, (SELECT count(*) FROM held)::text \
+         pg_backend_pid()::text, (SELECT count(*) FROM held)::text, \
+         (extract(epoch FROM clock_timestamp()) * 1000)::int8::text \
          FROM (SELECT (SELECT g FROM generate_series({from}, {to}) g \
-         WHERE (SELECT count(*) FROM held) < {jobs} AND {grace} AND pg_backend_pid() = {pid} \
-         AND CASE WHEN g IN (SELECT s FROM held) THEN false \
+         WHERE CASE WHEN (SELECT count(*) FROM held) >= {jobs} OR NOT ({grace}) \
+         OR pg_backend_pid() <> {pid} OR g IN (SELECT s FROM held) THEN false \
          ELSE pg_try_advisory_lock({base}::int8 + g) END LIMIT 1) AS s) x; \
          SELECT count(DISTINCT objid)::text FROM pg_locks WHERE {cond}",
         r = rec.render(),
@@ -185,6 +192,7 @@ pub async fn attempt(s: &Session, keys: &Keys, rec: &Record, asker: Asker) -> Re
     let pid: i32 = col(2).and_then(|v| v.parse().ok()).unwrap_or(0);
     let held_before: u32 = col(3).and_then(|v| v.parse().ok()).unwrap_or(0);
     let after: u32 = value(&res, 1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let now_ms: u64 = col(4).and_then(|v| v.parse().ok()).unwrap_or(0);
     let unlock = |slot: u32| {
         let sql = format!("SELECT pg_advisory_unlock({})", keys.lock(slot));
         async move { s.query(&sql).await.map(|_| ()) }
@@ -194,7 +202,7 @@ pub async fn attempt(s: &Session, keys: &Keys, rec: &Record, asker: Asker) -> Re
         return Ok(Attempt::Shared);
     }
     match took {
-        Some(slot) if after <= jobs => Ok(Attempt::Took(slot)),
+        Some(slot) if after <= jobs => Ok(Attempt::Took(slot, now_ms)),
         Some(slot) => {
             // Raced past our N with takers of a larger one: let go.
             unlock(slot).await?;

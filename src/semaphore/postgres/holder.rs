@@ -93,12 +93,12 @@ impl PgSlot {
     }
 }
 
-/// The first heartbeat, which also stops listening. Our next query may land
+/// The first heartbeat (the session keeps listening: the few NOTIFYs a
+/// holder gets are ignored, and it saves a round trip). Our next query may land
 /// on another server process in a busy transaction-mode pool; then the one
 /// that took the lock may be in use by another client: catch it idle to
 /// free the slot, or say that it stays taken.
 async fn confirm(s: &Session, c: &Connector, keys: &Keys, slot: u32, rec: &Record) -> Result<()> {
-    s.query("UNLISTEN *").await?;
     if heartbeat(s, keys, slot, rec).await? {
         return Ok(());
     }
@@ -286,7 +286,7 @@ impl Holding {
             anyhow::Ok((s, got))
         };
         match tokio::time::timeout(left, back).await {
-            Ok(Ok((s, Attempt::Took(_)))) => match heartbeat(&s, &self.keys, slot, &self.rec).await
+            Ok(Ok((s, Attempt::Took(..)))) => match heartbeat(&s, &self.keys, slot, &self.rec).await
             {
                 Ok(true) => {
                     self.tell(SlotEvent::Regained(format!("{why}; took slot {slot} back")));
@@ -308,7 +308,7 @@ impl Holding {
         let once = async {
             let s = self.c.open().await?;
             match attempt(&s, &self.keys, &self.rec, Asker::Once).await? {
-                Attempt::Took(k) => Ok(heartbeat(&s, &self.keys, k, &self.rec)
+                Attempt::Took(k, _) => Ok(heartbeat(&s, &self.keys, k, &self.rec)
                     .await?
                     .then_some((s, k))),
                 Attempt::Wait { .. } | Attempt::Shared => anyhow::Ok(None),

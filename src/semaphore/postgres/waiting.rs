@@ -29,13 +29,13 @@ use crate::sys;
 use anyhow::{Context, Result, anyhow, bail};
 use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
 /// How often the head looks again unasked: a holder that crashed sends no
 /// NOTIFY, and this bounds how late its slot is seen free.
-pub const POLL: Duration = Duration::from_millis(250);
+pub const POLL: Duration = Duration::from_millis(100);
 /// How long the first look may take even past an earlier deadline: `--wait
 /// 0` means one look, which must have time to connect. Nothing another
 /// client does can slow a look (no lock is waited for), only the server.
@@ -145,8 +145,7 @@ async fn on_server(
         let outcome = settle!(race(look, until, signals));
         until = req.deadline;
         match outcome {
-            Ok(Attempt::Took(slot)) => {
-                let now = server_ms(sess).await;
+            Ok(Attempt::Took(slot, now)) => {
                 return Ok(Ended::Took(s.take().expect("a session"), slot, now));
             }
             Ok(Attempt::Shared) => bail!(no_session_locks(&c.target, "")),
@@ -214,18 +213,6 @@ async fn reconnect(
             Race::Expired => return Ok(Race::Expired),
             Race::Signal(r) => return Ok(Race::Signal(r)),
         }
-    }
-}
-
-/// The server's clock in ms (the local one if it does not say).
-async fn server_ms(s: &Session) -> u64 {
-    let local = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    let sql = "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::int8::text";
-    match tokio::time::timeout(Duration::from_secs(2), s.query(sql)).await {
-        Ok(Ok(res)) => super::session::number(&res, 0).unwrap_or(local),
-        _ => local,
     }
 }
 
