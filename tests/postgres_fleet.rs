@@ -196,7 +196,10 @@ fn on_lost_kill_stops_a_cut_off_job_before_the_next_one_starts() {
             .spawn()
             .unwrap(),
     ));
-    std::thread::sleep(Duration::from_millis(500));
+    // Until the waiter waits on the server.
+    assert!(eventually(SOON, || c.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'qsem w %'"
+    ) == "1"));
     fleet.cut(0);
     assert!(
         wait_for_file(&next, Duration::from_secs(20)),

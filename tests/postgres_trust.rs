@@ -4,7 +4,7 @@
 #![cfg(feature = "postgres")]
 
 mod common;
-use common::postgres::{Cluster, PASSWORD, finish, hold, qsem, shared};
+use common::postgres::{Cluster, PASSWORD, finish, fnv64, hold, qsem, shared};
 use common::{Env, SOON, eventually, run, wait_for_file};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -12,13 +12,6 @@ use std::process::Stdio;
 
 fn setup() -> Option<(Env, &'static Cluster)> {
     Some((Env::new(), shared()?))
-}
-
-/// FNV-1a, 64 bits: the engine's key for an id is its top 44 bits.
-fn fnv64(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 /// The advisory lock of `slot` of `id`.
@@ -140,37 +133,20 @@ fn the_password_stays_out_of_ps_the_job_and_error_lines() {
             root = env.root.display()
         )
     };
+    let url = c.url();
+    let args = ["--backend", url.as_str(), "--id", "secret", "-j2"];
     let fg = env
         .qsem()
-        .env("QSEM_BACKEND", c.url())
-        .args([
-            "--backend",
-            &c.url(),
-            "--id",
-            "secret",
-            "-j2",
-            "--",
-            "sh",
-            "-c",
-            &script("fg"),
-        ])
+        .env("QSEM_BACKEND", &url)
+        .args(args)
+        .args(["--", "sh", "-c", &script("fg")])
         .spawn()
         .unwrap();
     // The supervisor keeps the launcher's stdout and stderr: not pipes here.
     let launched = env
         .qsem()
-        .args([
-            "--backend",
-            &c.url(),
-            "--id",
-            "secret",
-            "-j2",
-            "--bg",
-            "--",
-            "sh",
-            "-c",
-        ])
-        .arg(script("bg"))
+        .args(args)
+        .args(["--bg", "--", "sh", "-c", &script("bg")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()

@@ -84,7 +84,10 @@ impl Fleet {
     /// and no drop runs (the drop usually comes first; then this finds
     /// nothing left).
     fn remove_with_this_process(&self) {
-        let mut script = format!("while [ -d /proc/{} ]; do sleep 1; done", std::process::id());
+        let mut script = format!(
+            "while [ -d /proc/{} ]; do sleep 1; done",
+            std::process::id()
+        );
         for link in self.veths.iter().chain([&self.bridge]) {
             script.push_str(&format!("; ip link del {link} 2>/dev/null"));
         }

@@ -328,6 +328,18 @@ fn stop_with_this_process(c: &Cluster) {
         .expect("cluster stopper starts");
 }
 
+/// FNV-1a, 64 bits: the engine's key of an id is its top 44 bits.
+pub fn fnv64(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The id's key as qsem writes it in session names (`qsem w <hex> …`).
+pub fn key_hex(id: &str) -> String {
+    format!("{:011x}", fnv64(id) >> 20)
+}
+
 /// `qsem --backend <cluster>`.
 pub fn qsem(env: &Env, c: &Cluster) -> Command {
     let mut cmd = env.qsem();
