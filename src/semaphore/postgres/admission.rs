@@ -123,9 +123,7 @@ pub enum Attempt {
     /// `--status` reckons the holder's age from.
     Took(u32, u64),
     /// Not admitted; `held` slots of the id were held.
-    Wait {
-        held: u32,
-    },
+    Wait { held: u32 },
     /// The look was answered by another server process than the session's
     /// first query: a pooler shares them between clients.
     Shared,

@@ -286,14 +286,15 @@ impl Holding {
             anyhow::Ok((s, got))
         };
         match tokio::time::timeout(left, back).await {
-            Ok(Ok((s, Attempt::Took(..)))) => match heartbeat(&s, &self.keys, slot, &self.rec).await
-            {
-                Ok(true) => {
-                    self.tell(SlotEvent::Regained(format!("{why}; took slot {slot} back")));
-                    State::Held(s, Instant::now())
+            Ok(Ok((s, Attempt::Took(..)))) => {
+                match heartbeat(&s, &self.keys, slot, &self.rec).await {
+                    Ok(true) => {
+                        self.tell(SlotEvent::Regained(format!("{why}; took slot {slot} back")));
+                        State::Held(s, Instant::now())
+                    }
+                    _ => State::Reclaiming { why, until },
                 }
-                _ => State::Reclaiming { why, until },
-            },
+            }
             Ok(Ok((_, _))) => self.lose(slot, format!("{why}, and another holder has it now")),
             Ok(Err(_)) => {
                 tokio::time::sleep(RECONNECT_PAUSE.min(left)).await;
