@@ -163,11 +163,12 @@ pub fn open(backend: &Backend, dir: &Path, verbose: bool) -> Result<Box<dyn Sema
             verbose,
         ))),
         #[cfg(feature = "postgres")]
-        Backend::Postgres { url, lost_after } => Ok(Box::new(postgres::Postgres::new(
-            url,
-            *lost_after,
-            verbose,
-        )?)),
+        Backend::Postgres { url, lost_after } => {
+            let engine = postgres::Postgres::new(url, *lost_after, dir, verbose)?;
+            // Read: now out of argv and the job's environment.
+            postgres::scrub_password(url);
+            Ok(Box::new(engine))
+        }
         #[cfg(not(feature = "postgres"))]
         Backend::Postgres { .. } => anyhow::bail!(
             "--backend postgres://: this qsem was built without PostgreSQL support (cargo feature \"postgres\")"

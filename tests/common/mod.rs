@@ -10,6 +10,9 @@ use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+pub mod postgres;
+
 /// A scratch directory with a lock directory inside, removed on drop.
 pub struct Env {
     pub root: PathBuf,

@@ -1,0 +1,369 @@
+//! A held slot: a task on the runtime keeps the session, beats the heart,
+//! takes the slot back when the session ends, and tells the runner through
+//! [`Slot::events`] when it cannot.
+//!
+//! Fencing: the server drops a silent client, and so frees its slot, no
+//! sooner than `F` (the keepalive and `tcp_user_timeout` sum) after the last
+//! query it answered. Heartbeats go every `F/4`; a holder whose last
+//! confirmed heartbeat was *sent* `F/2` ago reports the slot lost, so that
+//! under `--on-lost=kill` the job is stopped (SIGTERM, then SIGKILL after
+//! the runner's grace) while the server still holds the slot for it.
+//!
+//! A session that ends (a restart, `pg_terminate_backend`) is opened again
+//! at once and the holder takes its own slot back, ahead of newcomers, who
+//! wait `RECLAIM_GRACE` after a server start. It must be back within
+//! `RECLAIM_GRACE - 2s` (and `F/2`), or it reports the slot lost; after that
+//! it tries, by the ordinary rule, to take a slot again and says so.
+
+use super::admission::{Asker, Attempt, Keys, attempt, heartbeat};
+use super::connect::{Connector, no_session_locks};
+use super::failures::Recorder;
+use super::session::{News, Record, Session};
+use super::{Postgres, RECLAIM_GRACE, runtime};
+use crate::id::Id;
+use crate::semaphore::{Slot, SlotEvent};
+use crate::sys;
+use anyhow::{Context, Result, bail};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// The longest time between a holder's heartbeats.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long a releasing holder waits for the server before just hanging up.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a holder whose session ended tries to connect again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
+
+/// What the runner's thread asks of the holder's task.
+enum Command {
+    SetChild(u32),
+    Release,
+}
+
+/// A held slot, as the runner sees it.
+pub struct PgSlot {
+    failures: Recorder,
+    number: u32,
+    commands: mpsc::UnboundedSender<Command>,
+    events: Arc<Mutex<Vec<SlotEvent>>>,
+    /// Readable when `events` has news.
+    wake: OwnedFd,
+    done: std::sync::mpsc::Receiver<()>,
+}
+
+impl PgSlot {
+    /// Confirms that the server keeps the lock `s` just took, then hands
+    /// the session to a task of its own.
+    pub fn start(
+        pg: &Postgres,
+        id: &Id,
+        s: Session,
+        keys: Keys,
+        slot: u32,
+        rec: Record,
+    ) -> Result<PgSlot> {
+        let c = pg.connector.clone();
+        let rt = runtime()?;
+        rt.block_on(confirm(&s, &c, &keys, slot, &rec))?;
+        let (read, write) = sys::pipe().context("cannot create a pipe")?;
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let h = Holding {
+            c: c.clone(),
+            keys,
+            rec,
+            events: events.clone(),
+            wake: write,
+        };
+        rt.spawn(async move {
+            h.run(s, slot, rx).await;
+            let _ = done_tx.send(());
+        });
+        Ok(PgSlot {
+            failures: Recorder::new(c, &pg.dir, id),
+            number: slot,
+            commands,
+            events,
+            wake: read,
+            done,
+        })
+    }
+}
+
+/// The first heartbeat (the session keeps listening: the few NOTIFYs a
+/// holder gets are ignored, and it saves a round trip). Our next query may land
+/// on another server process in a busy transaction-mode pool; then the one
+/// that took the lock may be in use by another client: catch it idle to
+/// free the slot, or say that it stays taken.
+async fn confirm(s: &Session, c: &Connector, keys: &Keys, slot: u32, rec: &Record) -> Result<()> {
+    if heartbeat(s, keys, slot, rec).await? {
+        return Ok(());
+    }
+    let until = Instant::now() + Duration::from_secs(3);
+    let unlock = format!(
+        "SELECT pg_advisory_unlock({})::text FROM pg_locks WHERE {}",
+        keys.lock(slot),
+        keys.held_here(s.database, slot)
+    );
+    while Instant::now() < until {
+        if s.query(&unlock)
+            .await?
+            .first()
+            .is_some_and(|r| !r.is_empty())
+        {
+            bail!(no_session_locks(&c.target, ""));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!(no_session_locks(
+        &c.target,
+        &format!(
+            "; slot {slot} stays taken until the pooler closes the server session that holds it"
+        )
+    ))
+}
+
+/// What the holder's task works with.
+struct Holding {
+    c: Connector,
+    keys: Keys,
+    rec: Record,
+    events: Arc<Mutex<Vec<SlotEvent>>>,
+    wake: OwnedFd,
+}
+
+/// Where the holder stands.
+enum State {
+    /// The session holds the slot; the server answered a heartbeat sent at
+    /// `confirmed`.
+    Held(Session, Instant),
+    /// The session ended; take the slot back before `until`.
+    Reclaiming { why: String, until: Instant },
+    /// Lost and said so: take one by the ordinary rule when it can.
+    Lost,
+}
+
+impl Holding {
+    fn tell(&self, event: SlotEvent) {
+        self.events.lock().expect("not poisoned").push(event);
+        // The pipe only needs to be readable; a full pipe already is.
+        let _ = rustix::io::write(&self.wake, b"x");
+    }
+
+    /// How long the server keeps a silent client's slot, at the least.
+    fn bound(&self) -> Duration {
+        self.c.keepalive.total()
+    }
+
+    async fn run(
+        mut self,
+        s: Session,
+        mut slot: u32,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+    ) {
+        let every = (self.bound() / 4).clamp(Duration::from_millis(250), HEARTBEAT);
+        let mut state = State::Held(s, Instant::now());
+        loop {
+            let pace = match state {
+                State::Held(..) | State::Lost => every,
+                State::Reclaiming { .. } => Duration::ZERO,
+            };
+            let news = async {
+                match &mut state {
+                    State::Held(s, _) => s.news.recv().await,
+                    _ => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(Command::SetChild(pid)) => {
+                        self.rec.pid = pid;
+                        state = self.beat(state, slot).await;
+                    }
+                    Some(Command::Release) | None => {
+                        if let State::Held(s, _) = state {
+                            let sql = format!(
+                                "SELECT pg_advisory_unlock({}); NOTIFY {}",
+                                self.keys.lock(slot),
+                                self.keys.channel()
+                            );
+                            let _ = tokio::time::timeout(RELEASE_TIMEOUT, s.query(&sql)).await;
+                        }
+                        return;
+                    }
+                },
+                news = news => {
+                    if let State::Held(_, confirmed) = state
+                        && !matches!(news, Some(News::Notified))
+                    {
+                        let why = match news {
+                            Some(News::Closed(why)) => format!("the server ended the session ({why})"),
+                            _ => "the session ended".into(),
+                        };
+                        state = self.reclaiming(why, confirmed);
+                    }
+                },
+                _ = tokio::time::sleep(pace) => {
+                    state = match state {
+                        State::Held(..) => self.beat(state, slot).await,
+                        State::Reclaiming { why, until } => self.reclaim(slot, why, until).await,
+                        State::Lost => match self.retake().await {
+                            Some((s, k)) => {
+                                let note = if k == slot {
+                                    String::new()
+                                } else {
+                                    format!(" (the command's QSEM_SLOT still says {slot})")
+                                };
+                                self.tell(SlotEvent::Regained(format!("took slot {k} again{note}")));
+                                slot = k;
+                                State::Held(s, Instant::now())
+                            }
+                            None => State::Lost,
+                        },
+                    };
+                },
+            }
+        }
+    }
+
+    /// The state after the session ended with the slot last confirmed by a
+    /// heartbeat sent at `confirmed`.
+    fn reclaiming(&self, why: String, confirmed: Instant) -> State {
+        let fenced = confirmed + self.bound() / 2;
+        let grace = Instant::now() + RECLAIM_GRACE.saturating_sub(Duration::from_secs(2));
+        State::Reclaiming {
+            why,
+            until: fenced.min(grace),
+        }
+    }
+
+    /// One heartbeat. It may wait for an answer only until `F/2` has passed
+    /// since the last confirmed one was sent.
+    async fn beat(&self, state: State, slot: u32) -> State {
+        let State::Held(s, confirmed) = state else {
+            return state;
+        };
+        let sent = Instant::now();
+        let left = (confirmed + self.bound() / 2).saturating_duration_since(sent);
+        let beat = heartbeat(&s, &self.keys, slot, &self.rec);
+        match tokio::time::timeout(left, beat).await {
+            Ok(Ok(true)) => State::Held(s, sent),
+            Ok(Ok(false)) => self.reclaiming("the server no longer holds it".into(), confirmed),
+            Ok(Err(e)) => self.reclaiming(format!("the heartbeat failed ({e:#})"), confirmed),
+            Err(_) => self.lose(
+                slot,
+                format!(
+                    "no answer from the server for {} (half the time after which it frees a silent holder's slot)",
+                    crate::duration::human(self.bound() / 2)
+                ),
+            ),
+        }
+    }
+
+    fn lose(&self, slot: u32, why: String) -> State {
+        self.tell(SlotEvent::Lost(format!(
+            "lost slot {slot} on PostgreSQL at {}: {why}",
+            self.c.target
+        )));
+        State::Lost
+    }
+
+    /// One try at taking our own slot back in a new session.
+    async fn reclaim(&self, slot: u32, why: String, until: Instant) -> State {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return self.lose(
+                slot,
+                format!("{why}, and it could not be taken back in time"),
+            );
+        }
+        let back = async {
+            let s = self.c.open().await?;
+            let got = attempt(&s, &self.keys, &self.rec, Asker::Reclaim(slot)).await?;
+            anyhow::Ok((s, got))
+        };
+        match tokio::time::timeout(left, back).await {
+            Ok(Ok((s, Attempt::Took(..)))) => {
+                match heartbeat(&s, &self.keys, slot, &self.rec).await {
+                    Ok(true) => {
+                        self.tell(SlotEvent::Regained(format!("{why}; took slot {slot} back")));
+                        State::Held(s, Instant::now())
+                    }
+                    _ => State::Reclaiming { why, until },
+                }
+            }
+            Ok(Ok((_, _))) => self.lose(slot, format!("{why}, and another holder has it now")),
+            Ok(Err(_)) => {
+                tokio::time::sleep(RECONNECT_PAUSE.min(left)).await;
+                State::Reclaiming { why, until }
+            }
+            Err(_) => State::Reclaiming { why, until },
+        }
+    }
+
+    /// One try, in a new session, to take a slot by the ordinary rule.
+    async fn retake(&self) -> Option<(Session, u32)> {
+        let once = async {
+            let s = self.c.open().await?;
+            match attempt(&s, &self.keys, &self.rec, Asker::Once).await? {
+                Attempt::Took(k, _) => Ok(heartbeat(&s, &self.keys, k, &self.rec)
+                    .await?
+                    .then_some((s, k))),
+                Attempt::Wait { .. } | Attempt::Shared => anyhow::Ok(None),
+            }
+        };
+        tokio::time::timeout(self.c.lost_after, once)
+            .await
+            .ok()?
+            .ok()?
+    }
+}
+
+impl Slot for PgSlot {
+    fn number(&self) -> u32 {
+        self.number
+    }
+
+    fn inheritable(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    fn fence(&self) -> Option<u64> {
+        None
+    }
+
+    fn started(&mut self, pid: u32) {
+        let _ = self.commands.send(Command::SetChild(pid));
+    }
+
+    fn finish(self: Box<Self>, failure: Option<&str>) -> Result<()> {
+        match failure {
+            Some(line) => self.failures.record(line),
+            None => Ok(()),
+        }
+    }
+
+    fn events(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.wake.as_fd())
+    }
+
+    fn take_events(&mut self) -> Vec<SlotEvent> {
+        let mut buf = [0u8; 64];
+        while rustix::io::read(&self.wake, &mut buf).is_ok_and(|n| n > 0) {}
+        std::mem::take(&mut *self.events.lock().expect("not poisoned"))
+    }
+}
+
+impl Drop for PgSlot {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Release);
+        // Unlock and NOTIFY if the server answers soon; else qsem's exit hangs
+        // up, and the server frees the slot on its own.
+        let _ = self
+            .done
+            .recv_timeout(RELEASE_TIMEOUT + Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,343 @@
+//! One server session: connected, set up in one round trip (timeouts that
+//! keep any one client from stalling another, keepalives that let the server
+//! drop a silent one within `--lost-after`, and what the server is: primary
+//! or standby, its database's oid), queried in the simple protocol (several
+//! statements in one message, one round trip), with a task that drives the
+//! connection and passes on notifications and its end.
+//!
+//! Also the [`Record`]: who a session is, written as a comment before its
+//! queries so that `pg_stat_activity` shows it to `--status`.
+
+use super::connect::Keepalive;
+use anyhow::{Context, Result};
+use std::fmt::Write as _;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// The longest any one of qsem's statements may run on the server; they
+/// take milliseconds, and none waits for a lock.
+const STATEMENT_TIMEOUT_MS: u32 = 5000;
+/// How long a statement may wait for a lock (only creating the failures
+/// table ever does).
+const LOCK_TIMEOUT_MS: u32 = 1000;
+/// How long a session may sit inside a transaction: qsem never leaves one
+/// open, so only a stalled client could.
+const IDLE_IN_TRANSACTION_MS: u32 = 2000;
+
+/// What the task that drives a connection tells its session.
+pub enum News {
+    Notified,
+    Closed(String),
+}
+
+/// One open session.
+pub struct Session {
+    pub client: Client,
+    pub news: mpsc::UnboundedReceiver<News>,
+    /// The server process that answered the first query. Only a pooler in
+    /// transaction or statement mode hands a later query to another one.
+    pub pid: i32,
+    /// `pg_is_in_recovery()`: a standby.
+    pub in_recovery: bool,
+    /// `transaction_read_only` at the start.
+    pub read_only: bool,
+    /// The database's oid, as `pg_locks` names it.
+    pub database: u32,
+}
+
+/// The rows of each statement of a simple query, as text.
+pub type Results = Vec<Vec<Vec<Option<String>>>>;
+
+/// The first column of the first row of statement `i`'s result, if any.
+pub fn value(res: &Results, i: usize) -> Option<&str> {
+    res.get(i)?.first()?.first()?.as_deref()
+}
+
+/// [`value`] as a number; a missing or malformed one is an error.
+pub fn number<T: std::str::FromStr>(res: &Results, i: usize) -> Result<T> {
+    value(res, i)
+        .and_then(|v| v.parse().ok())
+        .context("unexpected answer from the server")
+}
+
+impl Session {
+    pub async fn open(
+        pg: &tokio_postgres::Config,
+        tls: Option<&MakeRustlsConnect>,
+        target: &str,
+        ka: &Keepalive,
+    ) -> Result<Session> {
+        let failed = || format!("cannot connect to PostgreSQL at {target}");
+        let (client, news) = match tls {
+            Some(tls) => {
+                let (client, conn) = pg.connect(tls.clone()).await.with_context(failed)?;
+                (client, drive(conn))
+            }
+            None => {
+                let (client, conn) = pg.connect(NoTls).await.with_context(failed)?;
+                (client, drive(conn))
+            }
+        };
+        let mut s = Session {
+            client,
+            news,
+            pid: 0,
+            in_recovery: false,
+            read_only: false,
+            database: 0,
+        };
+        // Settings an ordinary user may change; those the server does not know
+        // (an old version) are skipped rather than failing.
+        let sql = format!(
+            "SELECT set_config(s.name, s.value, false) FROM (VALUES \
+             ('idle_session_timeout', '0'), ('statement_timeout', '{STATEMENT_TIMEOUT_MS}'), \
+             ('lock_timeout', '{LOCK_TIMEOUT_MS}'), \
+             ('idle_in_transaction_session_timeout', '{IDLE_IN_TRANSACTION_MS}'), \
+             ('tcp_keepalives_idle', '{}'), ('tcp_keepalives_interval', '{}'), \
+             ('tcp_keepalives_count', '{}'), ('tcp_user_timeout', '{}')) AS s(name, value) \
+             WHERE s.name IN (SELECT name FROM pg_settings); \
+             SELECT pg_backend_pid()::text, pg_is_in_recovery()::text, \
+             current_setting('transaction_read_only'), \
+             (SELECT oid FROM pg_database WHERE datname = current_database())::text",
+            ka.idle,
+            ka.interval,
+            ka.count,
+            ka.total().as_millis()
+        );
+        let res = s
+            .query(&sql)
+            .await
+            .with_context(|| format!("cannot set up a session on PostgreSQL at {target}"))?;
+        let row = res
+            .get(1)
+            .and_then(|rows| rows.first())
+            .context("unexpected answer from the server")?;
+        let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        s.pid = col(0)
+            .parse()
+            .context("unexpected answer from the server")?;
+        s.in_recovery = col(1) == "true";
+        s.read_only = col(2) == "on";
+        s.database = col(3)
+            .parse()
+            .context("unexpected answer from the server")?;
+        Ok(s)
+    }
+
+    pub async fn query(&self, sql: &str) -> Result<Results> {
+        let msgs = self
+            .client
+            .simple_query(sql)
+            .await
+            .map_err(|e| anyhow::Error::new(QueryError::from(&e)))?;
+        let mut out = Vec::new();
+        let mut rows = Vec::new();
+        for m in msgs {
+            match m {
+                SimpleQueryMessage::Row(row) => {
+                    rows.push(
+                        (0..row.len())
+                            .map(|i| row.get(i).map(String::from))
+                            .collect(),
+                    );
+                }
+                SimpleQueryMessage::CommandComplete(_) => out.push(std::mem::take(&mut rows)),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Drives a connection in a task of its own, passing on notifications and
+/// its end.
+fn drive<S, T>(mut conn: tokio_postgres::Connection<S, T>) -> mpsc::UnboundedReceiver<News>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, news) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let msg = std::future::poll_fn(|cx| conn.poll_message(cx)).await;
+            let closed = match msg {
+                Some(Ok(AsyncMessage::Notification(_))) => {
+                    let _ = tx.send(News::Notified);
+                    continue;
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => error_text(&e),
+                None => "the server closed the connection".to_string(),
+            };
+            let _ = tx.send(News::Closed(closed));
+            return;
+        }
+    });
+    news
+}
+
+/// A failed query: the server's message, and whether the session (not the
+/// request) failed, so that a waiter connects again rather than giving up.
+#[derive(Debug)]
+pub struct QueryError {
+    text: String,
+    pub broken: bool,
+}
+
+impl From<&tokio_postgres::Error> for QueryError {
+    fn from(e: &tokio_postgres::Error) -> QueryError {
+        // Class 08: connection exception; 57: operator intervention (a
+        // shutdown, a terminated session, a server still starting).
+        let broken = e.is_closed()
+            || e.as_db_error().is_none_or(|db| {
+                let code = db.code().code();
+                code.starts_with("08") || code.starts_with("57") || db.severity() != "ERROR"
+            });
+        QueryError {
+            text: error_text(e),
+            broken,
+        }
+    }
+}
+
+impl std::fmt::Display for QueryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl std::error::Error for QueryError {}
+
+/// Whether `e` says that the session broke, rather than that a request failed.
+pub fn broken(e: &anyhow::Error) -> bool {
+    e.chain()
+        .any(|c| c.downcast_ref::<QueryError>().is_some_and(|q| q.broken))
+}
+
+/// A tokio-postgres error as one line, with the server's own message if any.
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+/// An SQL string literal.
+pub fn lit(s: &str) -> String {
+    format!("'{}'", s.replace('\0', "").replace('\'', "''"))
+}
+
+/// Text for an SQL comment: nothing in it can end (or nest) the comment.
+fn comment_safe(s: &str) -> String {
+    s.replace('\0', "")
+        .replace("*/", "* /")
+        .replace("/*", "/ *")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Cuts a string to at most `max` bytes, on a character boundary.
+pub fn cut(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Who a session is, for `--status`: written as a comment before each of its
+/// queries, so that its last query (which `pg_stat_activity` shows) says it.
+/// `started_ms` is on the server's clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub id: Vec<u8>,
+    pub started_ms: u64,
+    pub jobs: u32,
+    pub pid: u32,
+    pub host: String,
+    pub command: String,
+}
+
+impl Record {
+    pub fn render(&self) -> String {
+        let host: String = self.host.split_whitespace().collect::<Vec<_>>().join("_");
+        format!(
+            "/*qsem {} {} {} {} {} {}*/ ",
+            hex(&self.id),
+            self.started_ms,
+            self.jobs,
+            self.pid,
+            comment_safe(cut(&host, 64)),
+            comment_safe(&cut(&self.command, 400).replace(['\n', '\r'], " "))
+        )
+    }
+
+    pub fn parse(query: &str) -> Option<Record> {
+        let body = query.trim_start().strip_prefix("/*qsem ")?;
+        let body = &body[..body.find("*/")?];
+        let mut it = body.splitn(6, ' ');
+        Some(Record {
+            id: unhex(it.next()?)?,
+            started_ms: it.next()?.parse().ok()?,
+            jobs: it.next()?.parse().ok()?,
+            pid: it.next()?.parse().ok()?,
+            host: it.next()?.to_string(),
+            command: it.next().unwrap_or("").to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_stay_comments() {
+        let r = Record {
+            id: b"a b/*".to_vec(),
+            started_ms: 1_700_000_000_123,
+            jobs: 3,
+            pid: 42,
+            host: "web 1".into(),
+            command: "sh -c 'echo */ /* x'\nnext".into(),
+        };
+        let text = r.render();
+        assert!(
+            text.starts_with("/*qsem ") && text.ends_with("*/ "),
+            "{text}"
+        );
+        assert_eq!(text.matches("*/").count(), 1, "{text}");
+        assert_eq!(text.matches("/*").count(), 1, "{text}");
+        let back = Record::parse(&format!("{text}SELECT 1")).unwrap();
+        assert_eq!(back.id, r.id);
+        assert_eq!(
+            (back.started_ms, back.jobs, back.pid),
+            (r.started_ms, 3, 42)
+        );
+        assert_eq!(back.host, "web_1");
+        assert_eq!(back.command, "sh -c 'echo * / / * x' next");
+        assert_eq!(Record::parse("SELECT 1"), None);
+    }
+
+    #[test]
+    fn literals() {
+        assert_eq!(lit("it's"), "'it''s'");
+        assert_eq!(cut("héllo", 2), "h");
+    }
+}

@@ -1,0 +1,228 @@
+//! `--status` and `--wait-all` on the server: who holds which slot, who
+//! waits, and waiting until nobody does.
+//!
+//! Holders are the `pg_locks` rows of the ids' keys joined to
+//! `pg_stat_activity`; the record in a session's last query (id, start on
+//! the server's clock, command) says who it is. A lock of the asked id held
+//! by a session that is not a qsem holder shows as a foreign holder (its
+//! server pid, user and application), never as a free slot. Ages are
+//! computed on the server's clock, so a holder whose clock is off shows
+//! its true age. Waiters are the heads of the hosts' queues, the sessions
+//! named `qsem w <key> …`.
+
+use super::admission::{Keys, slot_of};
+use super::connect::Connector;
+use super::session::{Record, lit};
+use super::waiting::local_id;
+use super::waiting::{Woke, sleep};
+use super::{Postgres, runtime};
+use crate::id::Id;
+use crate::report;
+use crate::semaphore::{Holder, IdStatus, Idle};
+use crate::signals::Signals;
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Holders and waiters of one id, or of every id with a holder; the
+/// waiters of this host that queue behind their head are added from the
+/// local queue.
+pub fn status(pg: &Postgres, only: Option<&Id>) -> Result<Vec<IdStatus>> {
+    let mut out = on_server(&pg.connector, only)?;
+    let mut local = pg.local()?;
+    for s in &mut out {
+        let gate = local_id(&pg.connector.target, &s.id, "head");
+        for queue in local.status(Some(&gate))? {
+            s.waiting += queue.waiting;
+        }
+    }
+    Ok(out)
+}
+
+fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
+    let keys = only.map(Keys::of);
+    let (locks, waiters) = runtime()?.block_on(async {
+        let s = c.open().await?;
+        let cond = match &keys {
+            Some(k) => k.locks_of(s.database),
+            None => format!(
+                "locktype = 'advisory' AND granted AND objsubid = 1 AND database = '{}'::oid",
+                s.database
+            ),
+        };
+        let like = keys.map_or("qsem w %".to_string(), |k| format!("qsem w {} %", k.hex()));
+        let res = s
+            .query(&format!(
+                "SELECT l.classid::text, l.objid::text, l.pid::text, coalesce(a.usename, ''), \
+                 coalesce(a.application_name, ''), coalesce(a.query, ''), \
+                 (extract(epoch FROM clock_timestamp()) * 1000)::int8::text, \
+                 coalesce(host(a.client_addr), 'local') \
+                 FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE {cond}; \
+                 SELECT application_name FROM pg_stat_activity \
+                 WHERE application_name LIKE {} AND datname = current_database()",
+                lit(&like)
+            ))
+            .await?;
+        anyhow::Ok((
+            res.first().cloned().unwrap_or_default(),
+            res.get(1).cloned().unwrap_or_default(),
+        ))
+    })?;
+    let now = SystemTime::now();
+    // Grouped by key prefix; the id's name comes from a record.
+    let mut by_key: BTreeMap<u64, (Option<Id>, Vec<Holder>, u32)> = BTreeMap::new();
+    for row in &locks {
+        let Some((prefix, id, holder)) = holder_of(row, only.is_some(), now) else {
+            continue;
+        };
+        let entry = by_key.entry(prefix).or_insert((None, Vec::new(), 0));
+        entry.0 = entry.0.take().or(id);
+        entry.1.push(holder);
+    }
+    for row in &waiters {
+        let name = text(row, 0);
+        let Some(prefix) = name
+            .split(' ')
+            .nth(2)
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+        else {
+            continue;
+        };
+        by_key.entry(prefix).or_insert((None, Vec::new(), 0)).2 += 1;
+    }
+    let mut out: Vec<IdStatus> = by_key
+        .into_iter()
+        .filter(|(_, (id, _, _))| id.is_some() || only.is_some())
+        .map(|(k, (id, mut holders, waiting))| {
+            holders.sort_by_key(|h| h.slot);
+            IdStatus {
+                id: only.cloned().or(id).unwrap_or_else(|| unknown(k)),
+                holders,
+                waiting,
+            }
+        })
+        .collect();
+    if out.is_empty()
+        && let Some(id) = only
+    {
+        out.push(IdStatus {
+            id: id.clone(),
+            holders: Vec::new(),
+            waiting: 0,
+        });
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// Column `i` of a row, as text.
+fn text(row: &[Option<String>], i: usize) -> String {
+    row.get(i).cloned().flatten().unwrap_or_default()
+}
+
+/// One `pg_locks` row as a holder: a qsem holder if its session says so in
+/// its name and record (the record's id must hash to the lock's key), else,
+/// when one id was asked for, a foreign session holding a slot of it.
+fn holder_of(
+    row: &[Option<String>],
+    asked: bool,
+    now: SystemTime,
+) -> Option<(u64, Option<Id>, Holder)> {
+    let (classid, objid) = (text(row, 0).parse().ok()?, text(row, 1).parse().ok()?);
+    let (prefix, slot) = slot_of(classid, objid);
+    let server_now: u64 = text(row, 6).parse().unwrap_or(0);
+    let id = Record::parse(&text(row, 5))
+        .filter(|_| text(row, 4).starts_with("qsem h "))
+        .and_then(|r| Some((Id::new(OsStr::from_bytes(&r.id)).ok()?, r)))
+        .filter(|(id, _)| Keys::of(id).prefix == prefix);
+    let holder = match &id {
+        Some((_, r)) => Holder {
+            slot,
+            pid: r.pid,
+            host: r.host.clone(),
+            // The age on the server's clock, as a time on ours.
+            started: now.checked_sub(Duration::from_millis(
+                server_now.saturating_sub(r.started_ms),
+            )),
+            jobs: r.jobs,
+            command: r.command.clone(),
+        },
+        // Unknown ids' locks are anybody's; the asked id's are its slots.
+        None if !asked => return None,
+        None => Holder {
+            slot,
+            pid: text(row, 2).parse().unwrap_or(0),
+            host: text(row, 7),
+            started: None,
+            jobs: 0,
+            command: format!(
+                "(foreign session: user {}, application '{}')",
+                text(row, 3),
+                text(row, 4)
+            ),
+        },
+    };
+    Some((prefix, id.map(|(id, _)| id), holder))
+}
+
+fn unknown(k: u64) -> Id {
+    Id::new(OsStr::new(&format!("#{k:011x}"))).expect("valid id")
+}
+
+/// How many slots of the id are held and how many heads wait for one:
+/// what `--wait-all` waits to see at zero. The waiters are read first: a
+/// waiter that takes a slot between the two reads is then seen as a holder.
+async fn busy(s: &super::session::Session, keys: &Keys) -> Result<(u32, u32)> {
+    let sql = format!(
+        "SELECT count(*)::text FROM pg_stat_activity WHERE application_name LIKE {} \
+         AND datname = current_database(); \
+         SELECT count(DISTINCT objid)::text FROM pg_locks WHERE {}",
+        lit(&format!("qsem w {} %", keys.hex())),
+        keys.locks_of(s.database),
+    );
+    let res = s.query(&sql).await?;
+    Ok((
+        super::session::number(&res, 1)?,
+        super::session::number(&res, 0)?,
+    ))
+}
+
+pub fn wait_idle(
+    c: &Connector,
+    id: &Id,
+    deadline: Option<Instant>,
+    signals: &mut Signals,
+    verbose: bool,
+) -> Result<Idle> {
+    let keys = Keys::of(id);
+    runtime()?.block_on(async {
+        let mut s = c.open().await?;
+        // Listen before looking, so that no release between the look and
+        // the sleep goes unheard.
+        s.query(&format!("LISTEN {}", keys.channel())).await?;
+        let mut told = None;
+        loop {
+            let (held, waiting) = busy(&s, &keys).await?;
+            if held == 0 && waiting == 0 {
+                return Ok(Idle::Reached);
+            }
+            if verbose && told != Some((held, waiting)) {
+                told = Some((held, waiting));
+                report::line(
+                    id,
+                    &format!("waiting for {held} held slot(s) and {waiting} waiter(s)"),
+                );
+            }
+            match sleep(&mut s, deadline, signals).await? {
+                Woke::Look => {}
+                Woke::Broken(why) => {
+                    anyhow::bail!("lost the connection to PostgreSQL at {}: {why}", c.target)
+                }
+                Woke::Expired => return Ok(Idle::TimedOut),
+                Woke::Signal(r) => return Ok(Idle::Interrupted(r)),
+            }
+        }
+    })
+}

@@ -1,0 +1,306 @@
+//! Waiting for a slot: first in this host's queue, then, as its head, on the
+//! server.
+//!
+//! The host's queue is the lock-file engine, used through the `Semaphore`
+//! trait on a local id derived from the server and the id, with one slot:
+//! whoever holds that slot is the head. It orders this host's waiters,
+//! sleeps in the kernel, and ends on `--wait` or a signal, so a hundred
+//! waiters on one host cost the server one session, not a hundred. The head
+//! gives the local slot back the moment it holds a server slot (or gives
+//! up), and the next in line becomes head.
+//!
+//! The head on the server: LISTEN on the id's channel, try (one round trip,
+//! see `admission`), sleep until a NOTIFY, a short poll ([`POLL`]: a holder
+//! that crashed sends no NOTIFY), the deadline or a stop signal; every query
+//! races the deadline and the signals too, so a server that stops answering
+//! cannot hold a waiter past its `--wait`. A connection that breaks while
+//! waiting is opened again, for as long as the deadline lasts.
+
+use super::admission::{Asker, Attempt, Keys, attempt};
+use super::connect::no_session_locks;
+use super::holder::PgSlot;
+use super::session::{News, Record, Session, broken};
+use super::{Postgres, runtime};
+use crate::id::Id;
+use crate::report;
+use crate::semaphore::{Acquired, Request};
+use crate::signals::{Received, Signals};
+use crate::sys;
+use anyhow::{Context, Result, anyhow, bail};
+use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+/// How often the head looks again unasked: a holder that crashed sends no
+/// NOTIFY, and this bounds how late its slot is seen free.
+pub const POLL: Duration = Duration::from_millis(100);
+/// How long the first look may take even past an earlier deadline: `--wait
+/// 0` means one look, which must have time to connect. Nothing another
+/// client does can slow a look (no lock is waited for), only the server.
+const FIRST_LOOK: Duration = Duration::from_secs(2);
+/// How long a waiter whose connection broke waits before connecting again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
+
+/// The local id that queues this host's waiters for `id` on `target`.
+pub fn local_id(target: &str, id: &Id, what: &str) -> Id {
+    let h = target
+        .bytes()
+        .chain([0])
+        .chain(id.as_bytes().iter().copied())
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    Id::new(OsStr::new(&format!("postgres-{what}-{h:016x}"))).expect("a valid id")
+}
+
+pub fn acquire(pg: &mut Postgres, req: &Request, signals: &mut Signals) -> Result<Acquired> {
+    let gate_id = local_id(&pg.connector.target, req.id, "head");
+    let gate_req = Request {
+        id: &gate_id,
+        jobs: 1,
+        ..*req
+    };
+    let gate = match pg.local()?.acquire(&gate_req, signals)? {
+        Acquired::Slot(gate) => gate,
+        other => return Ok(other),
+    };
+    let mut rec = Record {
+        id: req.id.as_bytes().to_vec(),
+        started_ms: 0,
+        jobs: req.jobs,
+        pid: std::process::id(),
+        host: sys::hostname(),
+        command: req.command.to_string(),
+    };
+    let keys = Keys::of(req.id);
+    let check = !pg.pooler_checked;
+    let got = runtime()?.block_on(on_server(pg, req, &keys, &rec, check, signals));
+    pg.pooler_checked = true;
+    drop(gate);
+    let (s, slot, server_ms) = match got? {
+        Ended::Took(s, slot, ms) => (s, slot, ms),
+        Ended::TimedOut => return Ok(Acquired::TimedOut),
+        Ended::Interrupted(r) => return Ok(Acquired::Interrupted(r)),
+    };
+    rec.started_ms = server_ms;
+    let slot = PgSlot::start(pg, req.id, s, keys, slot, rec)?;
+    Ok(Acquired::Slot(Box::new(slot)))
+}
+
+/// How the head's wait on the server ended.
+enum Ended {
+    /// The session, the slot, and the server's clock then (ms).
+    Took(Session, u32, u64),
+    TimedOut,
+    Interrupted(Received),
+}
+
+/// The end of a race that did not finish its work, as the wait's end.
+macro_rules! settle {
+    ($race:expr) => {
+        match $race.await? {
+            Race::Done(done) => done,
+            Race::Expired => return Ok(Ended::TimedOut),
+            Race::Signal(r) => return Ok(Ended::Interrupted(r)),
+        }
+    };
+}
+
+async fn on_server(
+    pg: &Postgres,
+    req: &Request<'_>,
+    keys: &Keys,
+    rec: &Record,
+    check: bool,
+    signals: &mut Signals,
+) -> Result<Ended> {
+    let c = &pg.connector;
+    let say = |msg: &str| {
+        if pg.verbose {
+            report::line(req.id, msg);
+        }
+    };
+    let may_wait = req.deadline.is_none_or(|d| d > Instant::now());
+    let asker = if may_wait { Asker::Waiter } else { Asker::Once };
+    let listen = format!("LISTEN {}", keys.channel());
+    let first = req.deadline.map(|d| d.max(Instant::now() + FIRST_LOOK));
+    let mut s = Some(settle!(race(c.open_checked(check), first, signals))?);
+    let mut since = None;
+    let mut until = first;
+    loop {
+        let Some(sess) = s.as_mut() else {
+            s = Some(settle!(reconnect(pg, req, signals)));
+            continue;
+        };
+        // Listen before looking, so that no release between the look and
+        // the sleep goes unheard.
+        let look = async {
+            if may_wait {
+                sess.query(&listen).await?;
+            }
+            attempt(sess, keys, rec, asker).await
+        };
+        let outcome = settle!(race(look, until, signals));
+        until = req.deadline;
+        match outcome {
+            Ok(Attempt::Took(slot, now)) => {
+                return Ok(Ended::Took(s.take().expect("a session"), slot, now));
+            }
+            Ok(Attempt::Shared) => bail!(no_session_locks(&c.target, "")),
+            Ok(Attempt::Wait { held }) if !may_wait => {
+                say(&format!("no free slot ({held} held); giving up at once"));
+                return Ok(Ended::TimedOut);
+            }
+            Ok(Attempt::Wait { held }) => {
+                if since.is_none() {
+                    since = Some(Instant::now());
+                    say(&format!(
+                        "waiting for a slot ({held} held, limit {})",
+                        req.jobs
+                    ));
+                }
+            }
+            Err(e) if broken(&e) || sess.client.is_closed() => {
+                say(&format!("{e:#}; connecting again"));
+                s = None;
+                continue;
+            }
+            Err(e) => {
+                return Err(e.context(format!("cannot take a slot on PostgreSQL at {}", c.target)));
+            }
+        }
+        match sleep(sess, req.deadline, signals).await? {
+            Woke::Look => {}
+            Woke::Broken(why) => {
+                say(&format!(
+                    "lost the connection to PostgreSQL at {}: {why}; connecting again",
+                    c.target
+                ));
+                s = None;
+            }
+            Woke::Expired => {
+                let waited = since.map_or(0.0, |t| t.elapsed().as_secs_f64());
+                say(&format!("no slot within {waited:.3}s; giving up"));
+                return Ok(Ended::TimedOut);
+            }
+            Woke::Signal(r) => return Ok(Ended::Interrupted(r)),
+        }
+    }
+}
+
+/// A new session for a waiter whose connection broke, tried every
+/// [`RECONNECT_PAUSE`] until the deadline or a signal.
+async fn reconnect(
+    pg: &Postgres,
+    req: &Request<'_>,
+    signals: &mut Signals,
+) -> Result<Race<Session>> {
+    loop {
+        match race(pg.connector.open(), req.deadline, signals).await? {
+            Race::Done(Ok(s)) => return Ok(Race::Done(s)),
+            Race::Done(Err(e)) => {
+                if pg.verbose {
+                    report::line(req.id, &format!("{e:#}; trying again"));
+                }
+                match race(tokio::time::sleep(RECONNECT_PAUSE), req.deadline, signals).await? {
+                    Race::Done(()) => {}
+                    Race::Expired => return Ok(Race::Expired),
+                    Race::Signal(r) => return Ok(Race::Signal(r)),
+                }
+            }
+            Race::Expired => return Ok(Race::Expired),
+            Race::Signal(r) => return Ok(Race::Signal(r)),
+        }
+    }
+}
+
+/// The signal pipe, for tokio to watch (borrowed: `Signals` owns it).
+struct SignalFd(RawFd);
+
+impl AsRawFd for SignalFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// Waits for a signal that stops a waiter. A signal that came earlier is
+/// seen at once: the pipe is still readable.
+async fn stop_signal(signals: &mut Signals) -> Result<Received> {
+    // SAFETY: `signals` owns the descriptor, keeps it open, and outlives
+    // `fd`, which lives only in this call.
+    let fd = unsafe { AsyncFd::register_with_interest(SignalFd(signals.fd()), Interest::READABLE) }
+        .map_err(|e| anyhow!("cannot watch signals: {e}"))?;
+    loop {
+        let mut ready = fd.readable().await.context("cannot wait for signals")?;
+        // Clear first, then drain: a signal that comes after the drain makes
+        // the pipe readable anew, so none can be missed.
+        ready.clear_ready();
+        if let Some(signo) = signals.take_stop() {
+            return Ok(signo);
+        }
+    }
+}
+
+/// How a race of some work against the deadline and the signals ended.
+pub enum Race<T> {
+    Done(T),
+    Expired,
+    Signal(Received),
+}
+
+/// Runs `work` until it ends, the deadline passes, or a stop signal comes.
+pub async fn race<T>(
+    work: impl Future<Output = T>,
+    deadline: Option<Instant>,
+    signals: &mut Signals,
+) -> Result<Race<T>> {
+    let expired = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        done = work => Ok(Race::Done(done)),
+        _ = expired => Ok(Race::Expired),
+        signo = stop_signal(signals) => Ok(Race::Signal(signo?)),
+    }
+}
+
+/// Why a waiter's sleep ended.
+pub enum Woke {
+    /// A NOTIFY, or the poll: look again.
+    Look,
+    Broken(String),
+    Expired,
+    Signal(Received),
+}
+
+/// The one way a waiter sleeps on the server: until a NOTIFY on the
+/// channels its session listens to, the poll, the deadline, or a stop signal.
+pub async fn sleep(
+    s: &mut Session,
+    deadline: Option<Instant>,
+    signals: &mut Signals,
+) -> Result<Woke> {
+    let news = async {
+        tokio::select! {
+            news = s.news.recv() => match news {
+                Some(News::Notified) => {
+                    while let Ok(News::Notified) = s.news.try_recv() {}
+                    Woke::Look
+                }
+                Some(News::Closed(why)) => Woke::Broken(why),
+                None => Woke::Broken("the connection ended".into()),
+            },
+            _ = tokio::time::sleep(POLL) => Woke::Look,
+        }
+    };
+    Ok(match race(news, deadline, signals).await? {
+        Race::Done(w) => w,
+        Race::Expired => Woke::Expired,
+        Race::Signal(r) => Woke::Signal(r),
+    })
+}
