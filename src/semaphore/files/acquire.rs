@@ -1,0 +1,344 @@
+//! Taking a slot: one admission attempt under the mutex, and the waiting
+//! between attempts — who watches what, who follows whom, and who passes a
+//! waiter that does not take its turn. The rules themselves are in the
+//! module's opening (`files/mod.rs`) and in `queue.rs`.
+
+use super::super::{Acquired, Request};
+use super::Files;
+use super::guard::{Guard, Watch};
+use super::lockdir::IdDir;
+use super::mutex::Locked;
+use super::queue::{GRACE, Older, Ticket, TicketName, Verdict, stopped};
+use super::sleep::{Followed, Relook, Spare, Woke, sleep_on};
+use super::slots::SlotFile;
+use crate::signals::Signals;
+use crate::sys;
+use anyhow::Result;
+use std::ffi::OsString;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Instant;
+
+/// Who is attempting.
+enum Who<'a> {
+    /// A newcomer, which joins the queue in the same critical section if it
+    /// is not admitted (and may still wait).
+    Newcomer,
+    Waiting(&'a Ticket, &'a mut Older),
+}
+
+/// What an attempt decided.
+enum Decision {
+    Took(Box<SlotFile>),
+    /// A newcomer found `--max-waiting` invocations waiting already.
+    Crowded,
+    Wait {
+        held: u32,
+        blocker: Option<TicketName>,
+        /// A newcomer's place in the queue, if it may wait.
+        queued: Option<(Ticket, Older)>,
+    },
+    /// The mutex could not be had in time, or a signal came.
+    Ended(Acquired),
+}
+
+/// How one acquisition in the current directories ended.
+pub(super) enum Outcome {
+    Done(Acquired),
+    /// The directories were removed: start again in new ones.
+    Vanished,
+}
+
+/// The inotify events that wake a waiter: a slot (or ticket) released; a
+/// ticket removed (its waiter passed) or its directory.
+const CLOSED: u32 = libc::IN_CLOSE_WRITE | libc::IN_DELETE_SELF | libc::IN_ATTRIB;
+
+impl Files {
+    /// One admission attempt under the mutex.
+    fn attempt(
+        &self,
+        dir: &IdDir,
+        req: &Request,
+        who: Who,
+        signals: &mut Signals,
+    ) -> Result<Decision> {
+        let _mutex = match dir.mutex(&self.dir, false, signals, req.deadline)? {
+            Locked::Got(fd) => fd,
+            Locked::TimedOut => return Ok(Decision::Ended(Acquired::TimedOut)),
+            Locked::Signal(r) => return Ok(Decision::Ended(Acquired::Interrupted(r))),
+        };
+        let mut listed;
+        let (before, older) = match who {
+            Who::Newcomer => {
+                listed = dir.older_than(u128::MAX)?;
+                (u128::MAX, &mut listed)
+            }
+            Who::Waiting(me, older) => (me.me.arrived, older),
+        };
+        let scan = dir.scan(&self.dir)?;
+        let Verdict { blocker, stopped } = if scan.held < req.jobs {
+            older.blocker(dir, before, scan.held, sys::monotonic_nanos())
+        } else {
+            Verdict::default()
+        };
+        for t in &stopped {
+            self.say(req, &format!("passing waiter {} (stopped)", t.pid));
+            dir.pass(t);
+        }
+        if scan.held < req.jobs && blocker.is_none() {
+            return Ok(Decision::Took(Box::new(
+                dir.take_lowest(&self.dir, req, scan, None)?,
+            )));
+        }
+        let newcomer = before == u128::MAX;
+        if newcomer && req.max_waiting.is_some_and(|k| older.len() as u32 >= k) {
+            let live = dir.count_waiters()?;
+            if req.max_waiting.is_some_and(|k| live >= k) {
+                return Ok(Decision::Crowded);
+            }
+        }
+        let queued = if newcomer && req.deadline.is_none_or(|d| d > Instant::now()) {
+            Some(dir.enqueue(&self.dir, req.jobs, std::mem::take(older))?)
+        } else {
+            None
+        };
+        Ok(Decision::Wait {
+            held: scan.held,
+            blocker,
+            queued,
+        })
+    }
+
+    /// A taken slot, with a guard that puts it back should its file be removed.
+    fn guarded(&self, mut slot: SlotFile, req: &Request) -> Acquired {
+        if let Ok(st) = sys::fstat(slot.file.as_fd()) {
+            slot.guard = Guard::new(Watch {
+                lock_path: self.dir.path.clone(),
+                id: req.id.clone(),
+                jobs: req.jobs,
+                command: req.command.to_string(),
+                started: slot.record.started,
+                number: slot.number,
+                path: slot.path.clone(),
+                dev: st.st_dev,
+                ino: st.st_ino,
+            })
+            .ok();
+        }
+        Acquired::Slot(Box::new(slot))
+    }
+
+    /// One acquisition in the current directories.
+    pub(super) fn acquire_here(&mut self, req: &Request, signals: &mut Signals) -> Result<Outcome> {
+        let dir = match self.dir.id_dir(req.id, true) {
+            Ok(dir) => dir.expect("created"),
+            Err(_) if self.dir.vanished() => return Ok(Outcome::Vanished),
+            Err(e) => return Err(e),
+        };
+        loop {
+            let Some(decision) =
+                unless_vanished(&dir, self.attempt(&dir, req, Who::Newcomer, signals))?
+            else {
+                return Ok(Outcome::Vanished);
+            };
+            let (held, queued) = match decision {
+                Decision::Took(slot) => return Ok(Outcome::Done(self.guarded(*slot, req))),
+                Decision::Crowded => return Ok(Outcome::Done(Acquired::Crowded)),
+                Decision::Ended(how) => return Ok(Outcome::Done(how)),
+                Decision::Wait { held, queued, .. } => (held, queued),
+            };
+            let Some((ticket, older)) = queued else {
+                self.say(req, "no free slot; giving up at once");
+                return Ok(Outcome::Done(Acquired::TimedOut));
+            };
+            self.say(
+                req,
+                &format!("waiting for a slot ({held} held, limit {})", req.jobs),
+            );
+            match self.wait_in_line(&dir, req, ticket, older, signals)? {
+                Some(outcome) => return Ok(outcome),
+                None => self.say(req, "passed over while not running; queueing again"),
+            }
+        }
+    }
+
+    /// Waits in the queue until admitted; `None` if this waiter was passed
+    /// (see `queue.rs`) and must queue again.
+    fn wait_in_line(
+        &self,
+        dir: &IdDir,
+        req: &Request,
+        ticket: Ticket,
+        mut older: Older,
+        signals: &mut Signals,
+    ) -> Result<Option<Outcome>> {
+        let since = Instant::now();
+        let mut w = Watching::default();
+        let mut relook = Relook::new();
+        loop {
+            if dir.vanished() {
+                return Ok(Some(Outcome::Vanished));
+            }
+            if ticket.passed() {
+                return Ok(None);
+            }
+            let me = &ticket.me;
+            let pred = older.nearest(dir, req.jobs, me.arrived);
+            let mut watch_slots = pred.is_none();
+            // The waiter that may be passed if it leaves a free slot unused.
+            let mut first_in_line = None;
+            if let Some((p, pfd)) = pred {
+                let grand = older.nearest(dir, req.jobs, p.arrived);
+                // A deputy: second in its chain, it watches the slots for the head.
+                watch_slots = grand.is_none();
+                let mut follow = vec![(p.name.clone(), pfd)];
+                follow.extend(grand.map(|(g, fd)| (g.name, fd)));
+                w.followed.set(follow)?;
+                if watch_slots {
+                    w.watch_slots(dir, &mut relook);
+                    let held = dir.scan(&self.dir)?.held;
+                    let now = sys::monotonic_nanos();
+                    let ready =
+                        p.jobs > held && older.blocker(dir, p.arrived, held, now).blocker.is_none();
+                    first_in_line = ready.then_some(p);
+                }
+            } else {
+                w.followed.set(Vec::new())?;
+                w.watch_slots(dir, &mut relook);
+                match unless_vanished(
+                    dir,
+                    self.attempt(dir, req, Who::Waiting(&ticket, &mut older), signals),
+                )? {
+                    None => return Ok(Some(Outcome::Vanished)),
+                    Some(Decision::Took(mut slot)) => {
+                        drop(ticket);
+                        slot.watcher = std::mem::take(&mut w.spare);
+                        return Ok(Some(Outcome::Done(self.guarded(*slot, req))));
+                    }
+                    Some(Decision::Ended(how)) => return Ok(Some(Outcome::Done(how))),
+                    Some(Decision::Wait {
+                        held,
+                        blocker: Some(b),
+                        ..
+                    }) => {
+                        w.watch_ticket(dir, &b.name);
+                        // It may have left before the watch was set: look again at once.
+                        if dir.open_live_ticket(&b.name).is_none() {
+                            continue;
+                        }
+                        relook.restart();
+                        first_in_line = (b.jobs > held).then_some(b);
+                    }
+                    Some(Decision::Wait { blocker: None, .. } | Decision::Crowded) => {}
+                }
+            }
+            let pass_at = w.stall(first_in_line.as_ref());
+            if let (Some(t), Some(at)) = (&first_in_line, pass_at)
+                && (stopped(t.pid) || Instant::now() >= at)
+            {
+                self.pass_if_still(dir, req, t)?;
+                continue;
+            }
+            let mut fds: Vec<BorrowedFd> = w.followed.fds().collect();
+            fds.extend(w.spare.fd());
+            let fallback = watch_slots && w.spare.fd().is_none();
+            let look_at = relook.due().into_iter().chain(pass_at).min();
+            let woke = sleep_on(&fds, fallback, look_at, signals, req.deadline)?;
+            w.spare.drain();
+            relook.after(&woke);
+            match woke {
+                Woke::Changed | Woke::Due => {}
+                Woke::TimedOut => {
+                    let waited = since.elapsed().as_secs_f64();
+                    self.say(req, &format!("no slot within {waited:.3}s; giving up"));
+                    return Ok(Some(Outcome::Done(Acquired::TimedOut)));
+                }
+                Woke::Signal(r) => return Ok(Some(Outcome::Done(Acquired::Interrupted(r)))),
+            }
+        }
+    }
+
+    /// Passes `t`, first in line for a free slot it has not taken, if under
+    /// the mutex that is still so; if the mutex is busy, the next wake-up
+    /// looks again.
+    fn pass_if_still(&self, dir: &IdDir, req: &Request, t: &TicketName) -> Result<()> {
+        let Some(_mutex) = dir.try_mutex(&self.dir, false)? else {
+            return Ok(());
+        };
+        let held = dir.scan(&self.dir)?.held;
+        let mut older = dir.older_than(t.arrived)?;
+        let now = sys::monotonic_nanos();
+        if t.jobs > held
+            && dir.open_live_ticket(&t.name).is_some()
+            && older.blocker(dir, t.arrived, held, now).blocker.is_none()
+        {
+            self.say(
+                req,
+                &format!("passing waiter {}, which left a free slot untaken", t.pid),
+            );
+            dir.pass(t);
+        }
+        Ok(())
+    }
+}
+
+/// What a waiter watches between attempts.
+#[derive(Default)]
+struct Watching {
+    spare: Spare,
+    slots: Option<i32>,
+    ticket: Option<(OsString, i32)>,
+    followed: Followed,
+    /// The waiter first in line for a free slot, and since when it is.
+    stalled: Option<(OsString, Instant)>,
+}
+
+impl Watching {
+    /// Watches the slot files: set before looking at them, so that no
+    /// release can fall between the look and the sleep.
+    fn watch_slots(&mut self, dir: &IdDir, relook: &mut Relook) {
+        if self.slots.is_none() && self.spare.get() {
+            self.slots = self.spare.watch(&dir.path, CLOSED);
+            relook.restart();
+        }
+    }
+
+    /// Watches the ticket of the waiter this one defers to, instead of any before.
+    fn watch_ticket(&mut self, dir: &IdDir, name: &OsString) {
+        if self.ticket.as_ref().is_some_and(|(n, _)| n == name) {
+            return;
+        }
+        if let Some((_, wd)) = self.ticket.take() {
+            self.spare.unwatch(wd);
+        }
+        if self.spare.get()
+            && let Some(wd) = self.spare.watch(&dir.queue_path.join(name), CLOSED)
+        {
+            self.ticket = Some((name.clone(), wd));
+        }
+    }
+
+    /// When `first` (if any) is to be passed, should it go on leaving its free slot untaken.
+    fn stall(&mut self, first: Option<&TicketName>) -> Option<Instant> {
+        let Some(t) = first else {
+            self.stalled = None;
+            return None;
+        };
+        match &self.stalled {
+            Some((name, since)) if *name == t.name => Some(*since + GRACE),
+            _ => {
+                let now = Instant::now();
+                self.stalled = Some((t.name.clone(), now));
+                Some(now + GRACE)
+            }
+        }
+    }
+}
+
+/// `Ok(None)` for an error explained by the directories having vanished.
+fn unless_vanished<T>(dir: &IdDir, r: Result<T>) -> Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(_) if dir.vanished() => Ok(None),
+        Err(e) => Err(e),
+    }
+}
