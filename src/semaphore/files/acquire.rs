@@ -41,6 +41,16 @@ enum Decision {
     Ended(Acquired),
 }
 
+/// What a chain head's turn came to.
+enum Turn {
+    Took(Box<SlotFile>),
+    Ended(Outcome),
+    /// Look again at once.
+    Again,
+    /// Wait; with the waiter that may be passed if it leaves a free slot unused.
+    Wait(Option<TicketName>),
+}
+
 /// How one acquisition in the current directories ended.
 pub(super) enum Outcome {
     Done(Acquired),
@@ -181,62 +191,52 @@ impl Files {
             if ticket.passed() {
                 return Ok(None);
             }
-            let me = &ticket.me;
-            let pred = older.nearest(dir, req.jobs, me.arrived);
-            let mut watch_slots = pred.is_none();
+            let pred = older.nearest(dir, req.jobs, ticket.me.arrived);
+            let watch_slots;
             // The waiter that may be passed if it leaves a free slot unused.
-            let mut first_in_line = None;
-            if let Some((p, pfd)) = pred {
-                let grand = older.nearest(dir, req.jobs, p.arrived);
-                // A deputy: second in its chain, it watches the slots for the head.
-                watch_slots = grand.is_none();
-                let mut follow = vec![(p.name.clone(), pfd)];
-                follow.extend(grand.map(|(g, fd)| (g.name, fd)));
-                w.followed.set(follow)?;
-                if watch_slots {
-                    w.watch_slots(dir, &mut relook);
-                    let held = dir.scan(&self.dir)?.held;
-                    let now = sys::monotonic_nanos();
-                    let ready =
-                        p.jobs > held && older.blocker(dir, p.arrived, held, now).blocker.is_none();
-                    first_in_line = ready.then_some(p);
-                }
-            } else {
-                w.followed.set(Vec::new())?;
-                w.watch_slots(dir, &mut relook);
-                match unless_vanished(
-                    dir,
-                    self.attempt(dir, req, Who::Waiting(&ticket, &mut older), signals),
-                )? {
-                    None => return Ok(Some(Outcome::Vanished)),
-                    Some(Decision::Took(mut slot)) => {
-                        drop(ticket);
-                        slot.watcher = std::mem::take(&mut w.spare);
-                        return Ok(Some(Outcome::Done(self.guarded(*slot, req))));
+            let first_in_line = match pred {
+                Some((p, pfd)) => {
+                    let grand = older.nearest(dir, req.jobs, p.arrived);
+                    // A deputy (second in its chain) watches the slots for the head.
+                    watch_slots = grand.is_none();
+                    let mut follow = vec![(p.name.clone(), pfd)];
+                    follow.extend(grand.map(|(g, fd)| (g.name, fd)));
+                    w.followed.set(follow)?;
+                    match watch_slots {
+                        true => self.head_if_ready(dir, &mut older, p, &mut w, &mut relook)?,
+                        false => None,
                     }
-                    Some(Decision::Ended(how)) => return Ok(Some(Outcome::Done(how))),
-                    Some(Decision::Wait {
-                        held,
-                        blocker: Some(b),
-                        ..
-                    }) => {
-                        w.watch_ticket(dir, &b.name);
-                        // It may have left before the watch was set: look again at once.
-                        if dir.open_live_ticket(&b.name).is_none() {
-                            continue;
+                }
+                None => {
+                    watch_slots = true;
+                    match self.head_turn(
+                        dir,
+                        req,
+                        &ticket,
+                        &mut older,
+                        &mut w,
+                        &mut relook,
+                        signals,
+                    )? {
+                        Turn::Took(mut slot) => {
+                            drop(ticket);
+                            slot.watcher = std::mem::take(&mut w.spare);
+                            return Ok(Some(Outcome::Done(self.guarded(*slot, req))));
                         }
-                        relook.restart();
-                        first_in_line = (b.jobs > held).then_some(b);
+                        Turn::Ended(outcome) => return Ok(Some(outcome)),
+                        Turn::Again => continue,
+                        Turn::Wait(first) => first,
                     }
-                    Some(Decision::Wait { blocker: None, .. } | Decision::Crowded) => {}
                 }
-            }
+            };
             let pass_at = w.stall(first_in_line.as_ref());
             if let (Some(t), Some(at)) = (&first_in_line, pass_at)
                 && (stopped(t.pid) || Instant::now() >= at)
             {
-                self.pass_if_still(dir, req, t)?;
-                continue;
+                if self.pass_if_still(dir, req, t)? {
+                    continue;
+                }
+                relook.restart();
             }
             let mut fds: Vec<BorrowedFd> = w.followed.fds().collect();
             fds.extend(w.spare.fd());
@@ -257,12 +257,65 @@ impl Files {
         }
     }
 
+    /// A chain head's attempt, and what it then waits for.
+    #[allow(clippy::too_many_arguments)]
+    fn head_turn(
+        &self,
+        dir: &IdDir,
+        req: &Request,
+        ticket: &Ticket,
+        older: &mut Older,
+        w: &mut Watching,
+        relook: &mut Relook,
+        signals: &mut Signals,
+    ) -> Result<Turn> {
+        w.followed.set(Vec::new())?;
+        w.watch_slots(dir, relook);
+        let attempt = self.attempt(dir, req, Who::Waiting(ticket, older), signals);
+        Ok(match unless_vanished(dir, attempt)? {
+            None => Turn::Ended(Outcome::Vanished),
+            Some(Decision::Took(slot)) => Turn::Took(slot),
+            Some(Decision::Ended(how)) => Turn::Ended(Outcome::Done(how)),
+            Some(Decision::Wait {
+                held,
+                blocker: Some(b),
+                ..
+            }) => {
+                w.watch_ticket(dir, &b.name);
+                // It may have left before the watch was set: look again at once.
+                if dir.open_live_ticket(&b.name).is_none() {
+                    return Ok(Turn::Again);
+                }
+                relook.restart();
+                Turn::Wait((b.jobs > held).then_some(b))
+            }
+            Some(Decision::Wait { blocker: None, .. } | Decision::Crowded) => Turn::Wait(None),
+        })
+    }
+
+    /// A deputy's look at its chain's head `p`: `p` if a free slot waits
+    /// for it now (a moment's snapshot, without the mutex).
+    fn head_if_ready(
+        &self,
+        dir: &IdDir,
+        older: &mut Older,
+        p: TicketName,
+        w: &mut Watching,
+        relook: &mut Relook,
+    ) -> Result<Option<TicketName>> {
+        w.watch_slots(dir, relook);
+        let held = dir.scan(&self.dir)?.held;
+        let now = sys::monotonic_nanos();
+        let ready = p.jobs > held && older.blocker(dir, p.arrived, held, now).blocker.is_none();
+        Ok(ready.then_some(p))
+    }
+
     /// Passes `t`, first in line for a free slot it has not taken, if under
-    /// the mutex that is still so; if the mutex is busy, the next wake-up
-    /// looks again.
-    fn pass_if_still(&self, dir: &IdDir, req: &Request, t: &TicketName) -> Result<()> {
+    /// the mutex that is still so; whether it did. If the mutex is busy, a
+    /// later look tries again.
+    fn pass_if_still(&self, dir: &IdDir, req: &Request, t: &TicketName) -> Result<bool> {
         let Some(_mutex) = dir.try_mutex(&self.dir, false)? else {
-            return Ok(());
+            return Ok(false);
         };
         let held = dir.scan(&self.dir)?.held;
         let mut older = dir.older_than(t.arrived)?;
@@ -276,8 +329,9 @@ impl Files {
                 &format!("passing waiter {}, which left a free slot untaken", t.pid),
             );
             dir.pass(t);
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 }
 
