@@ -16,7 +16,7 @@ use crate::sys;
 use anyhow::Result;
 use std::ffi::OsString;
 use std::os::fd::{AsFd, BorrowedFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Who is attempting.
 enum Who<'a> {
@@ -39,6 +39,22 @@ enum Decision {
     },
     /// The mutex could not be had in time, or a signal came.
     Ended(Acquired),
+}
+
+/// How long after something happened to the slots a deputy looks whether
+/// its head has a free slot: the head has the first go (and the event comes
+/// before the lock is gone, see `Relook`); the deputy only watches for a head
+/// that does not take it (see `GRACE`).
+const DEPUTY_DELAY: Duration = Duration::from_millis(100);
+
+/// When a deputy (second in its chain) looks whether its head has a free slot.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Deputy {
+    /// Not a deputy: a head, or further back.
+    No,
+    LookAt(Instant),
+    /// Looked; looks again a while after something happens to the slots.
+    Looked,
 }
 
 /// What a chain head's turn came to.
@@ -184,6 +200,9 @@ impl Files {
         let since = Instant::now();
         let mut w = Watching::default();
         let mut relook = Relook::new();
+        let mut deputy = Deputy::No;
+        // What the deputy found at its last look at its head.
+        let mut head_ready = None;
         loop {
             if dir.vanished() {
                 return Ok(Some(Outcome::Vanished));
@@ -192,6 +211,7 @@ impl Files {
                 return Ok(None);
             }
             let pred = older.nearest(dir, req.jobs, ticket.me.arrived);
+            let head = pred.is_none();
             let watch_slots;
             // The waiter that may be passed if it leaves a free slot unused.
             let first_in_line = match pred {
@@ -202,10 +222,23 @@ impl Files {
                     let mut follow = vec![(p.name.clone(), pfd)];
                     follow.extend(grand.map(|(g, fd)| (g.name, fd)));
                     w.followed.set(follow)?;
-                    match watch_slots {
-                        true => self.head_if_ready(dir, &mut older, p, &mut w, &mut relook)?,
-                        false => None,
+                    deputy = match deputy {
+                        _ if !watch_slots => Deputy::No,
+                        // Just became the deputy: the first look can wait.
+                        Deputy::No => {
+                            w.watch_slots(dir, &mut relook);
+                            Deputy::LookAt(Instant::now() + DEPUTY_DELAY)
+                        }
+                        Deputy::LookAt(t) if Instant::now() >= t => {
+                            head_ready = self.head_if_ready(dir, &mut older, p)?;
+                            Deputy::Looked
+                        }
+                        other => other,
+                    };
+                    if deputy == Deputy::No {
+                        head_ready = None;
                     }
+                    head_ready.clone()
                 }
                 None => {
                     watch_slots = true;
@@ -229,22 +262,52 @@ impl Files {
                     }
                 }
             };
-            let pass_at = w.stall(first_in_line.as_ref());
+            // When to pass the waiter first in line: at once if it is
+            // stopped, else once it has left its free slot for GRACE.
+            let pass_at = first_in_line.as_ref().and_then(|t| {
+                let at = w.stall(Some(t))?;
+                let at = if stopped(t.pid) { Instant::now() } else { at };
+                Some(w.not_before.map_or(at, |n| at.max(n)))
+            });
+            if first_in_line.is_none() {
+                w.stall(None);
+            }
             if let (Some(t), Some(at)) = (&first_in_line, pass_at)
-                && (stopped(t.pid) || Instant::now() >= at)
+                && Instant::now() >= at
             {
                 if self.pass_if_still(dir, req, t)? {
                     continue;
                 }
-                relook.restart();
+                // Not now (the mutex busy, or the head no longer waiting):
+                // look again a little later, not in a loop.
+                w.not_before = Some(Instant::now() + DEPUTY_DELAY);
+                if deputy != Deputy::No {
+                    deputy = Deputy::LookAt(Instant::now() + DEPUTY_DELAY);
+                }
+                continue;
             }
             let mut fds: Vec<BorrowedFd> = w.followed.fds().collect();
-            fds.extend(w.spare.fd());
+            fds.extend(w.spare.fd().filter(|_| watch_slots));
             let fallback = watch_slots && w.spare.fd().is_none();
-            let look_at = relook.due().into_iter().chain(pass_at).min();
+            let relook_at = if head { relook.due() } else { None };
+            let deputy_look = match deputy {
+                Deputy::LookAt(t) => Some(t),
+                Deputy::No | Deputy::Looked => None,
+            };
+            let look_at = relook_at
+                .into_iter()
+                .chain(pass_at)
+                .chain(deputy_look)
+                .min();
             let woke = sleep_on(&fds, fallback, look_at, signals, req.deadline)?;
-            w.spare.drain();
-            relook.after(&woke);
+            let heard = w.spare.drain();
+            if head {
+                relook.after(&woke);
+            } else if heard && deputy == Deputy::Looked {
+                // Something happened to the slots: look at the head a little
+                // later, out of the way of the handoff in progress.
+                deputy = Deputy::LookAt(Instant::now() + DEPUTY_DELAY);
+            }
             match woke {
                 Woke::Changed | Woke::Due => {}
                 Woke::TimedOut => {
@@ -300,10 +363,7 @@ impl Files {
         dir: &IdDir,
         older: &mut Older,
         p: TicketName,
-        w: &mut Watching,
-        relook: &mut Relook,
     ) -> Result<Option<TicketName>> {
-        w.watch_slots(dir, relook);
         let held = dir.scan(&self.dir)?.held;
         let now = sys::monotonic_nanos();
         let ready = p.jobs > held && older.blocker(dir, p.arrived, held, now).blocker.is_none();
@@ -344,6 +404,8 @@ struct Watching {
     followed: Followed,
     /// The waiter first in line for a free slot, and since when it is.
     stalled: Option<(OsString, Instant)>,
+    /// No attempt to pass it before this, after one that could not.
+    not_before: Option<Instant>,
 }
 
 impl Watching {

@@ -204,10 +204,17 @@ impl Spare {
         self.held.as_ref().map(|(ino, _)| ino.as_fd())
     }
 
-    pub fn drain(&self) {
-        if let Some((ino, _)) = &self.held {
-            ino.drain();
+    /// Discards queued events; whether there were any.
+    pub fn drain(&self) -> bool {
+        let Some((ino, _)) = &self.held else {
+            return false;
+        };
+        let mut buf = [0u8; 4096];
+        let mut heard = false;
+        while rustix::io::read(ino.as_fd(), &mut buf).is_ok_and(|n| n > 0) {
+            heard = true;
         }
+        heard
     }
 }
 

@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""The local (lock-file) engine's speed targets (issue 10), against its peers in
+the same run:
+
+  1. handoff with 1,000 waiters queued: p50 <= 1.15x the 10-waiter figure
+  2. 500 idle holders: <= 0.05 CPU-s per 10 s
+  3. -j1000 with 999 held vs -j2 with 1 held: <= 1.5x (whole command)
+  4. handoff after exit and after kill -9: p50 <= 1.10x flock(1)'s
+
+Usage: bench/engine.py QSEM STAMP WORKDIR [--quick]   (bench/files.sh runs it)
+Prints a Markdown report on stdout; progress on stderr.
+"""
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+QSEM, STAMP, WORK = sys.argv[1], sys.argv[2], sys.argv[3]
+QUICK = "--quick" in sys.argv
+LOCKS = os.path.join(WORK, "engine-locks")
+ENV = dict(os.environ, QSEM_DIR=LOCKS)
+DEVNULL = os.open(os.devnull, os.O_RDWR)
+FLOCK = "/usr/bin/flock"
+TRUE = "/bin/true"
+IDS = iter(range(1_000_000))
+
+
+def say(msg):
+    print(f"engine: {msg}", file=sys.stderr, flush=True)
+
+
+def now():
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+def spawn(argv):
+    fa = [(os.POSIX_SPAWN_DUP2, DEVNULL, 0), (os.POSIX_SPAWN_DUP2, DEVNULL, 1),
+          (os.POSIX_SPAWN_DUP2, DEVNULL, 2)]
+    return os.posix_spawn(argv[0], argv, ENV, file_actions=fa)
+
+
+def fresh(prefix):
+    return f"{prefix}{next(IDS)}-{os.getpid()}"
+
+
+def events(log):
+    out = []
+    if os.path.exists(log):
+        for line in open(log):
+            kind, pid, t = line.split()
+            out.append((kind, int(pid), int(t)))
+    return out
+
+
+def wait_lines(log, n, limit=300):
+    deadline = time.time() + limit
+    while time.time() < deadline and len(events(log)) < n:
+        time.sleep(0.01)
+
+
+def wrap(tool, jid, job):
+    if tool == "qsem":
+        return [QSEM, "--id", jid, "-j1", "--"] + job
+    return [FLOCK, os.path.join(WORK, jid + ".flock")] + job
+
+
+def p50(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def handoffs(tool, waiters, mode, measured):
+    """`waiters` jobs queued at -j1 behind a holder; the first `measured`
+    handoffs (end of one job -> start of the next), in ns."""
+    jid = fresh("h")
+    log = os.path.join(WORK, f"{jid}.log")
+    job = [STAMP, log, "inf" if mode == "kill" else "20"]
+    procs = [spawn(wrap(tool, jid, job))]
+    wait_lines(log, 1)
+    for i in range(waiters):
+        procs.append(spawn(wrap(tool, jid, job)))
+        if i % 50 == 49:
+            time.sleep(0.05)
+    # Let every waiter queue before the first release.
+    time.sleep(1 + waiters / 400)
+    ends = {}
+    if mode == "kill":
+        seen = set()
+        for _ in range(measured + 1):
+            wait_lines(log, len(seen) + 1, 60)
+            ev = [e for e in events(log) if e[0] == "S" and e[1] not in seen]
+            if not ev:
+                break
+            pid = ev[0][1]
+            seen.add(pid)
+            time.sleep(0.02)
+            ends[pid] = now()
+            os.kill(pid, signal.SIGKILL)
+    else:
+        wait_lines(log, 2 * (measured + 1), 120)
+    starts = sorted((t, pid) for k, pid, t in events(log) if k == "S")
+    if mode != "kill":
+        ends = {pid: t for k, pid, t in events(log) if k == "E"}
+    lat = [starts[i][0] - ends[starts[i - 1][1]]
+           for i in range(1, min(len(starts), measured + 1)) if starts[i - 1][1] in ends]
+    # The rest: let them run through (no holding), then reap.
+    for p in procs:
+        try:
+            os.kill(p, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        os.waitpid(p, 0)
+    return lat
+
+
+def cpu_ns(pid):
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return total
+
+
+def idle_holders(n, windows):
+    jid = fresh("idle")
+    log = os.path.join(WORK, f"{jid}.log")
+    procs = []
+    for i in range(n):
+        procs.append(spawn([QSEM, "--id", jid, f"-j{n}", "--", STAMP, log, "inf"]))
+        if i % 50 == 49:
+            time.sleep(0.05)
+    wait_lines(log, n)
+    t0 = time.time()
+    res = []
+    for start in windows:
+        time.sleep(max(0, start - (time.time() - t0)))
+        a = sum(cpu_ns(p) for p in procs)
+        time.sleep(10)
+        b = sum(cpu_ns(p) for p in procs)
+        res.append((start, (b - a) / 1e9))
+    for p in procs:
+        os.kill(p, signal.SIGTERM)
+    for p in procs:
+        os.waitpid(p, 0)
+    return res
+
+
+def timed(argv):
+    t0 = now()
+    pid = spawn(argv)
+    os.waitpid(pid, 0)
+    return now() - t0
+
+
+def scale(n, rounds):
+    big, small = fresh("big"), fresh("small")
+    log = os.path.join(WORK, f"{big}.log")
+    procs = []
+    for i in range(n - 1):
+        procs.append(spawn([QSEM, "--id", big, f"-j{n}", "--", STAMP, log, "inf"]))
+        if i % 50 == 49:
+            time.sleep(0.05)
+    procs.append(spawn([QSEM, "--id", small, "-j2", "--", STAMP, log, "inf"]))
+    wait_lines(log, n)
+    s = {"big": [], "small": []}
+    for _ in range(rounds):
+        s["big"].append(timed([QSEM, "--id", big, f"-j{n}", "--", TRUE]))
+        s["small"].append(timed([QSEM, "--id", small, "-j2", "--", TRUE]))
+    for p in procs:
+        os.kill(p, signal.SIGTERM)
+    for p in procs:
+        os.waitpid(p, 0)
+    return p50(s["big"]), p50(s["small"])
+
+
+def main():
+    os.makedirs(LOCKS, exist_ok=True)
+    out = []
+    emit = out.append
+    load = open("/proc/loadavg").read().split()[0]
+    emit(f"### Local engine (bench/files.sh{' --quick' if QUICK else ''}; load average {load} at start)")
+    emit("")
+    emit("| target | measured | goal | met |")
+    emit("|---|---|---|---|")
+
+    many = 200 if QUICK else 1000
+    say(f"handoff with 10 and {many} waiters")
+    small = p50(handoffs("qsem", 10, "exit", 10))
+    big = p50(handoffs("qsem", many, "exit", 50))
+    r = big / small
+    emit(f"| handoff p50, {many} waiters queued / 10 queued | {big / 1e6:.2f} / {small / 1e6:.2f} ms = {r:.2f}x | <= 1.15x | {'yes' if r <= 1.15 else 'NO'} |")
+
+    for mode in ["exit", "kill"]:
+        say(f"handoff after {mode}, qsem and flock")
+        n = 15 if QUICK else 40
+        q = p50(handoffs("qsem", n, mode, n))
+        f = p50(handoffs("flock", n, mode, n))
+        r = q / f
+        emit(f"| handoff p50 after {mode}, qsem / flock(1) | {q / 1e6:.2f} / {f / 1e6:.2f} ms = {r:.2f}x | <= 1.10x | {'yes' if r <= 1.10 else 'NO'} |")
+
+    n = 100 if QUICK else 500
+    say(f"{n} idle holders")
+    for start, cpu in idle_holders(n, [3] if QUICK else [3, 40]):
+        emit(f"| {n} idle holders, CPU-s over 10 s from {start} s after all started | {cpu:.4f} | <= 0.05 | {'yes' if cpu <= 0.05 else 'NO'} |")
+
+    n, rounds = (200, 20) if QUICK else (1000, 60)
+    say(f"-j{n} with {n - 1} held")
+    b, s = scale(n, rounds)
+    emit(f"| `-j{n}` with {n - 1} held / `-j2` with 1 held (whole command, p50) | {b / 1e6:.2f} / {s / 1e6:.2f} ms = {b / s:.2f}x | <= 1.5x | {'yes' if b / s <= 1.5 else 'NO'} |")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
