@@ -6,11 +6,12 @@
 //! no cheap way to say "this file was unlinked": inotify would, but its
 //! instances are limited per user (often to 128), and waiters need them more
 //! than holders do — 500 holders cannot each have one. So the guard looks,
-//! with two `stat`s, on a schedule that backs off: every [`FIRST_GAP`] for
-//! the first two seconds of the job, then after gaps doubling up to
-//! [`LAST_GAP`]. The trade: an idle holder costs a wake-up every 30 s, not
-//! two a second (500 idle holders: well under 0.05 CPU-s per 10 s), and a
-//! removal late in a long job is noticed within 30 s, during which a
+//! with one `stat`, on a schedule that backs off: [`FIRST_GAP`] after the
+//! slot is taken, then after gaps doubling up to [`LAST_GAP`] (looks at 0.5,
+//! 1.5, 3.5, 7.5, 15.5, 31.5 s, then every 30 s). The trade: an idle holder
+//! costs a wake-up every 30 s, not two a second (500 idle holders: no
+//! measurable CPU once settled, bench/RESULTS.md), and a removal late in a
+//! long job is noticed within 30 s, during which a
 //! newcomer can be admitted beside the job; the guard then says so.
 //!
 //! The guard runs in the caller's thread: its timer is the slot's
@@ -29,7 +30,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-/// The gap between looks in the first two seconds.
+/// The gap before the first look.
 pub(super) const FIRST_GAP: Duration = Duration::from_millis(500);
 /// The longest gap between looks.
 pub(super) const LAST_GAP: Duration = Duration::from_secs(30);
@@ -38,10 +39,7 @@ const BUSY_GAP: Duration = Duration::from_millis(100);
 
 /// The gap before look `n` (from 0).
 fn gap(n: u32) -> Duration {
-    match n {
-        0..4 => FIRST_GAP,
-        _ => Duration::from_secs(1u64 << (n - 4).min(5)).min(LAST_GAP),
-    }
+    (FIRST_GAP * (1u32 << n.min(6))).min(LAST_GAP)
 }
 
 /// What a guard watches, and what it needs to take the slot back.
@@ -190,12 +188,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn looks_often_at_first_then_back_off_to_the_longest_gap() {
+    fn looks_soon_then_backs_off_to_the_longest_gap() {
         let gaps: Vec<u64> = (0..12).map(|n| gap(n).as_millis() as u64).collect();
         assert_eq!(
             gaps,
             [
-                500, 500, 500, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000
+                500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000, 30000, 30000, 30000
             ]
         );
     }
