@@ -7,7 +7,9 @@ the same run:
   3. -j1000 with 999 held vs -j2 with 1 held: <= 1.5x (whole command)
   4. handoff after exit and after kill -9: p50 <= 1.10x flock(1)'s
 
-Usage: bench/engine.py QSEM STAMP WORKDIR [--quick]   (bench/files.sh runs it)
+Usage: bench/engine.py QSEM STAMP WORKDIR [--quick] [--peer OTHER_QSEM]
+(bench/files.sh runs it). --peer measures another qsem build (say, the one
+before a change) beside it in the same run, for the handoff and -j1000 rows.
 Prints a Markdown report on stdout; progress on stderr.
 """
 
@@ -20,6 +22,7 @@ import time
 
 QSEM, STAMP, WORK = sys.argv[1], sys.argv[2], sys.argv[3]
 QUICK = "--quick" in sys.argv
+PEER = sys.argv[sys.argv.index("--peer") + 1] if "--peer" in sys.argv else None
 LOCKS = os.path.join(WORK, "engine-locks")
 ENV = dict(os.environ, QSEM_DIR=LOCKS)
 DEVNULL = os.open(os.devnull, os.O_RDWR)
@@ -62,8 +65,8 @@ def wait_lines(log, n, limit=300):
 
 
 def wrap(tool, jid, job):
-    if tool == "qsem":
-        return [QSEM, "--id", jid, "-j1", "--"] + job
+    if tool in ("qsem", "peer"):
+        return [QSEM if tool == "qsem" else PEER, "--id", jid, "-j1", "--"] + job
     return [FLOCK, os.path.join(WORK, jid + ".flock")] + job
 
 
@@ -158,20 +161,21 @@ def timed(argv):
     return now() - t0
 
 
-def scale(n, rounds):
+def scale(qsem, n, rounds):
     big, small = fresh("big"), fresh("small")
     log = os.path.join(WORK, f"{big}.log")
     procs = []
     for i in range(n - 1):
-        procs.append(spawn([QSEM, "--id", big, f"-j{n}", "--", STAMP, log, "inf"]))
+        procs.append(spawn([qsem, "--id", big, f"-j{n}", "--", STAMP, log, "inf"]))
         if i % 50 == 49:
             time.sleep(0.05)
-    procs.append(spawn([QSEM, "--id", small, "-j2", "--", STAMP, log, "inf"]))
+    procs.append(spawn([qsem, "--id", small, "-j2", "--", STAMP, log, "inf"]))
     wait_lines(log, n)
+    time.sleep(2)  # past the start-up's contention for the mutex
     s = {"big": [], "small": []}
     for _ in range(rounds):
-        s["big"].append(timed([QSEM, "--id", big, f"-j{n}", "--", TRUE]))
-        s["small"].append(timed([QSEM, "--id", small, "-j2", "--", TRUE]))
+        s["big"].append(timed([qsem, "--id", big, f"-j{n}", "--", TRUE]))
+        s["small"].append(timed([qsem, "--id", small, "-j2", "--", TRUE]))
     for p in procs:
         os.kill(p, signal.SIGTERM)
     for p in procs:
@@ -191,7 +195,7 @@ def main():
 
     many = 200 if QUICK else 1000
     say(f"handoff with 10 and {many} waiters")
-    small = p50(handoffs("qsem", 10, "exit", 10))
+    small = p50(sum((handoffs("qsem", 10, "exit", 10) for _ in range(1 if QUICK else 3)), []))
     big = p50(handoffs("qsem", many, "exit", 50))
     r = big / small
     emit(f"| handoff p50, {many} waiters queued / 10 queued | {big / 1e6:.2f} / {small / 1e6:.2f} ms = {r:.2f}x | <= 1.15x | {'yes' if r <= 1.15 else 'NO'} |")
@@ -199,10 +203,16 @@ def main():
     for mode in ["exit", "kill"]:
         say(f"handoff after {mode}, qsem and flock")
         n = 15 if QUICK else 40
-        q = p50(handoffs("qsem", n, mode, n))
-        f = p50(handoffs("flock", n, mode, n))
+        lat = {t: [] for t in ["qsem", "flock", "peer"] if t != "peer" or PEER}
+        for _ in range(1 if QUICK else 3):
+            for tool in lat:
+                lat[tool] += handoffs(tool, n, mode, n)
+        q, f = p50(lat["qsem"]), p50(lat["flock"])
         r = q / f
         emit(f"| handoff p50 after {mode}, qsem / flock(1) | {q / 1e6:.2f} / {f / 1e6:.2f} ms = {r:.2f}x | <= 1.10x | {'yes' if r <= 1.10 else 'NO'} |")
+        if PEER:
+            pp = p50(lat["peer"])
+            emit(f"| (peer build) handoff p50 after {mode}, peer / flock(1) | {pp / 1e6:.2f} / {f / 1e6:.2f} ms = {pp / f:.2f}x | | |")
 
     n = 100 if QUICK else 500
     say(f"{n} idle holders")
@@ -211,8 +221,11 @@ def main():
 
     n, rounds = (200, 20) if QUICK else (1000, 60)
     say(f"-j{n} with {n - 1} held")
-    b, s = scale(n, rounds)
+    b, s = scale(QSEM, n, rounds)
     emit(f"| `-j{n}` with {n - 1} held / `-j2` with 1 held (whole command, p50) | {b / 1e6:.2f} / {s / 1e6:.2f} ms = {b / s:.2f}x | <= 1.5x | {'yes' if b / s <= 1.5 else 'NO'} |")
+    if PEER:
+        b, s = scale(PEER, n, rounds)
+        emit(f"| (peer build) `-j{n}` with {n - 1} held / `-j2` with 1 held | {b / 1e6:.2f} / {s / 1e6:.2f} ms = {b / s:.2f}x | | |")
     print("\n".join(out))
 
 

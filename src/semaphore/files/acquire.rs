@@ -41,20 +41,25 @@ enum Decision {
     Ended(Acquired),
 }
 
-/// How long after something happened to the slots a deputy looks whether
-/// its head has a free slot: the head has the first go (and the event comes
-/// before the lock is gone, see `Relook`); the deputy only watches for a head
-/// that does not take it (see `GRACE`).
+/// How long after becoming the deputy it first looks whether its head has a
+/// free slot: the head has the first go.
 const DEPUTY_DELAY: Duration = Duration::from_millis(100);
 
 /// When a deputy (second in its chain) looks whether its head has a free slot.
+///
+/// A deputy watches the slots with inotify as its head does, but does not
+/// sleep on it: woken at every release, it would compete with the handoff in
+/// progress for the CPU. It glances at its inotify queue every [`GRACE`]
+/// instead (one `read` a second) and looks at its head (a scan of the slots)
+/// only if a slot was released since. So a head that leaves a slot free is
+/// passed within about two [`GRACE`]s, one if it is stopped.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Deputy {
     /// Not a deputy: a head, or further back.
     No,
     LookAt(Instant),
-    /// Looked; looks again a while after something happens to the slots.
-    Looked,
+    /// Looked at this instant; glances again a [`GRACE`] later.
+    Looked(Instant),
 }
 
 /// What a chain head's turn came to.
@@ -212,13 +217,12 @@ impl Files {
             }
             let pred = older.nearest(dir, req.jobs, ticket.me.arrived);
             let head = pred.is_none();
-            let watch_slots;
             // The waiter that may be passed if it leaves a free slot unused.
             let first_in_line = match pred {
                 Some((p, pfd)) => {
                     let grand = older.nearest(dir, req.jobs, p.arrived);
                     // A deputy (second in its chain) watches the slots for the head.
-                    watch_slots = grand.is_none();
+                    let watch_slots = grand.is_none();
                     let mut follow = vec![(p.name.clone(), pfd)];
                     follow.extend(grand.map(|(g, fd)| (g.name, fd)));
                     w.followed.set(follow)?;
@@ -231,7 +235,7 @@ impl Files {
                         }
                         Deputy::LookAt(t) if Instant::now() >= t => {
                             head_ready = self.head_if_ready(dir, &mut older, p)?;
-                            Deputy::Looked
+                            Deputy::Looked(Instant::now())
                         }
                         other => other,
                     };
@@ -241,7 +245,6 @@ impl Files {
                     head_ready.clone()
                 }
                 None => {
-                    watch_slots = true;
                     match self.head_turn(
                         dir,
                         req,
@@ -287,12 +290,15 @@ impl Files {
                 continue;
             }
             let mut fds: Vec<BorrowedFd> = w.followed.fds().collect();
-            fds.extend(w.spare.fd().filter(|_| watch_slots));
-            let fallback = watch_slots && w.spare.fd().is_none();
+            // A deputy's inotify only records that something happened to
+            // the slots; it glances at it now and then, see `Deputy`.
+            fds.extend(w.spare.fd().filter(|_| head));
+            let fallback = head && w.spare.fd().is_none();
             let relook_at = if head { relook.due() } else { None };
             let deputy_look = match deputy {
                 Deputy::LookAt(t) => Some(t),
-                Deputy::No | Deputy::Looked => None,
+                Deputy::Looked(at) => Some(at + GRACE),
+                Deputy::No => None,
             };
             let look_at = relook_at
                 .into_iter()
@@ -300,13 +306,17 @@ impl Files {
                 .chain(deputy_look)
                 .min();
             let woke = sleep_on(&fds, fallback, look_at, signals, req.deadline)?;
-            let heard = w.spare.drain();
             if head {
+                w.spare.drain();
                 relook.after(&woke);
-            } else if heard && deputy == Deputy::Looked {
-                // Something happened to the slots: look at the head a little
-                // later, out of the way of the handoff in progress.
-                deputy = Deputy::LookAt(Instant::now() + DEPUTY_DELAY);
+            } else if let Deputy::Looked(at) = deputy
+                && Instant::now() >= at + GRACE
+            {
+                // A glance: look at the head only if a slot was released since.
+                deputy = match w.spare.drain() {
+                    true => Deputy::LookAt(Instant::now()),
+                    false => Deputy::Looked(Instant::now()),
+                };
             }
             match woke {
                 Woke::Changed | Woke::Due => {}

@@ -50,7 +50,8 @@
 //! debugger: state `T` in `/proc`) when a slot is free for it is passed at
 //! once, and one that leaves a slot that is free for it, while first in
 //! line, untaken for 1 s (`GRACE`) is passed then: its ticket is removed
-//! (by the deputy of its chain, a waiter deferring to it, or a newcomer), and
+//! (by the deputy of its chain, which looks 100 ms after each release whether
+//! its head took the slot; by a waiter deferring to it; or by a newcomer), and
 //! once it runs again it finds its place gone and queues again at the back.
 //! A dead waiter's ticket is unlocked, and anyone who sees that removes it.
 //!
