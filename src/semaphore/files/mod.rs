@@ -46,14 +46,16 @@
 //! younger head that defers to an older waiter watches its ticket, so that
 //! it re-checks the moment that waiter takes its slot or leaves.
 //!
-//! **Liveness before order**: a waiter that is stopped (SIGSTOP, Ctrl-Z, a
-//! debugger: state `T` in `/proc`) when a slot is free for it is passed at
-//! once, and one that leaves a slot that is free for it, while first in
-//! line, untaken for 1 s (`GRACE`) is passed then: its ticket is removed
-//! (by the deputy of its chain, which looks 100 ms after each release whether
-//! its head took the slot; by a waiter deferring to it; or by a newcomer), and
-//! once it runs again it finds its place gone and queues again at the back.
-//! A dead waiter's ticket is unlocked, and anyone who sees that removes it.
+//! **Liveness before order** — the rule for how long a free slot waits for
+//! the waiter first in line: a waiter that is stopped (SIGSTOP, Ctrl-Z, a
+//! debugger: state `T` in `/proc`) when a slot is free for it is passed by
+//! the next qsem that looks — a newcomer at once, the deputy of its chain
+//! within a second; one that runs but leaves a slot that is free for it
+//! untaken for 1 s (`GRACE`) is passed then (noticed within 2 s, see
+//! `Deputy` in `acquire.rs`). Passing removes its ticket; once it runs
+//! again it finds its place gone and queues again at the back. A dead
+//! waiter's ticket is unlocked, and anyone who sees that removes it. FIFO
+//! order holds among the waiters able to run.
 //!
 //! **Waiting for all** (`--wait-all`) watches the id directory and the queue
 //! the same way, and re-counts held slots and live waiters (under the shared
