@@ -8,8 +8,8 @@
 //!                  disk had room for it)
 //! ```
 //!
-//! The record is created (under a temporary name, locked, then renamed into
-//! place, so that nobody ever sees it unlocked) the moment the slot is
+//! The record is created (locked, see `LockDir::create_locked`, so that
+//! nobody ever sees it unlocked) the moment the slot is
 //! taken, with the slot still held. The supervisor ends it in
 //! [`Slot::finish`](super::super::Slot::finish), before releasing the slot:
 //! removed for a success, renamed to `fail.*` for a failure. A rename needs
@@ -33,7 +33,6 @@ use std::path::PathBuf;
 
 const RUNNING: &str = "run.";
 const FAILED: &str = "fail.";
-const CREATING: &str = "new.";
 
 /// A background job's running record, locked for as long as its supervisor lives.
 pub(super) struct Running {
@@ -46,21 +45,8 @@ impl Running {
     /// Creates the record of a job that has just taken its slot.
     pub fn create(lock_dir: &LockDir, dir: &IdDir) -> Result<Running> {
         let tail = format!("{}.{}", std::process::id(), sys::monotonic_nanos());
-        let creating = OsString::from(format!("{CREATING}{tail}"));
         let name = OsString::from(format!("{RUNNING}{tail}"));
-        let path = dir.queue_path.join(&creating);
-        let fd = lock_dir.create_file(dir.queue.as_fd(), &creating, &path)?;
-        if sys::try_lock_exclusive(&fd)
-            .with_context(|| format!("cannot lock {}", path.display()))?
-            == Probe::Busy
-        {
-            anyhow::bail!("{} is locked by someone else", path.display());
-        }
-        let to = dir.queue_path.join(&name);
-        if let Err(e) = std::fs::rename(&path, &to) {
-            let _ = sys::unlink_at(dir.queue.as_fd(), &creating);
-            return Err(e).with_context(|| format!("cannot create {}", to.display()));
-        }
+        let fd = lock_dir.create_locked(dir, &name)?;
         Ok(Running {
             queue_path: dir.queue_path.clone(),
             name,
@@ -98,19 +84,16 @@ pub(super) fn take_failures(dir: &IdDir) -> Result<u32> {
     let mut failed = 0;
     for name in names {
         let bytes = name.as_bytes();
-        let counts = if bytes.starts_with(FAILED.as_bytes()) {
-            true
-        } else if bytes.starts_with(RUNNING.as_bytes()) || bytes.starts_with(CREATING.as_bytes()) {
-            if !abandoned(dir, &name) {
-                continue;
-            }
-            // A record never renamed into place belongs to a job never started.
-            bytes.starts_with(RUNNING.as_bytes())
-        } else {
+        // Running records are left alone while locked, and so is a file
+        // still being created (`new.*`, unlocked for a moment before it is
+        // renamed into place).
+        let counts = bytes.starts_with(FAILED.as_bytes())
+            || (bytes.starts_with(RUNNING.as_bytes()) && abandoned(dir, &name));
+        if !counts {
             continue;
-        };
+        }
         match sys::unlink_at(dir.queue.as_fd(), &name) {
-            Ok(()) => failed += u32::from(counts),
+            Ok(()) => failed += 1,
             // Counted by another --wait-all, or finished meanwhile.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {

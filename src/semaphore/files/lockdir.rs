@@ -23,6 +23,10 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+/// The prefix of a queue file being created (see [`LockDir::create_locked`]);
+/// one found unlocked was abandoned by a process that died creating it.
+pub(super) const CREATING: &str = "new.";
+
 /// The lock directory, checked and open.
 pub struct LockDir {
     pub(super) path: PathBuf,
@@ -172,6 +176,33 @@ impl LockDir {
         let st =
             sys::fstat(fd.as_fd()).with_context(|| format!("cannot stat {}", path.display()))?;
         self.fix_mode(&fd, &st, path)?;
+        Ok(fd)
+    }
+
+    /// Creates `name` in `dir`'s queue, exclusively locked, as nq does: under
+    /// a temporary name ([`CREATING`]), locked, then renamed into place, so
+    /// that nobody who lists the queue (a waiter, `--status`, which takes no
+    /// mutex) ever finds it unlocked and takes its owner for dead.
+    pub(super) fn create_locked(&self, dir: &IdDir, name: &OsStr) -> Result<File> {
+        let tmp = OsString::from(format!(
+            "{CREATING}{}.{}",
+            std::process::id(),
+            sys::monotonic_nanos()
+        ));
+        let path = dir.queue_path.join(&tmp);
+        let fd = self.create_file(dir.queue.as_fd(), &tmp, &path)?;
+        let to = dir.queue_path.join(name);
+        let locked = sys::try_lock_exclusive(&fd)
+            .with_context(|| format!("cannot lock {}", path.display()))
+            .and_then(|got| match got {
+                sys::Probe::Taken => std::fs::rename(&path, &to)
+                    .with_context(|| format!("cannot create {}", to.display())),
+                sys::Probe::Busy => Err(anyhow!("{} is locked by someone else", path.display())),
+            });
+        if let Err(e) = locked {
+            let _ = sys::unlink_at(dir.queue.as_fd(), &tmp);
+            return Err(e);
+        }
         Ok(fd)
     }
 

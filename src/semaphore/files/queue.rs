@@ -20,7 +20,7 @@
 
 use super::lockdir::{IdDir, LockDir};
 use crate::sys::{self, Probe};
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -109,8 +109,7 @@ impl IdDir {
         let arrived = sys::monotonic_nanos();
         let pid = std::process::id();
         let name = OsString::from(format!("{arrived}.{pid}.{jobs}"));
-        let path = self.queue_path.join(&name);
-        let fd = lock_dir.create_file(self.queue.as_fd(), &name, &path)?;
+        let fd = lock_dir.create_locked(self, &name)?;
         let queue = self
             .queue
             .try_clone()
@@ -122,12 +121,6 @@ impl IdDir {
             name,
         };
         let ticket = Ticket { queue, me, fd };
-        if sys::try_lock_exclusive(&ticket.fd)
-            .with_context(|| format!("cannot lock {}", path.display()))?
-            == Probe::Busy
-        {
-            bail!("{} is locked by someone else", path.display());
-        }
         Ok((ticket, older))
     }
 
