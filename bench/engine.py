@@ -70,6 +70,13 @@ def wrap(tool, jid, job):
     return [FLOCK, os.path.join(WORK, jid + ".flock")] + job
 
 
+def queued(tool, jid):
+    out = subprocess.run([QSEM if tool == "qsem" else PEER, "--status", "--json", "--id", jid],
+                         env=ENV, capture_output=True, text=True).stdout
+    at = out.find('"waiting":')
+    return int(out[at + 10:].split(",")[0].split("}")[0]) if at >= 0 else 0
+
+
 def p50(xs):
     return statistics.median(xs) if xs else float("nan")
 
@@ -86,8 +93,15 @@ def handoffs(tool, waiters, mode, measured):
         procs.append(spawn(wrap(tool, jid, job)))
         if i % 50 == 49:
             time.sleep(0.05)
-    # Let every waiter queue before the first release.
-    time.sleep(1 + waiters / 400)
+    # Let every waiter queue before the first release (their start-up would
+    # otherwise compete with the handoffs measured).
+    if tool == "flock":
+        time.sleep(1 + waiters / 400)
+    else:
+        deadline = time.time() + 120
+        while time.time() < deadline and queued(tool, jid) < waiters:
+            time.sleep(0.1)
+        time.sleep(0.5)
     ends = {}
     if mode == "kill":
         seen = set()
