@@ -8,15 +8,15 @@ use super::Files;
 use super::guard::{Guard, Watch};
 use super::lockdir::IdDir;
 use super::mutex::Locked;
-use super::queue::{GRACE, Older, Ticket, TicketName, Verdict, stopped};
-use super::sleep::{Followed, Relook, Spare, Woke, sleep_on};
+use super::queue::{Older, Ticket, TicketName, Verdict};
+use super::sleep::Woke;
 use super::slots::SlotFile;
+use super::watching::{DEPUTY_DELAY, Deputy, Watching};
 use crate::signals::Signals;
 use crate::sys;
 use anyhow::Result;
-use std::ffi::OsString;
-use std::os::fd::{AsFd, BorrowedFd};
-use std::time::{Duration, Instant};
+use std::os::fd::AsFd;
+use std::time::Instant;
 
 /// Who is attempting.
 enum Who<'a> {
@@ -41,27 +41,6 @@ enum Decision {
     Ended(Acquired),
 }
 
-/// How long after becoming the deputy it first looks whether its head has a
-/// free slot: the head has the first go.
-const DEPUTY_DELAY: Duration = Duration::from_millis(100);
-
-/// When a deputy (second in its chain) looks whether its head has a free slot.
-///
-/// A deputy watches the slots with inotify as its head does, but does not
-/// sleep on it: woken at every release, it would compete with the handoff in
-/// progress for the CPU. It glances at its inotify queue every [`GRACE`]
-/// instead (one `read` a second) and looks at its head (a scan of the slots)
-/// only if a slot was released since. So a head that leaves a slot free is
-/// passed within about two [`GRACE`]s, one if it is stopped.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Deputy {
-    /// Not a deputy: a head, or further back.
-    No,
-    LookAt(Instant),
-    /// Looked at this instant; glances again a [`GRACE`] later.
-    Looked(Instant),
-}
-
 /// What a chain head's turn came to.
 enum Turn {
     Took(Box<SlotFile>),
@@ -78,10 +57,6 @@ pub(super) enum Outcome {
     /// The directories were removed: start again in new ones.
     Vanished,
 }
-
-/// The inotify events that wake a waiter: a slot (or ticket) released; a
-/// ticket removed (its waiter passed) or its directory.
-const CLOSED: u32 = libc::IN_CLOSE_WRITE | libc::IN_DELETE_SELF | libc::IN_ATTRIB;
 
 impl Files {
     /// One admission attempt under the mutex.
@@ -203,11 +178,7 @@ impl Files {
         signals: &mut Signals,
     ) -> Result<Option<Outcome>> {
         let since = Instant::now();
-        let mut w = Watching::default();
-        let mut relook = Relook::new();
-        let mut deputy = Deputy::No;
-        // What the deputy found at its last look at its head.
-        let mut head_ready = None;
+        let mut w = Watching::new();
         loop {
             if dir.vanished() {
                 return Ok(Some(Outcome::Vanished));
@@ -219,106 +190,28 @@ impl Files {
             let head = pred.is_none();
             // The waiter that may be passed if it leaves a free slot unused.
             let first_in_line = match pred {
-                Some((p, pfd)) => {
-                    let grand = older.nearest(dir, req.jobs, p.arrived);
-                    // A deputy (second in its chain) watches the slots for the head.
-                    let watch_slots = grand.is_none();
-                    let mut follow = vec![(p.name.clone(), pfd)];
-                    follow.extend(grand.map(|(g, fd)| (g.name, fd)));
-                    w.followed.set(follow)?;
-                    deputy = match deputy {
-                        _ if !watch_slots => Deputy::No,
-                        // Just became the deputy: the first look can wait.
-                        Deputy::No => {
-                            w.watch_slots(dir, &mut relook);
-                            Deputy::LookAt(Instant::now() + DEPUTY_DELAY)
-                        }
-                        Deputy::LookAt(t) if Instant::now() >= t => {
-                            head_ready = self.head_if_ready(dir, &mut older, p)?;
-                            Deputy::Looked(Instant::now())
-                        }
-                        other => other,
-                    };
-                    if deputy == Deputy::No {
-                        head_ready = None;
+                Some((p, pfd)) => self.behind(dir, req, &mut older, p, pfd, &mut w)?,
+                None => match self.head_turn(dir, req, &ticket, &mut older, &mut w, signals)? {
+                    Turn::Took(mut slot) => {
+                        drop(ticket);
+                        slot.watcher = std::mem::take(&mut w.spare);
+                        return Ok(Some(Outcome::Done(self.guarded(*slot, req))));
                     }
-                    head_ready.clone()
-                }
-                None => {
-                    match self.head_turn(
-                        dir,
-                        req,
-                        &ticket,
-                        &mut older,
-                        &mut w,
-                        &mut relook,
-                        signals,
-                    )? {
-                        Turn::Took(mut slot) => {
-                            drop(ticket);
-                            slot.watcher = std::mem::take(&mut w.spare);
-                            return Ok(Some(Outcome::Done(self.guarded(*slot, req))));
-                        }
-                        Turn::Ended(outcome) => return Ok(Some(outcome)),
-                        Turn::Again => continue,
-                        Turn::Wait(first) => first,
-                    }
-                }
+                    Turn::Ended(outcome) => return Ok(Some(outcome)),
+                    Turn::Again => continue,
+                    Turn::Wait(first) => first,
+                },
             };
-            // When to pass the waiter first in line: at once if it is
-            // stopped, else once it has left its free slot for GRACE.
-            let pass_at = first_in_line.as_ref().and_then(|t| {
-                let at = w.stall(Some(t))?;
-                let at = if stopped(t.pid) { Instant::now() } else { at };
-                Some(w.not_before.map_or(at, |n| at.max(n)))
-            });
-            if first_in_line.is_none() {
-                w.stall(None);
-            }
+            let pass_at = w.pass_at(first_in_line.as_ref());
             if let (Some(t), Some(at)) = (&first_in_line, pass_at)
                 && Instant::now() >= at
             {
-                if self.pass_if_still(dir, req, t)? {
-                    continue;
-                }
-                // Not now (the mutex busy, or the head no longer waiting):
-                // look again a little later, not in a loop.
-                w.not_before = Some(Instant::now() + DEPUTY_DELAY);
-                if deputy != Deputy::No {
-                    deputy = Deputy::LookAt(Instant::now() + DEPUTY_DELAY);
+                if !self.pass_if_still(dir, req, t)? {
+                    w.passing_failed();
                 }
                 continue;
             }
-            let mut fds: Vec<BorrowedFd> = w.followed.fds().collect();
-            // A deputy's inotify only records that something happened to
-            // the slots; it glances at it now and then, see `Deputy`.
-            fds.extend(w.spare.fd().filter(|_| head));
-            let fallback = head && w.spare.fd().is_none();
-            let relook_at = if head { relook.due() } else { None };
-            let deputy_look = match deputy {
-                Deputy::LookAt(t) => Some(t),
-                Deputy::Looked(at) => Some(at + GRACE),
-                Deputy::No => None,
-            };
-            let look_at = relook_at
-                .into_iter()
-                .chain(pass_at)
-                .chain(deputy_look)
-                .min();
-            let woke = sleep_on(&fds, fallback, look_at, signals, req.deadline)?;
-            if head {
-                w.spare.drain();
-                relook.after(&woke);
-            } else if let Deputy::Looked(at) = deputy
-                && Instant::now() >= at + GRACE
-            {
-                // A glance: look at the head only if a slot was released since.
-                deputy = match w.spare.drain() {
-                    true => Deputy::LookAt(Instant::now()),
-                    false => Deputy::Looked(Instant::now()),
-                };
-            }
-            match woke {
+            match w.sleep(head, pass_at, signals, req.deadline)? {
                 Woke::Changed | Woke::Due => {}
                 Woke::TimedOut => {
                     let waited = since.elapsed().as_secs_f64();
@@ -330,8 +223,44 @@ impl Files {
         }
     }
 
+    /// A waiter behind `p` in its chain follows `p` and the one before; the
+    /// deputy (second in the chain) also keeps an eye on `p`: the head, if a
+    /// free slot waits for it, as at the deputy's last look.
+    fn behind(
+        &self,
+        dir: &IdDir,
+        req: &Request,
+        older: &mut Older,
+        p: TicketName,
+        pfd: std::fs::File,
+        w: &mut Watching,
+    ) -> Result<Option<TicketName>> {
+        let grand = older.nearest(dir, req.jobs, p.arrived);
+        let is_deputy = grand.is_none();
+        let mut follow = vec![(p.name.clone(), pfd)];
+        follow.extend(grand.map(|(g, fd)| (g.name, fd)));
+        w.followed.set(follow)?;
+        if !is_deputy {
+            w.deputy = Deputy::No;
+            w.head_ready = None;
+            return Ok(None);
+        }
+        w.deputy = match w.deputy {
+            // Just became the deputy: the first look can wait.
+            Deputy::No => {
+                w.watch_slots(dir);
+                Deputy::LookAt(Instant::now() + DEPUTY_DELAY)
+            }
+            Deputy::LookAt(t) if Instant::now() >= t => {
+                w.head_ready = self.head_if_ready(dir, older, p)?;
+                Deputy::Looked(Instant::now())
+            }
+            other => other,
+        };
+        Ok(w.head_ready.clone())
+    }
+
     /// A chain head's attempt, and what it then waits for.
-    #[allow(clippy::too_many_arguments)]
     fn head_turn(
         &self,
         dir: &IdDir,
@@ -339,11 +268,10 @@ impl Files {
         ticket: &Ticket,
         older: &mut Older,
         w: &mut Watching,
-        relook: &mut Relook,
         signals: &mut Signals,
     ) -> Result<Turn> {
         w.followed.set(Vec::new())?;
-        w.watch_slots(dir, relook);
+        w.watch_slots(dir);
         let attempt = self.attempt(dir, req, Who::Waiting(ticket, older), signals);
         Ok(match unless_vanished(dir, attempt)? {
             None => Turn::Ended(Outcome::Vanished),
@@ -359,7 +287,7 @@ impl Files {
                 if dir.open_live_ticket(&b.name).is_none() {
                     return Ok(Turn::Again);
                 }
-                relook.restart();
+                w.relook.restart();
                 Turn::Wait((b.jobs > held).then_some(b))
             }
             Some(Decision::Wait { blocker: None, .. } | Decision::Crowded) => Turn::Wait(None),
@@ -402,61 +330,6 @@ impl Files {
             return Ok(true);
         }
         Ok(false)
-    }
-}
-
-/// What a waiter watches between attempts.
-#[derive(Default)]
-struct Watching {
-    spare: Spare,
-    slots: Option<i32>,
-    ticket: Option<(OsString, i32)>,
-    followed: Followed,
-    /// The waiter first in line for a free slot, and since when it is.
-    stalled: Option<(OsString, Instant)>,
-    /// No attempt to pass it before this, after one that could not.
-    not_before: Option<Instant>,
-}
-
-impl Watching {
-    /// Watches the slot files: set before looking at them, so that no
-    /// release can fall between the look and the sleep.
-    fn watch_slots(&mut self, dir: &IdDir, relook: &mut Relook) {
-        if self.slots.is_none() && self.spare.get() {
-            self.slots = self.spare.watch(&dir.path, CLOSED);
-            relook.restart();
-        }
-    }
-
-    /// Watches the ticket of the waiter this one defers to, instead of any before.
-    fn watch_ticket(&mut self, dir: &IdDir, name: &OsString) {
-        if self.ticket.as_ref().is_some_and(|(n, _)| n == name) {
-            return;
-        }
-        if let Some((_, wd)) = self.ticket.take() {
-            self.spare.unwatch(wd);
-        }
-        if self.spare.get()
-            && let Some(wd) = self.spare.watch(&dir.queue_path.join(name), CLOSED)
-        {
-            self.ticket = Some((name.clone(), wd));
-        }
-    }
-
-    /// When `first` (if any) is to be passed, should it go on leaving its free slot untaken.
-    fn stall(&mut self, first: Option<&TicketName>) -> Option<Instant> {
-        let Some(t) = first else {
-            self.stalled = None;
-            return None;
-        };
-        match &self.stalled {
-            Some((name, since)) if *name == t.name => Some(*since + GRACE),
-            _ => {
-                let now = Instant::now();
-                self.stalled = Some((t.name.clone(), now));
-                Some(now + GRACE)
-            }
-        }
     }
 }
 

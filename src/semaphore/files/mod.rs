@@ -24,7 +24,7 @@
 //! `--status` does not take it.
 //!
 //! **Waiting** is built so that nobody polls and nobody is woken for nothing
-//! (`sleep.rs`). Waiters with the same N form a FIFO chain, ordered by
+//! (`sleep.rs`, `watching.rs`). Waiters with the same N form a FIFO chain, ordered by
 //! ticket: each one sleeps in blocking `flock`s (in small helper threads, so
 //! that the main thread still watches its signal pipe and deadline) on its
 //! predecessor's ticket and on the one before that. Only the head of a chain
@@ -77,6 +77,7 @@ mod mutex;
 mod queue;
 mod sleep;
 mod slots;
+mod watching;
 
 pub use lockdir::LockDir;
 
