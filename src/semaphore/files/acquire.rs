@@ -90,10 +90,12 @@ impl Files {
             self.say(req, &format!("passing waiter {} (stopped)", t.pid));
             dir.pass(t);
         }
-        if scan.held < req.jobs && blocker.is_none() {
-            return Ok(Decision::Took(Box::new(
-                dir.take_lowest(&self.dir, req, scan, None)?,
-            )));
+        let held = scan.held;
+        if held < req.jobs
+            && blocker.is_none()
+            && let Some(slot) = dir.take_lowest(&self.dir, req, scan, None)?
+        {
+            return Ok(Decision::Took(Box::new(slot)));
         }
         let newcomer = before == u128::MAX;
         if newcomer && req.max_waiting.is_some_and(|k| older.len() as u32 >= k) {
@@ -108,7 +110,7 @@ impl Files {
             None
         };
         Ok(Decision::Wait {
-            held: scan.held,
+            held,
             blocker,
             queued,
         })
@@ -290,7 +292,18 @@ impl Files {
                 w.relook.restart();
                 Turn::Wait((b.jobs > held).then_some(b))
             }
-            Some(Decision::Wait { blocker: None, .. } | Decision::Crowded) => Turn::Wait(None),
+            Some(Decision::Wait {
+                held,
+                blocker: None,
+                ..
+            }) => {
+                if held < req.jobs {
+                    // Admitted, but a prober held the free slot: look again soon.
+                    w.relook.restart();
+                }
+                Turn::Wait(None)
+            }
+            Some(Decision::Crowded) => Turn::Wait(None),
         })
     }
 

@@ -133,7 +133,8 @@ impl Guard {
     }
 
     /// Takes the watched slot back (its own number if free, else the lowest
-    /// free one), re-creating the directories; `None` if the mutex is busy.
+    /// free one), re-creating the directories; `None` if the mutex (or the
+    /// free slot) is busy: the next look tries again.
     fn retake(&mut self, pid: u32) -> Result<Option<SlotEvent>> {
         let w = &self.watch;
         let dir = LockDir::open(&w.lock_path, true)?;
@@ -151,7 +152,9 @@ impl Guard {
         };
         let scan = id_dir.scan(&dir)?;
         let others = scan.held;
-        let mut slot = id_dir.take_lowest(&dir, &req, scan, Some(w.number))?;
+        let Some(mut slot) = id_dir.take_lowest(&dir, &req, scan, Some(w.number))? else {
+            return Ok(None);
+        };
         // The record is the job's, as before the removal.
         slot.record.started = w.started;
         slot.record.pid = pid;

@@ -144,8 +144,8 @@ impl Semaphore for Files {
         )
     }
 
-    /// Reads without the mutex, which a stopped process may hold: a moment's
-    /// snapshot, as `ps` gives.
+    /// Never waits for the mutex, which a stopped process may hold: without
+    /// it, a moment's snapshot, as `ps` gives.
     fn status(&mut self, only: Option<&Id>) -> Result<Vec<IdStatus>> {
         let ids = match only {
             Some(id) => vec![id.clone()],
@@ -163,6 +163,9 @@ impl Semaphore for Files {
                 }
                 continue;
             };
+            // Under the shared mutex if it can be had at once, so that no
+            // probe gets in a taker's way; else without it.
+            let _mutex = dir.try_mutex(&self.dir, true).ok().flatten();
             let holders = dir.holders(&self.dir)?;
             let waiting = dir.count_waiters()?;
             if only.is_some() || !holders.is_empty() || waiting > 0 {
@@ -281,7 +284,9 @@ mod tests {
         let _mutex = dir.try_mutex(&lock_dir, false).unwrap().unwrap();
         let scan = dir.scan(&lock_dir).unwrap();
         assert_eq!(scan.held, 0);
-        let got = dir.take_lowest(&lock_dir, &req, scan, None);
+        let got = dir
+            .take_lowest(&lock_dir, &req, scan, None)
+            .map(|slot| slot.expect("nobody probes"));
         BETWEEN_OPEN_AND_LOCK.set(None);
         (scratch, got)
     }

@@ -145,23 +145,26 @@ impl IdDir {
 
     /// Takes `prefer` if it is free, else the lowest free slot, which `scan`
     /// found; scans again while slot files are replaced from outside. Call
-    /// under the mutex, with the admission decided.
+    /// under the mutex, with the admission decided. `None`: the free slot
+    /// stayed locked by a prober (`--status` and deputies probe without the
+    /// mutex; one stopped while probing would keep it so): try again later.
     pub fn take_lowest(
         &self,
         lock_dir: &LockDir,
         req: &Request,
         mut scan: Scan,
         prefer: Option<u32>,
-    ) -> Result<SlotFile> {
+    ) -> Result<Option<SlotFile>> {
         for _ in 0..100 {
             let k = match prefer {
                 Some(k) if self.is_free(lock_dir, k)? => k,
                 _ => scan.lowest_free,
             };
-            if let Some(slot) = self.take(lock_dir, k, req)? {
-                return Ok(slot);
+            match self.take(lock_dir, k, req)? {
+                Take::Took(slot) => return Ok(Some(*slot)),
+                Take::Probed => return Ok(None),
+                Take::Replaced => scan = self.scan(lock_dir)?,
             }
-            scan = self.scan(lock_dir)?;
         }
         anyhow::bail!(
             "slot files in {} keep changing under qsem; is something else writing there?",
@@ -169,9 +172,8 @@ impl IdDir {
         )
     }
 
-    /// Takes slot `k`, which the scan found free. `None` if it was not free
-    /// after all (a file replaced from outside): rescan.
-    fn take(&self, lock_dir: &LockDir, k: u32, req: &Request) -> Result<Option<SlotFile>> {
+    /// Takes slot `k`, which the scan found free.
+    fn take(&self, lock_dir: &LockDir, k: u32, req: &Request) -> Result<Take> {
         let name = OsString::from(k.to_string());
         let path = self.path.join(&name);
         let flags = libc::O_RDWR | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK;
@@ -181,16 +183,23 @@ impl IdDir {
         #[cfg(test)]
         super::tests::BETWEEN_OPEN_AND_LOCK.with_borrow_mut(|hook| hook.as_mut().map(|h| h(&path)));
         lock_dir.fix_mode(&fd, &st, &path)?;
-        if sys::try_lock_exclusive(&fd)
+        // Free under the mutex, so only a prober's shared lock, held for a
+        // moment, can be in the way: a few short tries.
+        let mut pause = Duration::from_micros(500);
+        while sys::try_lock_exclusive(&fd)
             .with_context(|| format!("cannot lock {}", path.display()))?
             == Probe::Busy
         {
-            return Ok(None);
+            if pause > Duration::from_millis(8) {
+                return Ok(Take::Probed);
+            }
+            std::thread::sleep(pause);
+            pause *= 2;
         }
         // The inode re-check: the path must still name the inode we locked.
         match sys::lstat_at(self.fd.as_fd(), &name) {
             Ok(now) if now.st_dev == st.st_dev && now.st_ino == st.st_ino => {}
-            _ => return Ok(None),
+            _ => return Ok(Take::Replaced),
         }
         // A --bg job is recorded as running from the moment it holds a slot.
         let running = if req.background {
@@ -221,8 +230,17 @@ impl IdDir {
         // The record is for --status only: a full disk must not stop the job,
         // which holds its slot all the same.
         let _ = slot.write_record();
-        Ok(Some(slot))
+        Ok(Take::Took(Box::new(slot)))
     }
+}
+
+/// How taking one slot file went.
+enum Take {
+    Took(Box<SlotFile>),
+    /// Locked by a prober all along.
+    Probed,
+    /// Replaced or removed from outside between open and lock: scan again.
+    Replaced,
 }
 
 /// What the holder of a slot writes into it.
