@@ -38,3 +38,7 @@ rustc -O --edition 2024 -C target-feature=+crt-static bench/stamp.rs -o "$work/s
     || rustc -O --edition 2024 bench/stamp.rs -o "$work/stamp" >&2
 mkdir -p bench/out
 python3 bench/bench.py "$qsem" "$work/stamp" "$work" $other "$@" | tee bench/out/latest.md
+# The local engine's own targets (issue 10); QSEM_BENCH_ENGINE=0 skips them.
+if [ "${QSEM_BENCH_ENGINE:-1}" != 0 ]; then
+    case " $* " in *" --quick "*) bench/files.sh --quick ;; *) bench/files.sh ;; esac
+fi

@@ -480,3 +480,36 @@ fn a_lock_directory_reached_through_a_symlink() {
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("symbolic link"), "{err}");
 }
+
+/// A background job that fails on a full disk is still counted by the next
+/// --wait-all (issue 10): its outcome is recorded by a rename, which needs
+/// no free block.
+#[test]
+fn a_background_failure_on_a_full_disk_is_counted() {
+    let env = Env::new();
+    let Some(fs) = Tmpfs::mount(&env, "fullbg", "size=64k") else {
+        return;
+    };
+    let locks = fs.path.join("locks");
+    let q = || {
+        let mut c = env.qsem();
+        c.arg("--dir").arg(&locks).args(["--id", "bg"]);
+        c
+    };
+    // The id's directories exist before the disk fills up.
+    assert_eq!(run(q().arg("true")).0, 0);
+    fs.fill();
+    let started = env.path("started");
+    let launched = q()
+        .args(["--bg", "--", "sh", "-c"])
+        .arg(format!("touch '{}'; exit 3", started.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(launched.success());
+    assert!(wait_for_file(&started, SOON));
+    let (code, _, err) = run_bounded(q().args(["--wait-all", "--wait", "20s"]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("1 background job failed"), "{err}");
+}

@@ -123,3 +123,66 @@ fn torture(limits: &[&str], bound: usize, seed: u64) {
         .args(["--id", "inv", "-j1", "--wait", "1s", "echo", "free"]));
     assert_eq!((code, out.as_str()), (0, "free\n"));
 }
+
+/// SIGSTOP and SIGCONT at random (issue 10): qsem processes stopped while
+/// waiting, inside the admission mutex, or while their job runs, each
+/// continued a moment later. The limit holds throughout, and every
+/// invocation runs its job in the end: a stopped waiter is passed over, and
+/// one stopped in the mutex holds the others up only while it is stopped.
+#[test]
+fn stops_and_continues_never_break_the_limit_nor_wedge_the_id() {
+    let env = Env::new();
+    let (marks, pids) = (env.path("marks"), env.path("pids"));
+    std::fs::create_dir_all(&marks).unwrap();
+    std::fs::create_dir_all(&pids).unwrap();
+    let (violations, started) = (env.path("violations"), env.path("started"));
+    let mut rng = Rng(0x5851_f42d_4c95_7f2d);
+    let mut qsems: Vec<Child> = Vec::new();
+    let mut stopped: Vec<(u32, std::time::Instant)> = Vec::new();
+    let n = 40;
+    for i in 0..n {
+        let secs = format!("0.{:02}", 5 + rng.next(15));
+        let q = env
+            .qsem()
+            .args([
+                "--id", "stop", "-j2", "--wait", "60s", "-q", "--", "sh", "-c", JOB, "sh",
+            ])
+            .arg(&secs)
+            .env("MARKS", &marks)
+            .env("PIDS", &pids)
+            .env("VIOLATIONS", &violations)
+            .env("STARTED", &started)
+            .env("BOUND", "2")
+            .spawn()
+            .unwrap();
+        qsems.push(q);
+        std::thread::sleep(Duration::from_millis(5 + rng.next(40)));
+        if i % 2 == 1 {
+            let victim = qsems[rng.next(qsems.len() as u64) as usize].id();
+            kill(victim, libc::SIGSTOP);
+            let resume = std::time::Instant::now() + Duration::from_millis(200 + rng.next(600));
+            stopped.push((victim, resume));
+        }
+        let now = std::time::Instant::now();
+        stopped.retain(|&(pid, at)| {
+            let due = now >= at;
+            if due {
+                kill(pid, libc::SIGCONT);
+            }
+            !due
+        });
+    }
+    for (pid, at) in stopped {
+        std::thread::sleep(at.saturating_duration_since(std::time::Instant::now()));
+        kill(pid, libc::SIGCONT);
+    }
+    for mut q in qsems {
+        let status = q.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "an invocation did not run its job");
+    }
+    let starts = std::fs::read_to_string(&started).unwrap_or_default();
+    assert_eq!(starts.lines().count(), n, "every job ran once");
+    let bad = std::fs::read_to_string(&violations).unwrap_or_default();
+    assert_eq!(bad, "", "admission rule violated");
+    assert_eq!(held_and_waiting(&env, "stop"), (0, 0));
+}

@@ -162,4 +162,27 @@ fn a_group_shares_a_lock_directory() {
         .args(["--id", "team", "-j1", "--wait", "5s", "--", "sh", "-c"])
         .arg("echo $QSEM_SLOT"));
     assert_eq!((code, out.as_str(), err.as_str()), (0, "1\n", ""));
+
+    // A failed background job of a is counted by b's --wait-all, whatever
+    // a's umask (022) would make of the files qsem creates for it.
+    let mut bg = qsem_as(MEMBERS[0], &bin, &shared);
+    bg.args(["--id", "team", "--bg", "--", "sh", "-c", "exit 3"]);
+    // SAFETY: umask is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut bg, || {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
+    let (code, _, err) = run(&mut bg);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = run(qsem_as(MEMBERS[1], &bin, &shared).args([
+        "--id",
+        "team",
+        "--wait-all",
+        "--wait",
+        "20s",
+    ]));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("1 background job failed"), "{err}");
 }

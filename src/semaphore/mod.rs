@@ -45,7 +45,6 @@ pub struct Request<'a> {
     /// slot is taken, so that a supervisor that dies before
     /// [`Slot::finish`] counts as a failure (status unknown) at the next
     /// `--wait-all`.
-    #[allow(dead_code)] // until the file engine keeps running records (issue 10)
     pub background: bool,
     /// The command, for the holder record that `--status` shows.
     pub command: &'a str,
