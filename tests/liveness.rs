@@ -240,7 +240,7 @@ fn what_is_not_qsems_in_the_lock_directory_is_ignored() {
     let env = Env::new();
     assert_eq!(run(env.qsem().args(["--id", "a", "true"])).0, 0);
     std::fs::write(env.locks.join("notes.txt"), "mine").unwrap();
-    std::fs::create_dir_all(env.locks.join(".history/a")).unwrap();
+    std::fs::create_dir_all(env.locks.join(".cache/a")).unwrap();
     std::fs::write(env.locks.join(".hidden"), "").unwrap();
     let ready = env.path("ready");
     let job = holder(&env, &["--id", "a"], &ready);

@@ -111,7 +111,8 @@ fn record_locally(dir: &Path, target: &str, id: &Id, line: &str) -> Result<()> {
         jobs: crate::jobs::MAX_JOBS,
         deadline: Some(Instant::now()),
         max_waiting: None,
-        background: false,
+        // A background slot is what the engine records an outcome for.
+        background: true,
         command: "",
     };
     let mut signals = Signals::install()?;
