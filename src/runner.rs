@@ -13,7 +13,8 @@
 //! qsem stops its own job for two reasons, `--timeout` and a lost slot under
 //! `--on-lost=kill`, the same way: SIGTERM to the job's process group, then
 //! SIGKILL a grace period later if it is still there (`--kill-after`, or
-//! [`LOST_GRACE`]). The report line says what was sent, and nothing else.
+//! the grace the engine gives with its [`SlotEvent::Lost`]). The report line
+//! says what was sent, and nothing else.
 
 use crate::child::{self, Target};
 use crate::command::Command;
@@ -29,9 +30,6 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
-
-/// With `--on-lost=kill`: how long a job has between SIGTERM and SIGKILL.
-pub const LOST_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a child is left unreaped between looks when the kernel has no
 /// pidfds (before Linux 5.3) to say that it ended.
@@ -249,7 +247,8 @@ pub fn conclude(cfg: &Config, display: &str, ended: Ended, ran: Duration) -> Out
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reason {
     TimedOut,
-    Lost,
+    /// The slot was lost; the engine gives the job this long to stop.
+    Lost(Duration),
 }
 
 /// qsem stopping its job: SIGTERM, then SIGKILL after a grace period.
@@ -276,7 +275,7 @@ impl Stop {
     fn grace(&self, reason: Reason) -> Duration {
         match reason {
             Reason::TimedOut => self.kill_after,
-            Reason::Lost => LOST_GRACE,
+            Reason::Lost(grace) => grace,
         }
     }
 
@@ -316,7 +315,7 @@ impl Stop {
             Some((Reason::TimedOut, _)) => Ended::TimedOut {
                 killed_after: self.killed.then_some(self.kill_after),
             },
-            Some((Reason::Lost, _)) => Ended::Lost,
+            Some((Reason::Lost(_), _)) => Ended::Lost,
         }
     }
 }
@@ -366,16 +365,16 @@ fn supervise(
 fn slot_event(cfg: &Config, event: SlotEvent, stop: &mut Stop, target: &Target) {
     let stopping = stop.began.is_some();
     match event {
-        SlotEvent::Lost(why) if cfg.on_lost == OnLost::Kill => {
+        SlotEvent::Lost { why, grace } if cfg.on_lost == OnLost::Kill => {
             if !stopping {
-                let grace = duration::concise(LOST_GRACE);
+                let after = duration::concise(grace);
                 let what =
-                    format!("{why}; stopping the command (SIGTERM, then SIGKILL after {grace})");
+                    format!("{why}; stopping the command (SIGTERM, then SIGKILL after {after})");
                 report::line(&cfg.id, &what);
-                stop.begin(Reason::Lost, target);
+                stop.begin(Reason::Lost(grace), target);
             }
         }
-        SlotEvent::Lost(why) => report::line(
+        SlotEvent::Lost { why, .. } => report::line(
             &cfg.id,
             &format!("{why}; the command runs on, and qsem tries to take a slot again"),
         ),

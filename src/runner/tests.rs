@@ -95,7 +95,7 @@ fn a_timeout_stops_the_job_and_says_what_was_sent() {
 
 #[test]
 fn a_lost_slot_warns_or_stops_the_job() {
-    let lost = || Next::Slot(vec![SlotEvent::Lost("the server is gone".into())]);
+    let lost = || Next::Slot(vec![SlotEvent::lost("the server is gone".into())]);
     let mut fake = Fake::answering([lost(), lost()]);
     let o = outcome(&config(&[]), &sh("sleep 0.2; exit 0"), &mut fake);
     assert_eq!(o.exit, Exit::OK, "--on-lost=warn lets the job run on");
@@ -104,6 +104,26 @@ fn a_lost_slot_warns_or_stops_the_job() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_eq!(o.exit, Exit::SLOT_LOST);
     assert!(o.said, "the loss is said when it happens, not again");
+}
+
+#[test]
+fn a_lost_slot_s_job_is_killed_within_the_engine_s_grace() {
+    // A job that ignores SIGTERM must still be gone once the engine's grace
+    // has passed: the engine may give the slot away soon after.
+    let lost = SlotEvent::Lost {
+        why: "cut off".into(),
+        grace: Duration::from_millis(300),
+    };
+    let mut fake = Fake::answering([Next::Slot(vec![lost])]);
+    let started = Instant::now();
+    let cfg = config(&["--on-lost", "kill"]);
+    let o = outcome(&cfg, &sh("trap '' TERM; sleep 30"), &mut fake);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "SIGKILL came after {:?}, not after the engine's 300ms",
+        started.elapsed()
+    );
+    assert_eq!(o.exit, Exit::SLOT_LOST);
 }
 
 #[test]

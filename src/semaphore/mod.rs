@@ -26,7 +26,7 @@ use crate::signals::{Received, Signals};
 use anyhow::Result;
 use std::os::fd::BorrowedFd;
 use std::path::Path;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// What an invocation asks for.
 #[derive(Debug, Clone, Copy)]
@@ -88,14 +88,30 @@ pub trait Slot {
     fn finish(self: Box<Self>, failure: Option<&str>) -> Result<()>;
 }
 
+/// How long a job whose slot was lost has, under `--on-lost=kill`, between
+/// SIGTERM and SIGKILL, unless its engine must have it end sooner.
+pub const LOST_GRACE: Duration = Duration::from_secs(10);
+
 /// Something that happened to a held slot.
-#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SlotEvent {
-    /// The slot is no longer held; the text says why, for one stderr line.
-    Lost(String),
+    /// The slot is no longer held. `why` is for one stderr line; `grace` is
+    /// how long the job may take to stop under `--on-lost=kill` (SIGTERM now,
+    /// SIGKILL when it has passed): an engine that can give the slot to
+    /// someone else at a known time says how long the job has before then.
+    Lost { why: String, grace: Duration },
     /// The slot was lost and has been taken again; the text says which.
     Regained(String),
+}
+
+impl SlotEvent {
+    /// The slot is lost, and the job may take [`LOST_GRACE`] to stop.
+    pub fn lost(why: String) -> SlotEvent {
+        SlotEvent::Lost {
+            why,
+            grace: LOST_GRACE,
+        }
+    }
 }
 
 /// One held slot, as `--status` shows it.

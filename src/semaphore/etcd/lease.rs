@@ -26,7 +26,7 @@ use super::keys::Keys;
 use super::watchdog::{self, Watchdog};
 use super::wire::{b64, int};
 use crate::duration;
-use crate::runner::LOST_GRACE;
+use crate::semaphore::LOST_GRACE;
 use crate::semaphore::{Slot, SlotEvent};
 use crate::sys;
 use anyhow::{Context, Result};
@@ -279,7 +279,7 @@ impl Keeper {
             Ok(false) if self.lost => self.retake(),
             Ok(false) => {
                 self.lost = true;
-                self.tell(SlotEvent::Lost(format!(
+                self.tell(SlotEvent::lost(format!(
                     "slot {}'s lease expired on the etcd cluster",
                     self.h.slot
                 )));
@@ -287,7 +287,7 @@ impl Keeper {
             }
             Err(_) if !self.lost && self.h.confirmed.elapsed() >= limit => {
                 self.lost = true;
-                self.tell(SlotEvent::Lost(format!(
+                self.tell(SlotEvent::lost(format!(
                     "etcd has not confirmed slot {}'s lease for {} (it expires {} after the last renewal)",
                     self.h.slot,
                     duration::human(self.h.confirmed.elapsed()),
@@ -353,7 +353,7 @@ impl Keeper {
         );
         match Watchdog::start(pid, due, message) {
             Ok(w) => self.watchdog = Some(w),
-            Err(e) => self.tell(SlotEvent::Lost(format!(
+            Err(e) => self.tell(SlotEvent::lost(format!(
                 "cannot guard the job against a lost lease ({e:#})"
             ))),
         }

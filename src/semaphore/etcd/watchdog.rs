@@ -18,7 +18,7 @@
 //! makes system calls only, allocating nothing, as a child of a threaded
 //! process must.
 
-use crate::runner::LOST_GRACE;
+use crate::semaphore::LOST_GRACE;
 use anyhow::{Context, Result};
 use rustix::event::{PollFd, PollFlags, poll};
 use rustix::process::{Pid, PidfdFlags, Signal};

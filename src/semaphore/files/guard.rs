@@ -118,7 +118,7 @@ impl Guard {
                 Ok(None) => next = BUSY_GAP,
                 Err(e) if !self.complained => {
                     self.complained = true;
-                    events.push(SlotEvent::Lost(format!(
+                    events.push(SlotEvent::lost(format!(
                         "{} was removed while this job held it, and cannot be put back: {e:#}",
                         self.watch.path.display()
                     )));

@@ -6,8 +6,9 @@
 //! sooner than `F` (the keepalive and `tcp_user_timeout` sum) after the last
 //! query it answered. Heartbeats go every `F/4`; a holder whose last
 //! confirmed heartbeat was *sent* `F/2` ago reports the slot lost, so that
-//! under `--on-lost=kill` the job is stopped (SIGTERM, then SIGKILL after
-//! the runner's grace) while the server still holds the slot for it.
+//! under `--on-lost=kill` the job is stopped (SIGTERM, then SIGKILL within
+//! `F/2 - 0.5s`, at most the usual grace) while the server still holds the
+//! slot for it.
 //!
 //! A session that ends (a restart, `pg_terminate_backend`) is opened again
 //! at once and the holder takes its own slot back, ahead of newcomers, who
@@ -21,7 +22,7 @@ use super::failures::Recorder;
 use super::session::{News, Record, Session};
 use super::{Postgres, RECLAIM_GRACE, runtime};
 use crate::id::Id;
-use crate::semaphore::{Slot, SlotEvent};
+use crate::semaphore::{LOST_GRACE, Slot, SlotEvent};
 use crate::sys;
 use anyhow::{Context, Result, bail};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -263,11 +264,18 @@ impl Holding {
         }
     }
 
+    /// Reports the slot lost. It is reported no later than `F/2` after the
+    /// last confirmed heartbeat was sent, so the server keeps the slot for at
+    /// least `F/2` more: the job's SIGKILL must come half a second before
+    /// that (and no later than the runner's usual grace).
     fn lose(&self, slot: u32, why: String) -> State {
-        self.tell(SlotEvent::Lost(format!(
-            "lost slot {slot} on PostgreSQL at {}: {why}",
-            self.c.target
-        )));
+        let grace = (self.bound() / 2)
+            .saturating_sub(Duration::from_millis(500))
+            .min(LOST_GRACE);
+        self.tell(SlotEvent::Lost {
+            why: format!("lost slot {slot} on PostgreSQL at {}: {why}", self.c.target),
+            grace,
+        });
         State::Lost
     }
 
