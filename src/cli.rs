@@ -155,7 +155,7 @@ pub struct Cli {
     #[arg(long, value_name = "DUR", requires = "history")]
     pub since: Option<String>,
 
-    /// Print the journal and the live holders in Prometheus's text format, for node_exporter
+    /// Print the journal and the live holders, of ID or of every id, in Prometheus's text format
     #[arg(long, conflicts_with_all = ["command", "shell_command", "status", "bg", "each", "wait_all", "history", "json"])]
     pub metrics: bool,
 
@@ -182,6 +182,7 @@ pub struct Cli {
     pub semaphore_timeout: Option<String>,
 
     /// A shared server instead of lock files: postgres://[USER[:PASSWORD]@]HOST[:PORT]/DB[?sslmode=...]
+    /// or etcd://HOST:PORT[,HOST:PORT...] (etcds:// for TLS)
     // The URL may hold a password: --help must not show the variable's value.
     #[arg(long, value_name = "URL", env = "QSEM_BACKEND", hide_env_values = true)]
     pub backend: Option<String>,

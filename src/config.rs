@@ -208,8 +208,9 @@ pub enum Mode {
         since: Option<Duration>,
         json: bool,
     },
-    /// `--metrics`: the journal and the live holders as Prometheus text.
-    Metrics,
+    /// `--metrics`: the journal and the live holders, of one id or of all,
+    /// as Prometheus text.
+    Metrics { only: Option<Id> },
     /// Print a shell completion script.
     Completions(clap_complete::Shell),
 }
@@ -290,7 +291,9 @@ fn mode(id: &Id, cli: &mut Cli) -> Result<Mode> {
             json: cli.json,
         }
     } else if cli.metrics {
-        Mode::Metrics
+        Mode::Metrics {
+            only: cli.id.is_some().then(|| id.clone()),
+        }
     } else if cli.wait_all {
         Mode::WaitAll
     } else {

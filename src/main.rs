@@ -87,7 +87,7 @@ fn run(cfg: Config) -> Result<Exit> {
         Mode::History { only, since, json } => {
             write_out(history::show(&cfg, only.as_ref(), *since, *json)?.as_bytes())
         }
-        Mode::Metrics => write_out(history::metrics(&cfg)?.as_bytes()),
+        Mode::Metrics { only } => write_out(history::metrics(&cfg, only.as_ref())?.as_bytes()),
         Mode::Completions(shell) => {
             let mut cmd = cli::completion_command();
             // Into memory first: clap_complete panics on a write error.

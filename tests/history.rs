@@ -443,3 +443,14 @@ fn timeouts_and_the_backlog_are_recorded_as_such() {
         "{outcomes:?}"
     );
 }
+
+#[test]
+fn metrics_of_one_id_leave_the_others_out() {
+    let env = Env::new();
+    assert_eq!(run(env.qsem().args(["--id", "mine", "true"])).0, 0);
+    assert_eq!(run(env.qsem().args(["--id", "other", "true"])).0, 0);
+    let (code, text, err) = run(env.qsem().args(["--metrics", "--id", "mine"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(text.contains("id=\"mine\""), "{text}");
+    assert!(!text.contains("id=\"other\""), "{text}");
+}

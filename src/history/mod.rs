@@ -195,13 +195,13 @@ pub fn show(
 
 /// `--metrics`: every id's journal, and the live holders and waiters of the
 /// configured engine, in Prometheus's text exposition format.
-pub fn metrics(cfg: &Config) -> Result<String> {
-    let journals = journal::read(&cfg.dir, None)?;
+pub fn metrics(cfg: &Config, only: Option<&Id>) -> Result<String> {
+    let journals = journal::read(&cfg.dir, only)?;
     // No lock directory yet: nothing is held, and nothing is to be created.
     let live = if cfg.backend == Backend::Files && !cfg.dir.exists() {
         Vec::new()
     } else {
-        semaphore::open(&cfg.backend, &cfg.dir, false)?.status(None)?
+        semaphore::open(&cfg.backend, &cfg.dir, false)?.status(only)?
     };
     Ok(prometheus::render(&journals, &live))
 }
