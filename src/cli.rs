@@ -53,7 +53,7 @@ lost. Invoked as `sem`, qsem reads GNU sem's command lines. See qsem(1).";
     version,
     after_help = EXAMPLES,
     max_term_width = 100,
-    override_usage = "qsem [OPTIONS] [--] COMMAND [ARG]...\n       qsem [OPTIONS] -c STRING\n       qsem [OPTIONS] --each [--] COMMAND [ARG]...\n       qsem --id ID --wait-all [--wait DUR]\n       qsem --status [--id ID] [--json]\n       qsem --history [--id ID] [--since DUR] [--json]\n       qsem --metrics"
+    override_usage = "qsem [OPTIONS] [--] COMMAND [ARG]...\n       qsem [OPTIONS] -c STRING\n       qsem [OPTIONS] --each [--] COMMAND [ARG]...\n       qsem --id ID --wait-all [--wait DUR]\n       qsem --status [--id ID] [--json]\n       qsem --history [--id ID] [--since DUR] [--json]\n       qsem --metrics [--id ID]"
 )]
 pub struct Cli {
     /// The semaphore's name: any non-empty string of up to 255 bytes [default: default]

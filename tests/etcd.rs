@@ -248,3 +248,52 @@ fn background_failures_are_kept_for_the_next_wait_all() {
     let (code, _, err) = run(qsem(&env, &url).args(["--id", "bg", "--wait-all"]));
     assert_eq!((code, err.as_str()), (0, ""));
 }
+
+#[test]
+fn a_full_backlog_gives_up_at_once() {
+    let Some(c) = shared() else { return };
+    let env = Env::new();
+    let url = c.url();
+    let h = hold(&env, &url, &["--id", "mw", "-j1"], "h");
+    let w = spawn(&env, &url, &["--id", "mw", "-j1"], "w");
+    assert!(eventually(SOON, || counts(&env, &url, "mw") == (1, 1)));
+    // One waits already: with --max-waiting 1 a newcomer gives up at once,
+    // silently, with the -E status, although it would wait 20s.
+    let t = Instant::now();
+    let args = [
+        "--id",
+        "mw",
+        "--max-waiting",
+        "1",
+        "--wait",
+        "20s",
+        "-E",
+        "9",
+        "true",
+    ];
+    let (code, out, err) = run(qsem(&env, &url).args(args));
+    assert_eq!((code, out.as_str(), err.as_str()), (9, "", ""));
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // With room in the backlog it queues, and its wait expires as usual.
+    let args = [
+        "--id",
+        "mw",
+        "--max-waiting",
+        "2",
+        "--wait",
+        "1s",
+        "-E",
+        "8",
+        "true",
+    ];
+    let t = Instant::now();
+    assert_eq!(run(qsem(&env, &url).args(args)).0, 8);
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    stop(&env);
+    assert_eq!(h.end(), (0, String::new()));
+    assert_eq!(w.end(), (0, String::new()));
+}

@@ -429,3 +429,51 @@ fn tls_when_asked_with_the_certificate_verified() {
     );
     assert!(err.to_lowercase().contains("certificate"), "{err}");
 }
+
+#[test]
+fn a_full_backlog_gives_up_at_once() {
+    let Some((env, c)) = setup() else { return };
+    let holder = hold(&env, c, &["--id", "backlog"], "h");
+    let mut waiter = qsem(&env, c)
+        .args(["--id", "backlog", "--", "true"])
+        .spawn()
+        .unwrap();
+    assert!(eventually(SOON, || {
+        let (_, out, _) = run(qsem(&env, c).args(["--status", "--id", "backlog"]));
+        out.contains("backlog: 1 held, 1 waiting")
+    }));
+    // One waits already (on this host): a newcomer with --max-waiting 1
+    // gives up at once, silently, with the -E status.
+    let t = Instant::now();
+    let args = [
+        "--id",
+        "backlog",
+        "--max-waiting",
+        "1",
+        "--wait",
+        "20s",
+        "-E",
+        "9",
+        "true",
+    ];
+    let (code, out, err) = run(qsem(&env, c).args(args));
+    assert_eq!((code, out.as_str(), err.as_str()), (9, "", ""));
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // --max-waiting 0: run now or never.
+    let args = [
+        "--id",
+        "backlog",
+        "--max-waiting",
+        "0",
+        "--wait",
+        "20s",
+        "-E",
+        "7",
+        "true",
+    ];
+    let t = Instant::now();
+    assert_eq!(run(qsem(&env, c).args(args)).0, 7);
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    finish(&env, vec![holder]);
+    assert!(waiter.wait().unwrap().success());
+}

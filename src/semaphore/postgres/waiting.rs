@@ -57,9 +57,12 @@ pub fn local_id(target: &str, id: &Id, what: &str) -> Id {
 
 pub fn acquire(pg: &mut Postgres, req: &Request, signals: &mut Signals) -> Result<Acquired> {
     let gate_id = local_id(&pg.connector.target, req.id, "head");
+    // The head holds the gate while it waits on the server: it is one of
+    // this host's waiters, besides those queued for the gate.
     let gate_req = Request {
         id: &gate_id,
         jobs: 1,
+        max_waiting: req.max_waiting.map(|k| k.saturating_sub(1)),
         ..*req
     };
     let gate = match pg.local()?.acquire(&gate_req, signals)? {
@@ -82,6 +85,7 @@ pub fn acquire(pg: &mut Postgres, req: &Request, signals: &mut Signals) -> Resul
     let (s, slot, server_ms) = match got? {
         Ended::Took(s, slot, ms) => (s, slot, ms),
         Ended::TimedOut => return Ok(Acquired::TimedOut),
+        Ended::Crowded => return Ok(Acquired::Crowded),
         Ended::Interrupted(r) => return Ok(Acquired::Interrupted(r)),
     };
     rec.started_ms = server_ms;
@@ -94,6 +98,8 @@ enum Ended {
     /// The session, the slot, and the server's clock then (ms).
     Took(Session, u32, u64),
     TimedOut,
+    /// `--max-waiting 0` and no free slot: run now or never.
+    Crowded,
     Interrupted(Received),
 }
 
@@ -149,6 +155,10 @@ async fn on_server(
                 return Ok(Ended::Took(s.take().expect("a session"), slot, now));
             }
             Ok(Attempt::Shared) => bail!(no_session_locks(&c.target, "")),
+            Ok(Attempt::Wait { held }) if req.max_waiting == Some(0) => {
+                say(&format!("no free slot ({held} held), and --max-waiting 0"));
+                return Ok(Ended::Crowded);
+            }
             Ok(Attempt::Wait { held }) if !may_wait => {
                 say(&format!("no free slot ({held} held); giving up at once"));
                 return Ok(Ended::TimedOut);
