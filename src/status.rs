@@ -1,13 +1,17 @@
 //! `--status`: the holders and waiters the semaphore reports, as an aligned
 //! table for people or one JSON document for programs. Pure rendering: the
 //! data comes from `Semaphore::status`.
+//!
+//! Waiters are listed as far as the engine can name them; the count
+//! (`waiting`) stays the truth, so a list shorter than the count is shown
+//! as it is, never padded or taken as complete. An age nobody knows is "?"
+//! in the table and `null` in JSON.
 
 use crate::duration;
 use crate::semaphore::IdStatus;
 use std::fmt::Write;
 use std::time::SystemTime;
 
-/// The table: one row per held slot, then one summary line per id.
 /// What `--status` prints: a table for people, or one JSON document.
 pub fn render(ids: &[IdStatus], json: bool, now: SystemTime) -> String {
     if json {
@@ -25,10 +29,20 @@ pub fn nobody(only: Option<&crate::id::Id>) -> Vec<IdStatus> {
             id: id.clone(),
             holders: Vec::new(),
             waiting: 0,
+            waiters: Vec::new(),
         })
         .collect()
 }
 
+/// How long ago `t` was, for the table.
+fn age(t: Option<SystemTime>, now: SystemTime) -> String {
+    t.and_then(|t| now.duration_since(t).ok())
+        .map_or("?".into(), duration::human)
+}
+
+/// The table: one row per held slot, one per named waiter (slot column
+/// "waiting", the elapsed column the time waited), then one summary line
+/// per id.
 pub fn table(ids: &[IdStatus], now: SystemTime) -> String {
     if ids.is_empty() {
         return "no slot held, nobody waiting\n".to_string();
@@ -41,10 +55,18 @@ pub fn table(ids: &[IdStatus], now: SystemTime) -> String {
                 h.slot.to_string(),
                 h.pid.to_string(),
                 h.host.clone(),
-                h.started
-                    .and_then(|t| now.duration_since(t).ok())
-                    .map_or("?".into(), duration::human),
+                age(h.started, now),
                 h.command.clone(),
+            ]);
+        }
+        for w in &s.waiters {
+            rows.push([
+                s.id.to_string(),
+                "waiting".into(),
+                w.pid.to_string(),
+                w.host.clone(),
+                age(w.since, now),
+                String::new(),
             ]);
         }
     }
@@ -82,7 +104,9 @@ pub fn table(ids: &[IdStatus], now: SystemTime) -> String {
     out
 }
 
-/// One JSON document: `{"ids": [{"id", "held", "waiting", "holders": [...]}]}`.
+/// One JSON document: `{"ids": [{"id", "held", "waiting", "holders": [...],
+/// "waiters": [...]}]}`; times are seconds (since the epoch for `started`
+/// and `since`), `null` where unknown.
 pub fn json(ids: &[IdStatus], now: SystemTime) -> String {
     let mut out = String::from("{\"ids\":[");
     for (i, s) in ids.iter().enumerate() {
@@ -100,29 +124,45 @@ pub fn json(ids: &[IdStatus], now: SystemTime) -> String {
             if j > 0 {
                 out.push(',');
             }
-            let started = h
-                .started
-                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
-            let elapsed = h.started.and_then(|t| now.duration_since(t).ok());
-            let num = |d: Option<std::time::Duration>| {
-                d.map_or("null".into(), |d| format!("{:.3}", d.as_secs_f64()))
-            };
+            let (started, elapsed) = times(h.started, now);
             let _ = write!(
                 out,
-                "{{\"slot\":{},\"pid\":{},\"host\":{},\"jobs\":{},\"started\":{},\"elapsed\":{},\"command\":{}}}",
+                "{{\"slot\":{},\"pid\":{},\"host\":{},\"jobs\":{},\"started\":{started},\"elapsed\":{elapsed},\"command\":{}}}",
                 h.slot,
                 h.pid,
                 quote(&h.host),
                 h.jobs,
-                num(started),
-                num(elapsed),
                 quote(&h.command)
+            );
+        }
+        out.push_str("],\"waiters\":[");
+        for (j, w) in s.waiters.iter().enumerate() {
+            if j > 0 {
+                out.push(',');
+            }
+            let (since, waited) = times(w.since, now);
+            let _ = write!(
+                out,
+                "{{\"pid\":{},\"host\":{},\"since\":{since},\"waited\":{waited}}}",
+                w.pid,
+                quote(&w.host),
             );
         }
         out.push_str("]}");
     }
     out.push_str("]}\n");
     out
+}
+
+/// A time as JSON seconds since the epoch, and its age at `now`.
+fn times(t: Option<SystemTime>, now: SystemTime) -> (String, String) {
+    let num = |d: Option<std::time::Duration>| {
+        d.map_or("null".into(), |d| format!("{:.3}", d.as_secs_f64()))
+    };
+    (
+        num(t.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())),
+        num(t.and_then(|t| now.duration_since(t).ok())),
+    )
 }
 
 /// A JSON string literal.
@@ -150,7 +190,7 @@ pub fn quote(s: &str) -> String {
 mod tests {
     use super::*;
     use crate::id::Id;
-    use crate::semaphore::Holder;
+    use crate::semaphore::{Holder, Waiter};
     use std::ffi::OsStr;
     use std::time::Duration;
 
@@ -167,6 +207,19 @@ mod tests {
                 command: "Import \"x\"".into(),
             }],
             waiting: 3,
+            // One of the three unnamed: only a count is known of it.
+            waiters: vec![
+                Waiter {
+                    pid: 77,
+                    host: "web2".into(),
+                    since: Some(now - Duration::from_secs(5)),
+                },
+                Waiter {
+                    pid: 78,
+                    host: "web1".into(),
+                    since: None,
+                },
+            ],
         }];
         (ids, now)
     }
@@ -175,7 +228,15 @@ mod tests {
     fn table_rows_and_summary() {
         let (ids, now) = sample();
         let t = table(&ids, now);
-        assert!(t.starts_with("ID    SLOT  PID  HOST  ELAPSED  COMMAND\nproc  1     42   web1  12.4s    Import \"x\"\n"), "{t}");
+        assert!(
+            t.starts_with(
+                "ID    SLOT     PID  HOST  ELAPSED  COMMAND\n\
+                 proc  1        42   web1  12.4s    Import \"x\"\n\
+                 proc  waiting  77   web2  5.0s\n\
+                 proc  waiting  78   web1  ?\n\n"
+            ),
+            "{t}"
+        );
         assert!(t.ends_with("proc: 1 held, 3 waiting\n"), "{t}");
         assert_eq!(table(&[], now), "no slot held, nobody waiting\n");
     }
@@ -185,7 +246,9 @@ mod tests {
         let (ids, now) = sample();
         assert_eq!(
             json(&ids, now),
-            "{\"ids\":[{\"id\":\"proc\",\"held\":1,\"waiting\":3,\"holders\":[{\"slot\":1,\"pid\":42,\"host\":\"web1\",\"jobs\":2,\"started\":987.600,\"elapsed\":12.400,\"command\":\"Import \\\"x\\\"\"}]}]}\n"
+            "{\"ids\":[{\"id\":\"proc\",\"held\":1,\"waiting\":3,\"holders\":[{\"slot\":1,\"pid\":42,\"host\":\"web1\",\"jobs\":2,\"started\":987.600,\"elapsed\":12.400,\"command\":\"Import \\\"x\\\"\"}],\
+             \"waiters\":[{\"pid\":77,\"host\":\"web2\",\"since\":995.000,\"waited\":5.000},\
+             {\"pid\":78,\"host\":\"web1\",\"since\":null,\"waited\":null}]}]}\n"
         );
         assert_eq!(quote("a\u{1}"), "\"a\\u0001\"");
     }

@@ -6,7 +6,7 @@
 #![cfg(feature = "postgres")]
 
 mod common;
-use common::postgres::{Cluster, PASSWORD, finish, free_port, held, hold, qsem, shared};
+use common::postgres::{Cluster, Job, PASSWORD, finish, free_port, held, hold, qsem, shared};
 use common::{Env, SOON, eventually, kill, run, wait_for_file};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -335,6 +335,38 @@ fn status_lists_holders_and_waiters() {
     finish(&env, vec![a, b]);
     let mut waiter = waiter;
     assert!(waiter.wait().unwrap().success());
+}
+
+/// Both kinds of waiter are named with their pid, host and age: the head of
+/// this host's queue (on the server) and the one queued behind it (locally).
+#[test]
+fn status_names_the_waiters_on_the_server_and_in_the_local_queue() {
+    let Some((env, c)) = setup() else { return };
+    let h = hold(&env, c, &["--id", "st-named"], "h");
+    let mut waiters = Vec::new();
+    for i in 0..2 {
+        let w = qsem(&env, c)
+            .args(["--id", "st-named", "--", "true"])
+            .spawn();
+        waiters.push(Job(Some(w.unwrap())));
+        assert!(eventually(SOON, || {
+            let (_, out, _) = run(qsem(&env, c).args(["--status", "--id", "st-named"]));
+            out.contains(&format!("st-named: 1 held, {} waiting", i + 1))
+        }));
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let (code, json, err) = run(qsem(&env, c).args(["--status", "--id", "st-named", "--json"]));
+    assert_eq!((code, err.as_str()), (0, ""));
+    for w in &waiters {
+        let pid = w.0.as_ref().unwrap().id();
+        let named = format!("{{\"pid\":{pid},\"host\":\"{}\",\"since\":", host.trim());
+        assert!(json.contains(&named), "{named} in {json}");
+    }
+    assert!(!json.contains("\"waited\":null"), "{json}");
+    finish(&env, vec![h]);
+    for mut w in waiters {
+        assert!(w.0.take().unwrap().wait().unwrap().success());
+    }
 }
 
 #[test]

@@ -342,3 +342,54 @@ fn wait_all_woken_before_the_lock_is_dropped_still_returns() {
     );
     assert_eq!(w.wait().unwrap().code(), Some(0));
 }
+
+/// `--status` names each waiter, oldest first, with its pid, host and age.
+#[test]
+fn status_lists_each_waiter_with_its_pid_host_and_age() {
+    let env = Env::new();
+    let ready = env.path("ready");
+    let h = holder(&env, &["--id", "named"], &ready);
+    assert!(wait_for_file(&ready, SOON));
+    let mut waiters = Vec::new();
+    for i in 0..2 {
+        waiters.push(
+            env.qsem()
+                .args(["--id", "named", "--", "true"])
+                .spawn()
+                .unwrap(),
+        );
+        assert!(eventually(SOON, || held_and_waiting(&env, "named").1 == i + 1));
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let (_, out, _) = run(env.qsem().args(["--status", "--json", "--id", "named"]));
+    let listed: Vec<String> = waiters
+        .iter()
+        .map(|w| {
+            format!(
+                "{{\"pid\":{},\"host\":\"{}\",\"since\":",
+                w.id(),
+                host.trim()
+            )
+        })
+        .collect();
+    let at: Vec<usize> = listed
+        .iter()
+        .map(|l| {
+            out.find(l.as_str())
+                .unwrap_or_else(|| panic!("{l} in {out}"))
+        })
+        .collect();
+    assert!(at[0] < at[1], "oldest first: {out}");
+    assert!(!out.contains("\"waited\":null"), "{out}");
+    let (_, table, _) = run(env.qsem().args(["--status", "--id", "named"]));
+    for w in &waiters {
+        assert!(
+            table.contains(&format!("named  waiting  {}", w.id())),
+            "{table}"
+        );
+    }
+    release(h);
+    for mut w in waiters {
+        assert!(w.wait().unwrap().success());
+    }
+}

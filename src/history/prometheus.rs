@@ -180,6 +180,7 @@ mod tests {
                 command: "x".into(),
             }],
             waiting: 3,
+            waiters: Vec::new(),
         }];
         let text = render(&journal, &live);
         let lines: Vec<&str> = text.lines().collect();

@@ -132,7 +132,21 @@ pub struct Holder {
 pub struct IdStatus {
     pub id: Id,
     pub holders: Vec<Holder>,
+    /// How many wait for a slot.
     pub waiting: u32,
+    /// The waiters the engine can name, oldest first: all of `waiting`, or
+    /// fewer where an engine knows only a count for some of them.
+    pub waiters: Vec<Waiter>,
+}
+
+/// One process waiting for a slot, as `--status` shows it.
+#[derive(Debug, Clone)]
+pub struct Waiter {
+    pub pid: u32,
+    pub host: String,
+    /// When it began to wait (on the server's clock where there is one,
+    /// as a time on ours); `None` where the engine does not know.
+    pub since: Option<SystemTime>,
 }
 
 /// How a wait for an id to fall idle ended.

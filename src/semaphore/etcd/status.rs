@@ -8,7 +8,7 @@ use super::client::{CallError, Client};
 use super::keys::{Keys, prefix_end};
 use super::wire::{b64, int, unb64};
 use crate::id::Id;
-use crate::semaphore::{Holder, IdStatus};
+use crate::semaphore::{Holder, IdStatus, Waiter};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -61,10 +61,22 @@ pub fn list(c: &Client, only: Option<&Id>) -> Result<Vec<IdStatus>, CallError> {
             })
             .collect();
         holders.sort_by_key(|h| h.slot);
+        // A waiter's record carries no start (it gets one with its slot),
+        // so its age is unknown.
+        let waiters = view
+            .waiters
+            .iter()
+            .map(|e| Waiter {
+                pid: e.record.pid,
+                host: e.record.host.clone(),
+                since: None,
+            })
+            .collect();
         out.push(IdStatus {
             id,
             holders,
             waiting: view.waiters.len() as u32,
+            waiters,
         });
     }
     Ok(out)

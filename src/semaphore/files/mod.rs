@@ -159,6 +159,7 @@ impl Semaphore for Files {
                         id,
                         holders: Vec::new(),
                         waiting: 0,
+                        waiters: Vec::new(),
                     });
                 }
                 continue;
@@ -167,12 +168,13 @@ impl Semaphore for Files {
             // probe gets in a taker's way; else without it.
             let _mutex = dir.try_mutex(&self.dir, true).ok().flatten();
             let holders = dir.holders(&self.dir)?;
-            let waiting = dir.count_waiters()?;
-            if only.is_some() || !holders.is_empty() || waiting > 0 {
+            let waiters = dir.waiters()?;
+            if only.is_some() || !holders.is_empty() || !waiters.is_empty() {
                 out.push(IdStatus {
                     id,
                     holders,
-                    waiting,
+                    waiting: waiters.len() as u32,
+                    waiters,
                 });
             }
         }

@@ -19,13 +19,14 @@
 //! the few entries it looks at after each wake-up.
 
 use super::lockdir::{IdDir, LockDir};
+use crate::semaphore::Waiter;
 use crate::sys::{self, Probe};
 use anyhow::{Context, Result};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// How long a waiter may leave a slot that is free for it, and for which it
 /// is first in line, untaken before it loses its turn.
@@ -158,13 +159,36 @@ impl IdDir {
         let _ = sys::unlink_at(self.queue.as_fd(), &t.name);
     }
 
-    /// Live waiters, for `--status` and `--max-waiting`.
+    /// Live waiters, for `--max-waiting`.
     pub fn count_waiters(&self) -> Result<u32> {
+        Ok(self.live_tickets()?.len() as u32)
+    }
+
+    /// Live waiters, oldest first, for `--status`: the pid and arrival in
+    /// each ticket's name; the host is this one (the lock directory is
+    /// local, as its `CLOCK_MONOTONIC` arrival times are).
+    pub fn waiters(&self) -> Result<Vec<Waiter>> {
+        let host = sys::hostname();
+        let (now, mono) = (SystemTime::now(), sys::monotonic_nanos());
+        Ok(self
+            .live_tickets()?
+            .into_iter()
+            .map(|t| Waiter {
+                pid: t.pid,
+                host: host.clone(),
+                since: u64::try_from(mono.saturating_sub(t.arrived))
+                    .ok()
+                    .and_then(|ago| now.checked_sub(Duration::from_nanos(ago))),
+            })
+            .collect())
+    }
+
+    fn live_tickets(&self) -> Result<Vec<TicketName>> {
         let Older(all) = self.older_than(u128::MAX)?;
         Ok(all
-            .iter()
+            .into_iter()
             .filter(|t| self.open_live_ticket(&t.name).is_some())
-            .count() as u32)
+            .collect())
     }
 }
 

@@ -8,7 +8,11 @@
 //! server pid, user and application), never as a free slot. Ages are
 //! computed on the server's clock, so a holder whose clock is off shows
 //! its true age. Waiters are the heads of the hosts' queues, the sessions
-//! named `qsem w <key> …`.
+//! named `qsem w <key> <jobs> <pid>@<host>`, aged from their session's
+//! start (when they began to wait on the server; the time they queued on
+//! their host before is not on the server); this host's own queue behind
+//! its head adds its waiters from the lock-file engine. Other hosts' queues
+//! are not on the server: neither counted nor listed.
 
 use super::admission::{Keys, slot_of};
 use super::connect::Connector;
@@ -18,7 +22,7 @@ use super::waiting::{Woke, sleep};
 use super::{Postgres, runtime};
 use crate::id::Id;
 use crate::report;
-use crate::semaphore::{Holder, IdStatus, Idle};
+use crate::semaphore::{Holder, IdStatus, Idle, Waiter};
 use crate::signals::Signals;
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -36,6 +40,7 @@ pub fn status(pg: &Postgres, only: Option<&Id>) -> Result<Vec<IdStatus>> {
         let gate = local_id(&pg.connector.target, &s.id, "head");
         for queue in local.status(Some(&gate))? {
             s.waiting += queue.waiting;
+            s.waiters.extend(queue.waiters);
         }
     }
     Ok(out)
@@ -60,7 +65,9 @@ fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
                  (extract(epoch FROM clock_timestamp()) * 1000)::int8::text, \
                  coalesce(host(a.client_addr), 'local') \
                  FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE {cond}; \
-                 SELECT application_name FROM pg_stat_activity \
+                 SELECT application_name, \
+                 (extract(epoch FROM now() - backend_start) * 1000)::int8::text \
+                 FROM pg_stat_activity \
                  WHERE application_name LIKE {} AND datname = current_database()",
                 lit(&like)
             ))
@@ -72,35 +79,32 @@ fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
     })?;
     let now = SystemTime::now();
     // Grouped by key prefix; the id's name comes from a record.
-    let mut by_key: BTreeMap<u64, (Option<Id>, Vec<Holder>, u32)> = BTreeMap::new();
+    type Entry = (Option<Id>, Vec<Holder>, Vec<Waiter>);
+    let mut by_key: BTreeMap<u64, Entry> = BTreeMap::new();
     for row in &locks {
         let Some((prefix, id, holder)) = holder_of(row, only.is_some(), now) else {
             continue;
         };
-        let entry = by_key.entry(prefix).or_insert((None, Vec::new(), 0));
+        let entry = by_key.entry(prefix).or_default();
         entry.0 = entry.0.take().or(id);
         entry.1.push(holder);
     }
     for row in &waiters {
-        let name = text(row, 0);
-        let Some(prefix) = name
-            .split(' ')
-            .nth(2)
-            .and_then(|h| u64::from_str_radix(h, 16).ok())
-        else {
-            continue;
-        };
-        by_key.entry(prefix).or_insert((None, Vec::new(), 0)).2 += 1;
+        if let Some((prefix, waiter)) = waiter_of(row, now) {
+            by_key.entry(prefix).or_default().2.push(waiter);
+        }
     }
     let mut out: Vec<IdStatus> = by_key
         .into_iter()
         .filter(|(_, (id, _, _))| id.is_some() || only.is_some())
-        .map(|(k, (id, mut holders, waiting))| {
+        .map(|(k, (id, mut holders, mut waiters))| {
             holders.sort_by_key(|h| h.slot);
+            waiters.sort_by_key(|w| w.since);
             IdStatus {
                 id: only.cloned().or(id).unwrap_or_else(|| unknown(k)),
                 holders,
-                waiting,
+                waiting: waiters.len() as u32,
+                waiters,
             }
         })
         .collect();
@@ -111,6 +115,7 @@ fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
             id: id.clone(),
             holders: Vec::new(),
             waiting: 0,
+            waiters: Vec::new(),
         });
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -165,6 +170,26 @@ fn holder_of(
         },
     };
     Some((prefix, id.map(|(id, _)| id), holder))
+}
+
+/// One head's session (`qsem w <key> <jobs> <pid>@<host>`, its age on the
+/// server in ms) as a waiter of key prefix `<key>`. A name cut at 63 bytes
+/// keeps what is left of the host.
+fn waiter_of(row: &[Option<String>], now: SystemTime) -> Option<(u64, Waiter)> {
+    let name = text(row, 0);
+    let mut it = name.splitn(5, ' ');
+    let prefix = u64::from_str_radix(it.nth(2)?, 16).ok()?;
+    let (pid, host) = it.nth(1)?.split_once('@')?;
+    let since = text(row, 1)
+        .parse()
+        .ok()
+        .and_then(|ms: u64| now.checked_sub(Duration::from_millis(ms)));
+    let waiter = Waiter {
+        pid: pid.parse().ok()?,
+        host: host.to_string(),
+        since,
+    };
+    Some((prefix, waiter))
 }
 
 fn unknown(k: u64) -> Id {
@@ -225,4 +250,23 @@ pub fn wait_idle(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heads_session_names_its_waiter() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let row = |name: &str, ms: &str| vec![Some(name.to_string()), Some(ms.to_string())];
+        let (prefix, w) = waiter_of(&row("qsem w 0000000001f 2 4242@web 1", "1500"), now).unwrap();
+        assert_eq!((prefix, w.pid, w.host.as_str()), (0x1f, 4242, "web 1"));
+        assert_eq!(w.since, Some(now - Duration::from_millis(1500)));
+        let (_, w) = waiter_of(&row("qsem w 0000000001f 2 7@h", ""), now).unwrap();
+        assert_eq!(w.since, None);
+        for bad in ["qsem w 0000000001f 2", "qsem w zz 2 7@h", "qsem w 1f 2 x@h"] {
+            assert!(waiter_of(&row(bad, "1"), now).is_none(), "{bad}");
+        }
+    }
 }
