@@ -10,10 +10,14 @@
 //! return libc's `stat`, which the file engine is written against (rustix's
 //! `Stat` is another type); [`poll_readable`] takes raw descriptor numbers;
 //! [`adopt_inherited`] takes ownership of a descriptor inherited by number.
-//! Elsewhere, `unsafe` is only where libc must be called: the signal
-//! handler (`signals.rs`), the `--bg` supervisor's `pre_exec`
-//! (`background.rs`), getpwuid_r for a home directory (`config.rs`) and
-//! sysconf for the online CPUs (`jobs.rs`).
+//! Elsewhere, `unsafe` is only where no safe form exists, each with its
+//! `// SAFETY:` line: the signal handler (`signals.rs`), the `--bg`
+//! supervisor's `pre_exec` (`background.rs`), getpwuid_r for a home
+//! directory (`config/dir.rs`), sysconf for the online CPUs (`jobs.rs`), the
+//! etcd engine's watchdog fork (`semaphore/etcd/watchdog.rs`), and the
+//! PostgreSQL engine's removal of a password from the environment at
+//! start-up and its registering of the signal pipe with tokio
+//! (`semaphore/postgres/{secrets,waiting}.rs`); tests aside.
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 use rustix::io::retry_on_intr;
