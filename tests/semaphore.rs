@@ -184,12 +184,14 @@ fn status_shows_holders_and_waiters() {
     assert!(common::eventually(SOON, || held_and_waiting(&env, "st") == (1, 1)));
     let (code, out, _) = run(env.qsem().args(["--status"]));
     assert_eq!(code, 0);
-    assert!(out.starts_with("ID  SLOT  PID"), "{out}");
+    assert!(out.starts_with("ID  SLOT     PID"), "{out}");
     let row = out.lines().nth(1).unwrap_or_default();
     assert!(
-        row.starts_with("st  1     ") && row.contains("sh -c 'touch"),
+        row.starts_with("st  1        ") && row.contains("sh -c 'touch"),
         "{out}"
     );
+    let waiter_row = format!("st  waiting  {}", waiter.id());
+    assert!(out.lines().any(|l| l.starts_with(&waiter_row)), "{out}");
     assert!(out.ends_with("st: 1 held, 1 waiting\n"), "{out}");
     release(h);
     assert!(waiter.wait().unwrap().success());
