@@ -10,20 +10,8 @@ command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 
 if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "etcd.sh: missing ${missing[*]}, and not root to install them" >&2
-        exit 1
-    fi
-    # Debian's etcd-server would start a service of its own: no service may
-    # start during the install (unless a policy is already in place).
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-        chmod +x /usr/sbin/policy-rc.d
-        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q </dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+    . "$(dirname "$0")/apt.sh"
+    apt_install etcd.sh "${missing[@]}"
 fi
 
 command -v etcd >/dev/null 2>&1 || { echo "etcd.sh: etcd still missing" >&2; exit 1; }

@@ -30,26 +30,15 @@ have_pgbouncer() { command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgboun
 have_pgbouncer || missing+=(pgbouncer)
 
 if [ ${#missing[@]} -gt 0 ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "postgres.sh: missing ${missing[*]}, and not root to install them" >&2
-        exit 1
-    fi
+    . "$(dirname "$0")/apt.sh"
+    need_root postgres.sh "${missing[@]}"
     # Debian's package would create and start a cluster of its own; the tests
     # need only the binaries.
     mkdir -p /etc/postgresql-common
     if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
         echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
     fi
-    # Debian's pgbouncer would start a service of its own: no service may
-    # start during the install (unless a policy is already in place).
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-        chmod +x /usr/sbin/policy-rc.d
-        trap 'rm -f /usr/sbin/policy-rc.d' EXIT
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q </dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+    apt_install postgres.sh "${missing[@]}"
 fi
 
 have_postgres || { echo "postgres.sh: PostgreSQL binaries still missing" >&2; exit 1; }

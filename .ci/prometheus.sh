@@ -8,18 +8,15 @@ set -euo pipefail
 
 have() { python3 -c 'import prometheus_client.parser' >/dev/null 2>&1; }
 
+. "$(dirname "$0")/apt.sh"
 if ! command -v python3 >/dev/null 2>&1; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q </dev/null
-    apt-get install -y -q --no-install-recommends python3 </dev/null
+    apt_install prometheus.sh python3
 fi
 if ! have; then
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore prometheus_client </dev/null || true
 fi
 if ! have; then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q </dev/null
-    apt-get install -y -q --no-install-recommends python3-prometheus-client </dev/null
+    apt_install prometheus.sh python3-prometheus-client
 fi
 have || { echo "prometheus.sh: python3 still cannot import prometheus_client" >&2; exit 1; }
 echo "prometheus.sh: prometheus_client $(python3 -c 'from importlib.metadata import version; print(version("prometheus_client"))')"
