@@ -31,7 +31,7 @@ mod status;
 mod sys;
 
 use anyhow::{Context, Result};
-use config::{Backend, Config, Mode};
+use config::{Config, Mode};
 use exit::{Exit, Failure};
 use std::io::Write;
 use std::process::ExitCode;
@@ -69,12 +69,8 @@ fn run(cfg: Config) -> Result<Exit> {
     let open = || semaphore::open(&cfg.backend, &cfg.dir, cfg.verbose);
     match &cfg.mode {
         Mode::Status { only, json } => {
-            let ids = if cfg.backend == Backend::Files && !cfg.dir.exists() {
-                // No lock directory yet: nothing is held, nobody waits.
-                status::nobody(only.as_ref())
-            } else {
-                open()?.status(only.as_ref())?
-            };
+            let ids = semaphore::live(&cfg.backend, &cfg.dir, only.as_ref())?
+                .unwrap_or_else(|| status::nobody(only.as_ref()));
             write_out(status::render(&ids, *json, std::time::SystemTime::now()).as_bytes())
         }
         Mode::Run(cmd) => runner::run(&cfg, cmd, open()?.as_mut(), None),

@@ -25,7 +25,7 @@ mod record;
 mod summary;
 mod totals;
 
-use crate::config::{Backend, Config};
+use crate::config::Config;
 use crate::exit::{Exit, Failure};
 use crate::id::Id;
 use crate::report;
@@ -197,11 +197,6 @@ pub fn show(
 /// configured engine, in Prometheus's text exposition format.
 pub fn metrics(cfg: &Config, only: Option<&Id>) -> Result<String> {
     let journals = journal::read(&cfg.dir, only)?;
-    // No lock directory yet: nothing is held, and nothing is to be created.
-    let live = if cfg.backend == Backend::Files && !cfg.dir.exists() {
-        Vec::new()
-    } else {
-        semaphore::open(&cfg.backend, &cfg.dir, false)?.status(only)?
-    };
+    let live = semaphore::live(&cfg.backend, &cfg.dir, only)?.unwrap_or_default();
     Ok(prometheus::render(&journals, &live))
 }

@@ -183,6 +183,16 @@ pub trait Semaphore {
     fn take_failures(&mut self, id: &Id) -> Result<u32>;
 }
 
+/// Holders and waiters now, for `--status` and `--metrics`: `None` when the
+/// lock-file engine has no lock directory yet (nothing is held, and looking
+/// must not create it).
+pub fn live(backend: &Backend, dir: &Path, only: Option<&Id>) -> Result<Option<Vec<IdStatus>>> {
+    if *backend == Backend::Files && !dir.exists() {
+        return Ok(None);
+    }
+    open(backend, dir, false)?.status(only).map(Some)
+}
+
 /// The engine `backend` names. `dir` is the lock directory, this host's
 /// state on every engine.
 pub fn open(backend: &Backend, dir: &Path, verbose: bool) -> Result<Box<dyn Semaphore>> {
