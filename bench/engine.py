@@ -87,7 +87,10 @@ def handoffs(tool, waiters, mode, measured):
     jid = fresh("h")
     log = os.path.join(WORK, f"{jid}.log")
     job = [STAMP, log, "inf" if mode == "kill" else "20"]
-    procs = [spawn(wrap(tool, jid, job))]
+    # The first holder stays until every waiter has queued, then exits.
+    go = os.path.join(WORK, f"{jid}.go")
+    first = job if mode == "kill" else [STAMP, log, f"until:{go}"]
+    procs = [spawn(wrap(tool, jid, first))]
     wait_lines(log, 1)
     for i in range(waiters):
         procs.append(spawn(wrap(tool, jid, job)))
@@ -102,6 +105,8 @@ def handoffs(tool, waiters, mode, measured):
         while time.time() < deadline and queued(tool, jid) < waiters:
             time.sleep(0.1)
         time.sleep(0.5)
+    if mode != "kill":
+        open(go, "w").close()
     ends = {}
     if mode == "kill":
         seen = set()

@@ -1,5 +1,6 @@
 //! The benchmark's job: appends `S <pid> <ns>` (CLOCK_MONOTONIC) to LOG as its
-//! very first action, sleeps HOLD milliseconds (`inf`: until killed), then
+//! very first action, sleeps HOLD milliseconds (`inf`: until killed;
+//! `until:PATH`: until PATH exists, looking every millisecond), then
 //! appends `E <pid> <ns>` as its very last action and exits. One write(2) per
 //! line on an O_APPEND file, so lines from concurrent jobs never interleave.
 
@@ -25,7 +26,7 @@ fn now_ns() -> i64 {
 fn main() {
     let t = now_ns();
     let mut args = std::env::args().skip(1);
-    let log = args.next().expect("usage: stamp LOG [HOLD_MS|inf]");
+    let log = args.next().expect("usage: stamp LOG [HOLD_MS|inf|until:PATH]");
     let hold = args.next().unwrap_or_else(|| "0".into());
     let mut f = std::fs::OpenOptions::new()
         .append(true)
@@ -39,7 +40,12 @@ fn main() {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
     }
-    let ms: u64 = hold.parse().expect("HOLD_MS");
+    if let Some(path) = hold.strip_prefix("until:") {
+        while !std::path::Path::new(path).exists() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+    let ms: u64 = hold.strip_prefix("until:").map_or(hold.as_str(), |_| "0").parse().expect("HOLD_MS");
     if ms > 0 {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
