@@ -213,7 +213,9 @@ fn an_expired_wait_is_silent_and_exits_with_the_conflict_code() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(
-        queue.iter().all(|n| n == "lock" || n == "failed"),
+        queue
+            .iter()
+            .all(|n| n == "lock" || n == "census" || n == "failed"),
         "{queue:?}"
     );
     release(h);

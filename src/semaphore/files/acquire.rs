@@ -5,6 +5,7 @@
 
 use super::super::{Acquired, Request};
 use super::Files;
+use super::census::Census;
 use super::guard::{Guard, Watch};
 use super::lockdir::IdDir;
 use super::mutex::Locked;
@@ -80,7 +81,17 @@ impl Files {
             }
             Who::Waiting(me, older) => (me.me.arrived, older),
         };
-        let scan = dir.scan(&self.dir)?;
+        // With nobody ahead, the census's count may admit (never refuse): no
+        // waiter's turn depends on it.
+        let census = Census::open(dir, &self.dir);
+        let marked = match &census {
+            Some(c) if older.len() == 0 => Some(dir.scan_marked(&self.dir, c)?),
+            _ => None,
+        };
+        let scan = match marked {
+            Some(scan) if scan.held < req.jobs => scan,
+            _ => dir.scan_fixing(&self.dir, census.as_ref())?,
+        };
         let Verdict { blocker, stopped } = if scan.held < req.jobs {
             older.blocker(dir, before, scan.held, sys::monotonic_nanos())
         } else {
@@ -93,7 +104,7 @@ impl Files {
         let held = scan.held;
         if held < req.jobs
             && blocker.is_none()
-            && let Some(slot) = dir.take_lowest(&self.dir, req, scan, None)?
+            && let Some(slot) = dir.take_lowest(&self.dir, req, scan, None, census)?
         {
             return Ok(Decision::Took(Box::new(slot)));
         }

@@ -7,14 +7,17 @@
 //! <id>/1 .. <id>/K          slot files: an exclusive flock means "held";
 //!                           the content is the holder's record (slots.rs)
 //! <id>/queue/lock           the per-id admission mutex (mutex.rs)
+//! <id>/queue/census         a byte per slot, 1 while held (census.rs)
 //! <id>/queue/<t>.<pid>.<N>  one ticket per waiter, exclusively flocked by it;
 //!                           t is CLOCK_MONOTONIC at arrival, N its -j (queue.rs)
 //! <id>/queue/run.*, fail.*  background jobs running, and failed (failures.rs)
 //! ```
 //!
 //! **Safety** comes from the mutex alone: under it, a taker counts the held
-//! slots (a shared non-blocking probe of each slot file) and takes the lowest
-//! free one only while fewer than its N are held, checking after the lock
+//! slots (a shared non-blocking probe of each slot file; with nobody waiting
+//! ahead of it, the census spares it the probes of slots marked held, which
+//! can only raise the count) and takes the lowest free one only while fewer
+//! than its N are held, checking after the lock
 //! that the file is still the one it locked (the inode re-check, `slots.rs`).
 //! So the admission rule holds at every instant, whatever the mix of `-j`
 //! values, crashes and signals. The mutex is held for microseconds, never
@@ -70,6 +73,7 @@
 //! the job, and the guard then says the limit is exceeded.
 
 mod acquire;
+mod census;
 mod failures;
 mod guard;
 mod lockdir;
@@ -287,7 +291,7 @@ mod tests {
         let scan = dir.scan(&lock_dir).unwrap();
         assert_eq!(scan.held, 0);
         let got = dir
-            .take_lowest(&lock_dir, &req, scan, None)
+            .take_lowest(&lock_dir, &req, scan, None, None)
             .map(|slot| slot.expect("nobody probes"));
         BETWEEN_OPEN_AND_LOCK.set(None);
         (scratch, got)

@@ -8,7 +8,9 @@
 //! read-only descriptor: probes never disturb one another, and closing a
 //! read-only descriptor never produces the `IN_CLOSE_WRITE` that wakes
 //! waiters. Slot files are never deleted: they are as many as the most slots
-//! ever held at once, not N.
+//! ever held at once, not N. A taker that finds no waiter ahead of it may
+//! count the slots the census (`census.rs`) marks as held without probing
+//! them; a refusal always rests on a probe of every file.
 //!
 //! **The inode re-check**: a slot file can be removed or replaced from
 //! outside between our open and our lock, and a lock on a file no longer in
@@ -17,6 +19,7 @@
 //! again if not.
 
 use super::super::{Holder, Request, Slot, SlotEvent};
+use super::census::{Census, Mark};
 use super::failures::Running;
 use super::guard::Guard;
 use super::lockdir::{IdDir, LockDir};
@@ -86,13 +89,57 @@ impl IdDir {
         }
     }
 
-    /// Counts the held slots and finds the lowest free one. Under the mutex
-    /// for a decision; outside it, a moment's snapshot.
+    /// Counts the held slots and finds the lowest free one, probing every
+    /// slot file. Under the mutex for a decision; outside it, a moment's
+    /// snapshot.
     pub fn scan(&self, lock_dir: &LockDir) -> Result<Scan> {
+        Ok(self.count(lock_dir, &[])?.0)
+    }
+
+    /// As [`scan`](Self::scan), but counting the slots the census marks as
+    /// held without probing them: a count never below the truth, good for
+    /// admitting and never for refusing (see `census.rs`). Under the mutex.
+    pub fn scan_marked(&self, lock_dir: &LockDir, census: &Census) -> Result<Scan> {
         let slots = self.slot_numbers()?;
+        let marks = census.read(slots.last().copied().unwrap_or(0));
+        Ok(self.count_among(lock_dir, &slots, &marks)?.0)
+    }
+
+    /// An exact count, under the mutex, that also clears the census's marks
+    /// of the slots it finds free.
+    pub fn scan_fixing(&self, lock_dir: &LockDir, census: Option<&Census>) -> Result<Scan> {
+        let (scan, free) = self.count(lock_dir, &[])?;
+        if let Some(census) = census {
+            let marks = census.read(free.last().copied().unwrap_or(0));
+            for k in free {
+                if marks[k as usize - 1] != 0 {
+                    census.set(k, false);
+                }
+            }
+        }
+        Ok(scan)
+    }
+
+    /// The count, and the numbers of the slot files found free.
+    fn count(&self, lock_dir: &LockDir, marks: &[u8]) -> Result<(Scan, Vec<u32>)> {
+        self.count_among(lock_dir, &self.slot_numbers()?, marks)
+    }
+
+    /// Counts among slot files `slots` (sorted); slot `k` is taken as held
+    /// unprobed if `marks[k - 1]` is set.
+    fn count_among(
+        &self,
+        lock_dir: &LockDir,
+        slots: &[u32],
+        marks: &[u8],
+    ) -> Result<(Scan, Vec<u32>)> {
         let mut held = 0;
-        let mut first_free_file = None;
-        for &k in &slots {
+        let mut free = Vec::new();
+        for &k in slots {
+            if marks.get(k as usize - 1).is_some_and(|&m| m != 0) {
+                held += 1;
+                continue;
+            }
             let Some(fd) = self.open_slot_probe(lock_dir, k)? else {
                 continue;
             };
@@ -100,22 +147,20 @@ impl IdDir {
                 .with_context(|| format!("cannot probe {}/{k}", self.path.display()))?
             {
                 Probe::Busy => held += 1,
-                Probe::Taken => {
-                    first_free_file.get_or_insert(k);
-                }
+                Probe::Taken => free.push(k),
             }
         }
         // The smallest number without a file is free too.
         let mut missing = 1;
-        for &k in &slots {
+        for &k in slots {
             if k == missing {
                 missing += 1;
             } else if k > missing {
                 break;
             }
         }
-        let lowest_free = first_free_file.map_or(missing, |f: u32| f.min(missing));
-        Ok(Scan { held, lowest_free })
+        let lowest_free = free.first().map_or(missing, |&f| f.min(missing));
+        Ok((Scan { held, lowest_free }, free))
     }
 
     /// The held slots and their records, for `--status`; no lock needed.
@@ -148,12 +193,14 @@ impl IdDir {
     /// under the mutex, with the admission decided. `None`: the free slot
     /// stayed locked by a prober (`--status` and deputies probe without the
     /// mutex; one stopped while probing would keep it so): try again later.
+    /// The slot is marked in `census`, if given.
     pub fn take_lowest(
         &self,
         lock_dir: &LockDir,
         req: &Request,
         mut scan: Scan,
         prefer: Option<u32>,
+        census: Option<Census>,
     ) -> Result<Option<SlotFile>> {
         for _ in 0..100 {
             let k = match prefer {
@@ -161,7 +208,10 @@ impl IdDir {
                 _ => scan.lowest_free,
             };
             match self.take(lock_dir, k, req)? {
-                Take::Took(slot) => return Ok(Some(*slot)),
+                Take::Took(mut slot) => {
+                    slot.mark = census.map(|c| Mark::new(c, slot.number));
+                    return Ok(Some(*slot));
+                }
                 Take::Probed => return Ok(None),
                 Take::Replaced => scan = self.scan(lock_dir)?,
             }
@@ -223,6 +273,7 @@ impl IdDir {
                 command: req.command.to_string(),
             },
             len: st.st_size as u64,
+            mark: None,
             guard: None,
             running,
             watcher: Spare::default(),
@@ -305,6 +356,9 @@ pub(super) struct SlotFile {
     /// it, and the file is cut only after a longer one (an ftruncate costs a
     /// filesystem transaction, and a job writes its record twice).
     len: u64,
+    /// The slot's byte in the census, cleared once `file` is closed (fields
+    /// drop in order).
+    pub mark: Option<Mark>,
     /// Puts the slot back if its file is removed; see [`Guard`].
     pub guard: Option<Guard>,
     /// A background job's running record; see [`Running`].
