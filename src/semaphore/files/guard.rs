@@ -7,12 +7,13 @@
 //! instances are limited per user (often to 128), and waiters need them more
 //! than holders do — 500 holders cannot each have one. So the guard looks,
 //! with one `stat`, on a schedule that backs off: [`FIRST_GAP`] after the
-//! slot is taken, then after gaps doubling up to [`LAST_GAP`] (looks at 0.5,
-//! 1.5, 3.5, 7.5, 15.5, 31.5 s, then every 30 s). The trade: an idle holder
-//! costs a wake-up every 30 s, not two a second (500 idle holders: no
-//! measurable CPU once settled, bench/RESULTS.md), and a removal late in a
-//! long job is noticed within 30 s, during which a
-//! newcomer can be admitted beside the job; the guard then says so.
+//! slot is taken, then after gaps growing fourfold up to [`LAST_GAP`] (looks
+//! at 1, 5, 21 and 51 s, then every 30 s). The trade: an idle holder costs a
+//! wake-up every 30 s, not two a second (500 idle holders: 0.03 CPU-s in
+//! their first 10 s, nothing measurable once settled, bench/RESULTS.md), and
+//! a removal is noticed within 1 s at the start of a job and within 30 s
+//! late in a long one, during which a newcomer can be admitted beside the
+//! job; the guard then says so.
 //!
 //! The guard runs in the caller's thread: its timer is the slot's
 //! [`Slot::events`](super::super::Slot::events) descriptor, which the runner
@@ -31,7 +32,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 /// The gap before the first look.
-pub(super) const FIRST_GAP: Duration = Duration::from_millis(500);
+pub(super) const FIRST_GAP: Duration = Duration::from_secs(1);
 /// The longest gap between looks.
 pub(super) const LAST_GAP: Duration = Duration::from_secs(30);
 /// When the mutex is busy (a taker, or a stopped process), the next look.
@@ -39,7 +40,7 @@ const BUSY_GAP: Duration = Duration::from_millis(100);
 
 /// The gap before look `n` (from 0).
 fn gap(n: u32) -> Duration {
-    (FIRST_GAP * (1u32 << n.min(6))).min(LAST_GAP)
+    (FIRST_GAP * (1u32 << (2 * n.min(4)))).min(LAST_GAP)
 }
 
 /// What a guard watches, and what it needs to take the slot back.
@@ -152,7 +153,7 @@ impl Guard {
         };
         let scan = id_dir.scan(&dir)?;
         let others = scan.held;
-        let Some(mut slot) = id_dir.take_lowest(&dir, &req, scan, Some(w.number))? else {
+        let Some(mut slot) = id_dir.take_lowest(&dir, &req, scan, Some(w.number), None)? else {
             return Ok(None);
         };
         // The record is the job's, as before the removal.
@@ -196,7 +197,7 @@ mod tests {
         assert_eq!(
             gaps,
             [
-                500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000, 30000, 30000, 30000
+                1000, 4000, 16000, 30000, 30000, 30000, 30000, 30000, 30000, 30000, 30000, 30000
             ]
         );
     }
