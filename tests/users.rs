@@ -137,7 +137,12 @@ fn a_group_shares_a_lock_directory() {
         assert_eq!(m.gid(), gid, "{entry:?}");
         assert_eq!(m.mode() & 0o7777, 0o2770, "{entry:?}");
     }
-    for entry in [team.join("1"), team.join("2"), team.join("queue/lock")] {
+    for entry in [
+        team.join("1"),
+        team.join("2"),
+        team.join("queue/lock"),
+        team.join("queue/census"),
+    ] {
         let m = std::fs::metadata(&entry).unwrap();
         assert_eq!(m.gid(), gid, "{entry:?}");
         assert_eq!(m.mode() & 0o777, 0o660, "{entry:?}");
