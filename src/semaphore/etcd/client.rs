@@ -37,6 +37,10 @@ pub const ROUND_PAUSE: Duration = Duration::from_millis(100);
 /// A connection to a cluster, shared by the threads of one process.
 pub struct Client {
     pub(super) agent: ureq::Agent,
+    /// The watches' own connections: a stream holds its connection for as
+    /// long as it runs, and must not take the one a waiter's next call
+    /// would reuse (a new connection on the handoff's path).
+    pub(super) streams: ureq::Agent,
     /// `http://h:p` or `https://h:p`, one per member.
     pub(super) bases: Vec<String>,
     /// The member that answered last.
@@ -76,8 +80,10 @@ impl Client {
             }
             (None, _) => None,
         };
+        let config = config.build();
         Ok(Client {
-            agent: config.build().new_agent(),
+            streams: agent(&config),
+            agent: agent(&config),
             bases: settings
                 .endpoints
                 .iter()
@@ -267,6 +273,16 @@ impl Client {
         *token = Some(t.clone());
         Ok(Some(t))
     }
+}
+
+/// An agent that looks up no IP address (`resolve.rs`).
+fn agent(config: &ureq::config::Config) -> ureq::Agent {
+    let connector = ureq::unversioned::transport::DefaultConnector::new();
+    ureq::Agent::with_parts(
+        config.clone(),
+        connector,
+        super::resolve::Literal::default(),
+    )
 }
 
 /// How long an attempt may take: at most [`ATTEMPT`], never past `until`;

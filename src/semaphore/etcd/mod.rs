@@ -29,6 +29,7 @@ mod failures;
 mod holder;
 mod keys;
 mod lease;
+mod resolve;
 mod status;
 mod tls;
 mod waiter;
