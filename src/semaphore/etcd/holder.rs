@@ -35,6 +35,8 @@ use std::time::{Duration, Instant};
 /// How long a holder that leaves waits for the cluster to take its lease
 /// back before leaving it to expire.
 const REVOKE_BOUND: Duration = Duration::from_secs(1);
+/// How long a job runs before its pid is written into the holder key.
+const RECORD_AFTER: Duration = Duration::from_millis(50);
 
 /// What the holder's thread is asked to do.
 enum Order {
@@ -166,30 +168,30 @@ impl Keeper {
         let mut next = Instant::now() + every;
         loop {
             match inbox.recv_timeout(next.saturating_duration_since(Instant::now())) {
-                // A job that has ended already needs no pid in `--status`.
-                Ok(Order::Started(pid)) => match inbox.try_recv() {
-                    Err(mpsc::TryRecvError::Disconnected) => {
-                        revoke(&self.h.client, self.h.lease, Instant::now() + REVOKE_BOUND);
-                        return;
+                // A job that ends within RECORD_AFTER needs no pid in
+                // `--status`, and the write would delay the release.
+                Ok(Order::Started(pid)) => {
+                    self.guard(pid);
+                    match inbox.recv_timeout(RECORD_AFTER) {
+                        Err(mpsc::RecvTimeoutError::Disconnected) => {
+                            self.leave();
+                            return;
+                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) | Ok(Order::Started(_)) => {
+                            self.record_pid(pid);
+                        }
+                        Ok(Order::Finish(failure, reply)) => {
+                            let _ = reply.send(self.end(failure.as_deref()));
+                            return;
+                        }
                     }
-                    Err(mpsc::TryRecvError::Empty) | Ok(Order::Started(_)) => {
-                        self.guard(pid);
-                        self.record_pid(pid);
-                    }
-                    Ok(Order::Finish(failure, reply)) => {
-                        let _ = reply.send(self.end(failure.as_deref()));
-                        return;
-                    }
-                },
+                }
                 Ok(Order::Finish(failure, reply)) => {
                     let _ = reply.send(self.end(failure.as_deref()));
                     return;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    if let Some(w) = self.watchdog.take() {
-                        w.stand_down();
-                    }
-                    revoke(&self.h.client, self.h.lease, Instant::now() + REVOKE_BOUND);
+                    self.leave();
                     return;
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -198,6 +200,14 @@ impl Keeper {
                 }
             }
         }
+    }
+
+    /// Gives the slot back without a word (the slot was dropped).
+    fn leave(&mut self) {
+        if let Some(w) = self.watchdog.take() {
+            w.stand_down();
+        }
+        revoke(&self.h.client, self.h.lease, Instant::now() + REVOKE_BOUND);
     }
 
     fn tell(&self, event: SlotEvent) {

@@ -1,8 +1,10 @@
 //! One request on its way to a slot: the waiter's loop.
 //!
-//! A request reads the id's holders and waiters, takes a slot if the rule
-//! admits it (`admission.rs`), and otherwise queues as a key `q/<lease>`
-//! whose create revision is its place. It sleeps in [`Signals::wait`] on its
+//! A request first tries, in one transaction, to take slot 1 of an id that
+//! has no holder and no waiter; the transaction reads the id's holders and
+//! waiters instead when it fails, so an idle id costs no read before the
+//! write. It takes a slot when the rule admits it (`admission.rs`), and
+//! otherwise queues as a key `q/<lease>` whose create revision is its place. It sleeps in [`Signals::wait`] on its
 //! signal pipe and a watch of the id's holders and waiters that starts at
 //! the revision after the one it read (so the server serves it from its
 //! synced path, not its 100 ms catch-up loop), brings its view up to date
@@ -130,40 +132,67 @@ impl Attempt<'_> {
         }
     }
 
+    /// The first look, which takes slot 1 at once if the id is idle, in
+    /// one transaction; otherwise the view it read instead.
+    fn first(&mut self) -> Result<Result<Acquired, View>, CallError> {
+        let (lease, record, also) = self.taking()?;
+        let txn = admission::take_first(&self.keys, lease, &record, also);
+        let v = self.c.call("/v3/kv/txn", &txn, self.req.deadline)?;
+        let revision = int(&v["header"]["revision"]);
+        if v["succeeded"].as_bool() == Some(true) {
+            return self.hold(1, revision, record).map(Ok);
+        }
+        let range = &v["responses"][0]["response_range"];
+        Ok(Err(View::parse(&self.keys, range, revision)))
+    }
+
+    /// The lease, the holder's record and the other operations of a
+    /// transaction that takes a slot (the waiter key goes, a `--bg` job's
+    /// running record comes).
+    fn taking(&mut self) -> Result<(i64, Record, Vec<Value>), CallError> {
+        let lease = self.lease()?;
+        let mut also = Vec::new();
+        if self.place.is_some() {
+            also.push(json!({"request_delete_range": {"key": b64(&self.keys.waiter(lease))}}));
+        }
+        if self.req.background {
+            also.push(failures::running(&self.keys, lease, self.req.command));
+        }
+        let mut record = self.record.clone();
+        record.start = self.c.cluster_now().unwrap_or(0);
+        Ok((lease, record, also))
+    }
+
+    /// The slot taken at revision `fence`: its thread keeps the lease alive.
+    fn hold(&mut self, slot: u32, fence: i64, record: Record) -> Result<Acquired, CallError> {
+        let (lease, confirmed) = self.lease.take().expect("granted before taking");
+        let slot = EtcdSlot::start(Holding {
+            client: Arc::clone(self.c),
+            keys: Keys::new(self.req.id),
+            lease,
+            slot,
+            fence,
+            record,
+            ttl: self.ttl,
+            background: self.req.background,
+            confirmed,
+            kill_on_lost: self.kill_on_lost,
+            label: self.req.id.to_string(),
+        })
+        .map_err(|e| CallError::Refused(format!("{e:#}")))?;
+        Ok(Acquired::Slot(Box::new(slot)))
+    }
+
     fn decide(&mut self, view: &View) -> Result<Step, CallError> {
         self.turns.note(view, self.place);
         let until = self.req.deadline;
         if let Some(slot) = view.admits(self.req.jobs, self.place, &self.turns) {
-            let lease = self.lease()?;
-            let mut also = Vec::new();
-            if self.place.is_some() {
-                also.push(json!({"request_delete_range": {"key": b64(&self.keys.waiter(lease))}}));
-            }
-            if self.req.background {
-                also.push(failures::running(&self.keys, lease, self.req.command));
-            }
-            let mut record = self.record.clone();
-            record.start = self.c.cluster_now().unwrap_or(0);
+            let (lease, record, also) = self.taking()?;
             let txn = admission::take(&self.keys, view, slot, lease, &record, also);
             let Some(fence) = commit(self.c, &txn, until)? else {
                 return Ok(Step::Again(look(self.c, &self.keys, until)?));
             };
-            let (lease, confirmed) = self.lease.take().expect("granted above");
-            let slot = EtcdSlot::start(Holding {
-                client: Arc::clone(self.c),
-                keys: Keys::new(self.req.id),
-                lease,
-                slot,
-                fence,
-                record,
-                ttl: self.ttl,
-                background: self.req.background,
-                confirmed,
-                kill_on_lost: self.kill_on_lost,
-                label: self.req.id.to_string(),
-            })
-            .map_err(|e| CallError::Refused(format!("{e:#}")))?;
-            return Ok(Step::Done(Acquired::Slot(Box::new(slot))));
+            return self.hold(slot, fence, record).map(Step::Done);
         }
         if until.is_some_and(|d| Instant::now() >= d) {
             return Ok(Step::Done(Acquired::TimedOut));
@@ -237,7 +266,10 @@ impl Attempt<'_> {
     /// The loop that decides how a wait ends: a slot, the deadline, a
     /// signal, a full queue, or the cluster out of reach.
     pub fn run(&mut self, signals: &mut Signals, verbose: bool) -> Result<Acquired, CallError> {
-        let mut view = look(self.c, &self.keys, self.req.deadline)?;
+        let mut view = match self.first()? {
+            Ok(done) => return Ok(done),
+            Err(view) => view,
+        };
         loop {
             match self.step(&view)? {
                 Step::Done(done) => return Ok(done),
