@@ -297,3 +297,34 @@ fn a_full_backlog_gives_up_at_once() {
     assert_eq!(h.end(), (0, String::new()));
     assert_eq!(w.end(), (0, String::new()));
 }
+
+#[test]
+fn a_wait_that_has_run_out_never_queues() {
+    let Some(c) = shared() else { return };
+    let env = Env::new();
+    let url = c.url();
+    let h = hold(&env, &url, &["--id", "w0", "-j1"], "h");
+    let (_, header) = c.etcdctl(&["get", "qsem/", "-w", "json", "--limit", "1"]);
+    let at = header.find("\"revision\":").unwrap() + "\"revision\":".len();
+    let revision: String = header[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let (code, _, _) = run(qsem(&env, &url).args(["--id", "w0", "--wait", "0", "-E", "9", "true"]));
+    assert_eq!(code, 9);
+    // Every change to the id's waiter keys since: none (`qsem/7730/` is "w0").
+    let history = std::process::Command::new("timeout")
+        .args(["2", "etcdctl", &format!("--endpoints={}", c.endpoints())])
+        .args([
+            "watch",
+            "--prefix",
+            "qsem/7730/q/",
+            &format!("--rev={revision}"),
+        ])
+        .output()
+        .unwrap();
+    let history = String::from_utf8_lossy(&history.stdout);
+    assert_eq!(history, "", "a --wait 0 request was queued");
+    stop(&env);
+    assert_eq!(h.end().0, 0);
+}

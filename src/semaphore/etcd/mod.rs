@@ -53,7 +53,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long the first look and take may run past a deadline that is
-/// already (nearly) due, as with `--wait 0`: one attempt, not none.
+/// already (nearly) due, as with `--wait 0`: one attempt, not none. A
+/// request whose own deadline has passed by then gives up without queueing.
 const FIRST_TRY: Duration = Duration::from_millis(80);
 
 pub struct Etcd {
@@ -82,6 +83,7 @@ fn failed(e: CallError) -> anyhow::Error {
 impl Semaphore for Etcd {
     fn acquire(&mut self, req: &Request, signals: &mut Signals) -> Result<Acquired> {
         let first_try = Instant::now() + FIRST_TRY;
+        let given = req.deadline;
         let req = &Request {
             deadline: req.deadline.map(|d| d.max(first_try)),
             ..*req
@@ -90,6 +92,7 @@ impl Semaphore for Etcd {
             c: &self.client,
             keys: Keys::new(req.id),
             req,
+            given,
             record: Record {
                 host: sys::hostname(),
                 pid: std::process::id(),

@@ -81,7 +81,11 @@ pub fn take_once(
 pub struct Attempt<'a> {
     pub c: &'a Arc<Client>,
     pub keys: Keys,
+    /// Its calls' deadline: the request's own, or a little later for a
+    /// first try (`FIRST_TRY`).
     pub req: &'a Request<'a>,
+    /// The request's own deadline, after which it gives up (and queues no more).
+    pub given: Option<Instant>,
     pub record: Record,
     pub ttl: Duration,
     pub kill_on_lost: bool,
@@ -194,7 +198,7 @@ impl Attempt<'_> {
             };
             return self.hold(slot, fence, record).map(Step::Done);
         }
-        if until.is_some_and(|d| Instant::now() >= d) {
+        if self.given.is_some_and(|d| Instant::now() >= d) {
             return Ok(Step::Done(Acquired::TimedOut));
         }
         if self.place.is_none() {
