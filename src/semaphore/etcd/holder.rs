@@ -35,7 +35,8 @@ use std::time::{Duration, Instant};
 /// How long a holder that leaves waits for the cluster to take its lease
 /// back before leaving it to expire.
 const REVOKE_BOUND: Duration = Duration::from_secs(1);
-/// How long a job runs before its pid is written into the holder key.
+/// How long a job runs before its pid is written into the holder key
+/// (until then `--status` shows qsem's own, the job's parent).
 const RECORD_AFTER: Duration = Duration::from_millis(50);
 
 /// What the holder's thread is asked to do.
