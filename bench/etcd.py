@@ -7,8 +7,10 @@ waiter's job's first), for qsem and for `etcdctl lock` in alternation; the
 wall time of an uncontended `qsem -- true`; and the CPU the cluster spends
 while 100 qsem waiters wait. Prints Markdown.
 
-Usage: bench/etcd.py QSEM STAMP [ROUNDS]
-    (STAMP: bench/stamp.rs compiled, e.g. rustc -O -o /tmp/stamp bench/stamp.rs)
+Usage: bench/etcd.py QSEM STAMP [ROUNDS [OTHER_QSEM]]
+    (STAMP: bench/stamp.rs compiled, e.g. rustc -O -o /tmp/stamp bench/stamp.rs;
+    OTHER_QSEM, another build, e.g. an earlier commit's, is measured in the
+    same rounds for the handoff and the uncontended job)
 """
 
 import os
@@ -23,6 +25,7 @@ import time
 
 QSEM, STAMP = sys.argv[1], sys.argv[2]
 ROUNDS = int(sys.argv[3]) if len(sys.argv) > 3 else 30
+OTHER = sys.argv[4] if len(sys.argv) > 4 else None
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -98,32 +101,36 @@ def main():
     env = dict(os.environ, QSEM_BACKEND=f"etcd://{endpoints}", QSEM_DIR=f"{work}/locks")
     etcdctl = ["etcdctl", f"--endpoints={endpoints}"]
     try:
-        ours, theirs = [], []
+        log = f"{work}/log"
+        builds = [QSEM] + ([OTHER] if OTHER else [])
+        ours = {b: [] for b in builds}
+        theirs = []
         for r in range(ROUNDS):
-            log = f"{work}/log"
-            q = handoff(lambda l: [QSEM, "--id", "h", "--", STAMP, l, "300"],
-                        lambda l: [QSEM, "--id", "h", "--", STAMP, l, "0"], log, env)
-            e = handoff(lambda l: etcdctl + ["lock", "h", STAMP, l, "300"],
-                        lambda l: etcdctl + ["lock", "h", STAMP, l, "0"], log, env)
-            ours.append(q)
-            theirs.append(e)
+            for b in builds:
+                ours[b].append(handoff(lambda l: [b, "--id", "h", "--", STAMP, l, "300"],
+                                       lambda l: [b, "--id", "h", "--", STAMP, l, "0"], log, env))
+            theirs.append(handoff(lambda l: etcdctl + ["lock", "h", STAMP, l, "300"],
+                                  lambda l: etcdctl + ["lock", "h", STAMP, l, "0"], log, env))
         print("| handoff after a normal exit, 1 waiter | p50 | p90 |")
         print("|---|---|---|")
-        print(f"| qsem --backend etcd:// | {pct(ours, 50):.1f} ms | {pct(ours, 90):.1f} ms |")
+        for b in builds:
+            print(f"| {b} --backend etcd:// | {pct(ours[b], 50):.1f} ms | {pct(ours[b], 90):.1f} ms |")
         print(f"| etcdctl lock | {pct(theirs, 50):.1f} ms | {pct(theirs, 90):.1f} ms |")
         print()
-        walls = []
-        for _ in range(ROUNDS * 2):
-            t = time.monotonic()
-            subprocess.run([QSEM, "--id", "u", "--", "true"], env=env, check=True)
-            walls.append((time.monotonic() - t) * 1e3)
+        walls = {b: [] for b in builds}
         local = []
         for _ in range(ROUNDS * 2):
+            for b in builds:
+                t = time.monotonic()
+                subprocess.run([b, "--id", "u", "--", "true"], env=env, check=True)
+                walls[b].append((time.monotonic() - t) * 1e3)
             t = time.monotonic()
             subprocess.run([QSEM, "--id", "u", "--", "true"], env=dict(env, QSEM_BACKEND=""), check=True)
             local.append((time.monotonic() - t) * 1e3)
-        print(f"uncontended `qsem -- true`, wall, p50: {pct(walls, 50):.1f} ms "
-              f"(p90 {pct(walls, 90):.1f} ms; lock files in the same run: {pct(local, 50):.1f} ms)")
+        for b in builds:
+            print(f"uncontended `{b} -- true`, wall, p50: {pct(walls[b], 50):.1f} ms "
+                  f"(p90 {pct(walls[b], 90):.1f} ms)")
+        print(f"the same on lock files, interleaved: {pct(local, 50):.1f} ms")
         print()
         pids = [p.pid for p in procs]
         idle = 10.0

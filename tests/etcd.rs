@@ -16,22 +16,31 @@ fn status_passes_through_and_expiry_is_silent() {
     let h = hold(&env, &url, &["--id", "st", "-j1"], "h");
     let w = spawn(&env, &url, &["--id", "st", "-j1"], "w");
     assert!(eventually(SOON, || counts(&env, &url, "st") == (1, 1)));
-    let (code, out, _) = run(qsem(&env, &url).args(["--status", "--id", "st"]));
-    assert_eq!(code, 0);
+    // The pid shown is the job's, which runs under qsem (once the job has
+    // run a moment: until then, qsem's own).
+    let shown = || {
+        let (code, out, _) = run(qsem(&env, &url).args(["--status", "--id", "st"]));
+        assert_eq!(code, 0);
+        let pid = out
+            .lines()
+            .nth(1)?
+            .split_whitespace()
+            .nth(2)?
+            .parse()
+            .ok()?;
+        let parent = common::stat_fields(pid)?[1].clone();
+        (parent == h.pid().to_string()).then_some(out)
+    };
+    let mut out = None;
+    assert!(eventually(SOON, || {
+        out = shown();
+        out.is_some()
+    }));
+    let out = out.unwrap();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     assert!(out.contains(host.trim()), "{out}");
     assert!(out.contains("sh -c"), "{out}");
     assert!(out.contains("st: 1 held, 1 waiting"), "{out}");
-    // The pid shown is the job's, which runs under qsem.
-    let pid = out
-        .lines()
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .nth(2)
-        .unwrap();
-    let parent = common::stat_fields(pid.parse().unwrap()).unwrap()[1].clone();
-    assert_eq!(parent, h.pid().to_string(), "{out}");
     // An expired wait: the -E status, no output at all, on time.
     let t = Instant::now();
     let (code, out, err) =
@@ -296,4 +305,35 @@ fn a_full_backlog_gives_up_at_once() {
     stop(&env);
     assert_eq!(h.end(), (0, String::new()));
     assert_eq!(w.end(), (0, String::new()));
+}
+
+#[test]
+fn a_wait_that_has_run_out_never_queues() {
+    let Some(c) = shared() else { return };
+    let env = Env::new();
+    let url = c.url();
+    let h = hold(&env, &url, &["--id", "w0", "-j1"], "h");
+    let (_, header) = c.etcdctl(&["get", "qsem/", "-w", "json", "--limit", "1"]);
+    let at = header.find("\"revision\":").unwrap() + "\"revision\":".len();
+    let revision: String = header[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let (code, _, _) = run(qsem(&env, &url).args(["--id", "w0", "--wait", "0", "-E", "9", "true"]));
+    assert_eq!(code, 9);
+    // Every change to the id's waiter keys since: none (`qsem/7730/` is "w0").
+    let history = std::process::Command::new("timeout")
+        .args(["2", "etcdctl", &format!("--endpoints={}", c.endpoints())])
+        .args([
+            "watch",
+            "--prefix",
+            "qsem/7730/q/",
+            &format!("--rev={revision}"),
+        ])
+        .output()
+        .unwrap();
+    let history = String::from_utf8_lossy(&history.stdout);
+    assert_eq!(history, "", "a --wait 0 request was queued");
+    stop(&env);
+    assert_eq!(h.end().0, 0);
 }

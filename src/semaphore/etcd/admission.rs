@@ -224,6 +224,29 @@ pub fn take(
     })
 }
 
+/// A newcomer's first try, which needs no read before it: slot 1 if the id
+/// has no holder and no waiter at all (an empty range compares as a key
+/// created at revision 0), which every rule admits; otherwise the
+/// transaction fails and reads the holders and waiters instead, at the
+/// revision it was evaluated at.
+pub fn take_first(keys: &Keys, lease: i64, record: &Record, also: Vec<Value>) -> Value {
+    let none = |kind: &str| {
+        let k = keys.kind(kind);
+        json!({"key": b64(&k), "range_end": b64(&prefix_end(&k)), "target": "CREATE",
+            "result": "EQUAL", "create_revision": "0"})
+    };
+    let mut success = vec![json!({"request_put": {
+        "key": b64(&keys.holder(1)), "value": b64(record.to_value().as_bytes()),
+        "lease": lease.to_string(),
+    }})];
+    success.extend(also);
+    json!({
+        "compare": [none("h"), none("q")],
+        "success": success,
+        "failure": [{"request_range": keys.queue_request()}],
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,13 +7,15 @@
 //! endpoint in turn for at most [`ATTEMPT`] and never past that instant, and
 //! starts with the member that answered last, so that one member down costs
 //! nothing after the first call. A member that answers "no leader" or
-//! "unavailable" (an election under way) counts as down for that call.
+//! "unavailable" (an election under way) counts as down for that call
+//! (`errors.rs` sorts the answers).
 //! [`Client::call`] goes round the members until one answers, the instant
 //! passes ([`CallError::Expired`]), or none has answered for [`UNREACHABLE`]
 //! ([`CallError::Unreachable`], qsem's own failure).
 //!
 //! Watches, which are streams, are in `watch.rs`.
 
+use super::errors::{Attempt, CallError, classify, cut, unanswered};
 use super::wire::{error_of, http_date};
 use crate::config::EtcdSettings;
 use anyhow::{Result, anyhow};
@@ -32,32 +34,13 @@ pub const BUSY: Duration = Duration::from_secs(20);
 /// The pause between two rounds of the members while none answers.
 pub const ROUND_PAUSE: Duration = Duration::from_millis(100);
 
-/// Why a call got no answer.
-#[derive(Debug)]
-pub enum CallError {
-    /// The caller's instant passed first.
-    Expired,
-    /// No member answered for [`UNREACHABLE`]; the text says what was tried.
-    Unreachable(String),
-    /// A member answered with an error that asking again will not mend
-    /// (permission denied, a bad request).
-    Refused(String),
-}
-
-impl std::fmt::Display for CallError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CallError::Expired => f.write_str("no answer from etcd in time"),
-            CallError::Unreachable(why) | CallError::Refused(why) => f.write_str(why),
-        }
-    }
-}
-
-impl std::error::Error for CallError {}
-
 /// A connection to a cluster, shared by the threads of one process.
 pub struct Client {
     pub(super) agent: ureq::Agent,
+    /// The watches' own connections: a stream holds its connection for as
+    /// long as it runs, and must not take the one a waiter's next call
+    /// would reuse (a new connection on the handoff's path).
+    pub(super) streams: ureq::Agent,
     /// `http://h:p` or `https://h:p`, one per member.
     pub(super) bases: Vec<String>,
     /// The member that answered last.
@@ -72,19 +55,6 @@ pub struct Client {
     /// The id of the cluster that answered first: endpoints of two clusters
     /// in one URL would keep two limits, and views no transaction can check.
     cluster: Mutex<Option<String>>,
-}
-
-/// One attempt's outcome against one member.
-pub(super) enum Attempt {
-    Answer(Value),
-    /// No connection: try another member (or this one again later).
-    Down(String),
-    /// Connected, but no answer in time, or "no leader": likewise, with
-    /// more patience.
-    Busy(String),
-    /// The token expired: authenticate again.
-    Unauthenticated,
-    Refused(String),
 }
 
 impl Client {
@@ -110,8 +80,10 @@ impl Client {
             }
             (None, _) => None,
         };
+        let config = config.build();
         Ok(Client {
-            agent: config.build().new_agent(),
+            streams: agent(&config),
+            agent: agent(&config),
             bases: settings
                 .endpoints
                 .iter()
@@ -303,42 +275,14 @@ impl Client {
     }
 }
 
-/// gRPC status codes: 14 unavailable, 4 deadline exceeded, 16 unauthenticated.
-fn classify(code: i64, message: &str, base: &str) -> Attempt {
-    let transient = [
-        "leader",
-        "timed out",
-        "timeout",
-        "too many requests",
-        "not capable",
-    ];
-    match code {
-        14 | 4 | 8 | 10 => Attempt::Busy(message.to_string()),
-        16 if message.contains("token") => Attempt::Unauthenticated,
-        _ if transient.iter().any(|t| message.contains(t)) => Attempt::Busy(message.to_string()),
-        _ => Attempt::Refused(format!("etcd at {base}: {message}")),
-    }
-}
-
-/// A request that got no answer: no connection at all (the member is down,
-/// or its host unreachable), or a connection that answered nothing in time.
-fn unanswered(e: ureq::Error) -> Attempt {
-    use ureq::Timeout;
-    match e {
-        ureq::Error::Timeout(Timeout::Connect | Timeout::Resolve)
-        | ureq::Error::ConnectionFailed
-        | ureq::Error::HostNotFound
-        | ureq::Error::Io(_)
-        // A certificate this member cannot prove: as good as down.
-        | ureq::Error::Tls(_)
-        | ureq::Error::Rustls(_) => Attempt::Down(e.to_string()),
-        _ => Attempt::Busy(e.to_string()),
-    }
-}
-
-fn cut(s: &str) -> &str {
-    let end = s.char_indices().nth(120).map_or(s.len(), |(i, _)| i);
-    &s[..end]
+/// An agent that looks up no IP address (`resolve.rs`).
+fn agent(config: &ureq::config::Config) -> ureq::Agent {
+    let connector = ureq::unversioned::transport::DefaultConnector::new();
+    ureq::Agent::with_parts(
+        config.clone(),
+        connector,
+        super::resolve::Literal::default(),
+    )
 }
 
 /// How long an attempt may take: at most [`ATTEMPT`], never past `until`;
@@ -356,23 +300,6 @@ fn bound(until: Option<Instant>) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn which_errors_are_worth_another_try() {
-        assert!(matches!(classify(14, "x", "b"), Attempt::Busy(_)));
-        assert!(matches!(
-            classify(2, "etcdserver: leader changed", "b"),
-            Attempt::Busy(_)
-        ));
-        assert!(matches!(
-            classify(16, "etcdserver: invalid auth token", "b"),
-            Attempt::Unauthenticated
-        ));
-        assert!(matches!(
-            classify(7, "etcdserver: permission denied", "b"),
-            Attempt::Refused(_)
-        ));
-    }
 
     #[test]
     fn every_answer_must_come_from_the_first_cluster() {

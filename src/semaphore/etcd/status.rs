@@ -4,7 +4,8 @@
 //! the waiter keys, of one id or of all. One read; nothing is written.
 
 use super::admission::View;
-use super::client::{CallError, Client};
+use super::client::Client;
+use super::errors::CallError;
 use super::keys::{Keys, prefix_end};
 use super::wire::{b64, int, unb64};
 use crate::id::Id;

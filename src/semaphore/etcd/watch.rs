@@ -129,7 +129,7 @@ impl WatchStream {
         let token = self.client.token(member, ATTEMPT).unwrap_or(None);
         let mut req = self
             .client
-            .agent
+            .streams
             .post(&format!("{}/v3/watch", self.client.bases[member]))
             .config()
             .timeout_per_read(Some(WATCH_IDLE))
