@@ -16,15 +16,16 @@
 //! `RECLAIM_GRACE - 2s` (and `F/2`), or it reports the slot lost; after that
 //! it tries, by the ordinary rule, to take a slot again and says so.
 
-use super::admission::{Asker, Attempt, Keys, attempt, heartbeat};
-use super::connect::{Connector, no_session_locks};
+use super::admission::{Asker, Attempt, Beat, Keys, attempt, heartbeat};
+use super::connect::Connector;
 use super::failures::Recorder;
+use super::pooler::{self, no_session_locks};
 use super::session::{News, Record, Session};
 use super::{Postgres, RECLAIM_GRACE, runtime};
 use crate::id::Id;
 use crate::semaphore::{LOST_GRACE, Slot, SlotEvent};
 use crate::sys;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -55,19 +56,24 @@ pub struct PgSlot {
 }
 
 impl PgSlot {
-    /// Confirms that the server keeps the lock `s` just took, then hands
-    /// the session to a task of its own.
+    /// Hands the session to a task of its own; first, after a check for a
+    /// pooler (see `pooler`), confirms that the server keeps the lock `s`
+    /// just took. Without one, the heartbeat that follows the job's start
+    /// does.
     pub fn start(
         pg: &Postgres,
         id: &Id,
         s: Session,
         keys: Keys,
-        slot: u32,
-        rec: Record,
+        taken: (u32, Record),
+        checked: bool,
     ) -> Result<PgSlot> {
+        let (slot, rec) = taken;
         let c = pg.connector.clone();
         let rt = runtime()?;
-        rt.block_on(confirm(&s, &c, &keys, slot, &rec))?;
+        if checked {
+            rt.block_on(pooler::confirm(&s, &c, &keys, slot, &rec))?;
+        }
         let (read, write) = sys::pipe().context("cannot create a pipe")?;
         let (commands, rx) = mpsc::unbounded_channel();
         let (done_tx, done) = std::sync::mpsc::channel();
@@ -94,39 +100,6 @@ impl PgSlot {
     }
 }
 
-/// The first heartbeat (the session keeps listening: the few NOTIFYs a
-/// holder gets are ignored, and it saves a round trip). Our next query may land
-/// on another server process in a busy transaction-mode pool; then the one
-/// that took the lock may be in use by another client: catch it idle to
-/// free the slot, or say that it stays taken.
-async fn confirm(s: &Session, c: &Connector, keys: &Keys, slot: u32, rec: &Record) -> Result<()> {
-    if heartbeat(s, keys, slot, rec).await? {
-        return Ok(());
-    }
-    let until = Instant::now() + Duration::from_secs(3);
-    let unlock = format!(
-        "SELECT pg_advisory_unlock({})::text FROM pg_locks WHERE {}",
-        keys.lock(slot),
-        keys.held_here(s.database, slot)
-    );
-    while Instant::now() < until {
-        if s.query(&unlock)
-            .await?
-            .first()
-            .is_some_and(|r| !r.is_empty())
-        {
-            bail!(no_session_locks(&c.target, ""));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bail!(no_session_locks(
-        &c.target,
-        &format!(
-            "; slot {slot} stays taken until the pooler closes the server session that holds it"
-        )
-    ))
-}
-
 /// What the holder's task works with.
 struct Holding {
     c: Connector,
@@ -140,11 +113,14 @@ struct Holding {
 enum State {
     /// The session holds the slot; the server answered a heartbeat sent at
     /// `confirmed`.
-    Held(Session, Instant),
+    Held(Box<Session>, Instant),
     /// The session ended; take the slot back before `until`.
     Reclaiming { why: String, until: Instant },
     /// Lost and said so: take one by the ordinary rule when it can.
     Lost,
+    /// Lost to a pooler that shares server processes: said so, and no
+    /// slot is taken again through it.
+    Refused,
 }
 
 impl Holding {
@@ -166,11 +142,12 @@ impl Holding {
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) {
         let every = (self.bound() / 4).clamp(Duration::from_millis(250), HEARTBEAT);
-        let mut state = State::Held(s, Instant::now());
+        let mut state = State::Held(Box::new(s), Instant::now());
         loop {
             let pace = match state {
                 State::Held(..) | State::Lost => every,
                 State::Reclaiming { .. } => Duration::ZERO,
+                State::Refused => Duration::MAX,
             };
             let news = async {
                 match &mut state {
@@ -220,10 +197,11 @@ impl Holding {
                                 };
                                 self.tell(SlotEvent::Regained(format!("took slot {k} again{note}")));
                                 slot = k;
-                                State::Held(s, Instant::now())
+                                State::Held(Box::new(s), Instant::now())
                             }
                             None => State::Lost,
                         },
+                        State::Refused => State::Refused,
                     };
                 },
             }
@@ -251,8 +229,14 @@ impl Holding {
         let left = (confirmed + self.bound() / 2).saturating_duration_since(sent);
         let beat = heartbeat(&s, &self.keys, slot, &self.rec);
         match tokio::time::timeout(left, beat).await {
-            Ok(Ok(true)) => State::Held(s, sent),
-            Ok(Ok(false)) => self.reclaiming("the server no longer holds it".into(), confirmed),
+            Ok(Ok(Beat::Held)) => State::Held(s, sent),
+            Ok(Ok(Beat::NotHeld)) => {
+                self.reclaiming("the server no longer holds it".into(), confirmed)
+            }
+            Ok(Ok(Beat::Shared)) => {
+                self.lose(slot, no_session_locks(&self.c.target, ""));
+                State::Refused
+            }
             Ok(Err(e)) => self.reclaiming(format!("the heartbeat failed ({e:#})"), confirmed),
             Err(_) => self.lose(
                 slot,
@@ -289,16 +273,16 @@ impl Holding {
             );
         }
         let back = async {
-            let s = self.c.open().await?;
-            let got = attempt(&s, &self.keys, &self.rec, Asker::Reclaim(slot)).await?;
+            let mut s = self.c.connect().await?;
+            let got = attempt(&mut s, &self.keys, &self.rec, Asker::Reclaim(slot), false).await?;
             anyhow::Ok((s, got))
         };
         match tokio::time::timeout(left, back).await {
             Ok(Ok((s, Attempt::Took(..)))) => {
                 match heartbeat(&s, &self.keys, slot, &self.rec).await {
-                    Ok(true) => {
+                    Ok(Beat::Held) => {
                         self.tell(SlotEvent::Regained(format!("{why}; took slot {slot} back")));
-                        State::Held(s, Instant::now())
+                        State::Held(Box::new(s), Instant::now())
                     }
                     _ => State::Reclaiming { why, until },
                 }
@@ -315,10 +299,10 @@ impl Holding {
     /// One try, in a new session, to take a slot by the ordinary rule.
     async fn retake(&self) -> Option<(Session, u32)> {
         let once = async {
-            let s = self.c.open().await?;
-            match attempt(&s, &self.keys, &self.rec, Asker::Once).await? {
-                Attempt::Took(k, _) => Ok(heartbeat(&s, &self.keys, k, &self.rec)
-                    .await?
+            let mut s = self.c.connect().await?;
+            match attempt(&mut s, &self.keys, &self.rec, Asker::Once, false).await? {
+                Attempt::Took(k, _) => Ok((heartbeat(&s, &self.keys, k, &self.rec).await?
+                    == Beat::Held)
                     .then_some((s, k))),
                 Attempt::Wait { .. } | Attempt::Shared => anyhow::Ok(None),
             }

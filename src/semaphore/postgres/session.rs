@@ -1,9 +1,11 @@
-//! One server session: connected, set up in one round trip (timeouts that
-//! keep any one client from stalling another, keepalives that let the server
-//! drop a silent one within `--lost-after`, and what the server is: primary
-//! or standby, its database's oid), queried in the simple protocol (several
-//! statements in one message, one round trip), with a task that drives the
-//! connection and passes on notifications and its end.
+//! One server session: connected, set up (timeouts that keep any one client
+//! from stalling another, keepalives that let the server drop a silent one
+//! within `--lost-after`, and what the server is: primary or standby, its
+//! database's oid), queried in the simple protocol (several statements in
+//! one message, one round trip), with a task that drives the connection and
+//! passes on notifications and its end. The set-up is a round trip of its
+//! own, or, for a waiter, the first part of its first admission attempt's
+//! message: each round trip of a new session delays the job.
 //!
 //! Also the [`Record`]: who a session is, written as a comment before its
 //! queries so that `pg_stat_activity` shows it to `--status`.
@@ -35,15 +37,19 @@ pub enum News {
 pub struct Session {
     pub client: Client,
     pub news: mpsc::UnboundedReceiver<News>,
-    /// The server process that answered the first query. Only a pooler in
-    /// transaction or statement mode hands a later query to another one.
+    /// `host:port/database`, for messages.
+    target: String,
+    /// The statements that set this session up, until its first query has
+    /// sent them (see [`Session::connect`]).
+    setup: Option<String>,
+    /// The server process that answered the first query (0 until then).
+    /// Only a pooler in transaction or statement mode hands a later query
+    /// to another one.
     pub pid: i32,
-    /// `pg_is_in_recovery()`: a standby.
-    pub in_recovery: bool,
-    /// `transaction_read_only` at the start.
-    pub read_only: bool,
-    /// The database's oid, as `pg_locks` names it.
+    /// The database's oid, as `pg_locks` names it (0 until known).
     pub database: u32,
+    /// Whether the session LISTENs on the channel of the id it waits for.
+    pub listening: bool,
 }
 
 /// The rows of each statement of a simple query, as text.
@@ -61,8 +67,34 @@ pub fn number<T: std::str::FromStr>(res: &Results, i: usize) -> Result<T> {
         .context("unexpected answer from the server")
 }
 
+/// The two statements that set a session up: settings an ordinary user may
+/// change (those the server does not know, on an old version, are skipped
+/// rather than failing), then the facts [`Session::learn`] reads.
+fn setup(ka: &Keepalive) -> String {
+    format!(
+        "SELECT set_config(s.name, s.value, false) FROM (VALUES \
+         ('idle_session_timeout', '0'), ('statement_timeout', '{STATEMENT_TIMEOUT_MS}'), \
+         ('lock_timeout', '{LOCK_TIMEOUT_MS}'), \
+         ('idle_in_transaction_session_timeout', '{IDLE_IN_TRANSACTION_MS}'), \
+         ('tcp_keepalives_idle', '{}'), ('tcp_keepalives_interval', '{}'), \
+         ('tcp_keepalives_count', '{}'), ('tcp_user_timeout', '{}')) AS s(name, value) \
+         WHERE current_setting(s.name, true) IS NOT NULL; \
+         SELECT pg_backend_pid()::text, pg_is_in_recovery()::text, \
+         current_setting('transaction_read_only'), \
+         (SELECT oid FROM pg_database WHERE datname = current_database())::text; ",
+        ka.idle,
+        ka.interval,
+        ka.count,
+        ka.total().as_millis()
+    )
+}
+
 impl Session {
-    pub async fn open(
+    /// A session connected but not yet set up: its first query must begin
+    /// with [`Session::take_setup`]'s statements and hand their answer to
+    /// [`Session::learn`], which saves a round trip where it matters (a
+    /// waiter's first admission attempt).
+    pub async fn connect(
         pg: &tokio_postgres::Config,
         tls: Option<&MakeRustlsConnect>,
         target: &str,
@@ -79,50 +111,77 @@ impl Session {
                 (client, drive(conn))
             }
         };
-        let mut s = Session {
+        Ok(Session {
             client,
             news,
+            target: target.to_string(),
+            setup: Some(setup(ka)),
             pid: 0,
-            in_recovery: false,
-            read_only: false,
             database: 0,
-        };
-        // Settings an ordinary user may change; those the server does not know
-        // (an old version) are skipped rather than failing.
-        let sql = format!(
-            "SELECT set_config(s.name, s.value, false) FROM (VALUES \
-             ('idle_session_timeout', '0'), ('statement_timeout', '{STATEMENT_TIMEOUT_MS}'), \
-             ('lock_timeout', '{LOCK_TIMEOUT_MS}'), \
-             ('idle_in_transaction_session_timeout', '{IDLE_IN_TRANSACTION_MS}'), \
-             ('tcp_keepalives_idle', '{}'), ('tcp_keepalives_interval', '{}'), \
-             ('tcp_keepalives_count', '{}'), ('tcp_user_timeout', '{}')) AS s(name, value) \
-             WHERE s.name IN (SELECT name FROM pg_settings); \
-             SELECT pg_backend_pid()::text, pg_is_in_recovery()::text, \
-             current_setting('transaction_read_only'), \
-             (SELECT oid FROM pg_database WHERE datname = current_database())::text",
-            ka.idle,
-            ka.interval,
-            ka.count,
-            ka.total().as_millis()
-        );
+            listening: false,
+        })
+    }
+
+    /// A session connected and set up, in a round trip of its own.
+    pub async fn open(
+        pg: &tokio_postgres::Config,
+        tls: Option<&MakeRustlsConnect>,
+        target: &str,
+        ka: &Keepalive,
+    ) -> Result<Session> {
+        let mut s = Session::connect(pg, tls, target, ka).await?;
+        let sql = s.take_setup();
         let res = s
             .query(&sql)
             .await
             .with_context(|| format!("cannot set up a session on PostgreSQL at {target}"))?;
+        s.learn(&res, 1)?;
+        Ok(s)
+    }
+
+    /// The set-up statements, if this session still needs them (two
+    /// statements; the facts are the second one's answer). Empty once sent.
+    pub fn take_setup(&mut self) -> String {
+        self.setup.take().unwrap_or_default()
+    }
+
+    /// Reads the facts of the set-up (statement `i` of `res`), and refuses a
+    /// standby or a read-only server: its locks are not the primary's.
+    pub fn learn(&mut self, res: &Results, i: usize) -> Result<()> {
         let row = res
-            .get(1)
+            .get(i)
             .and_then(|rows| rows.first())
             .context("unexpected answer from the server")?;
         let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-        s.pid = col(0)
+        if col(1) == "true" {
+            return Err(anyhow::Error::new(Refused(format!(
+                "PostgreSQL at {} is a standby (in recovery): its locks are not the primary's; \
+                 point --backend at the primary",
+                self.target
+            ))));
+        }
+        if col(2) == "on" {
+            return Err(anyhow::Error::new(Refused(format!(
+                "PostgreSQL at {} is read-only (default_transaction_read_only or a standby): \
+                 point --backend at the primary",
+                self.target
+            ))));
+        }
+        self.pid = col(0)
             .parse()
             .context("unexpected answer from the server")?;
-        s.in_recovery = col(1) == "true";
-        s.read_only = col(2) == "on";
-        s.database = col(3)
+        self.database = col(3)
             .parse()
             .context("unexpected answer from the server")?;
-        Ok(s)
+        Ok(())
+    }
+
+    /// The database's oid in SQL: a literal once known.
+    pub fn db(&self) -> String {
+        match self.database {
+            0 => "(SELECT oid FROM pg_database WHERE datname = current_database())".into(),
+            oid => format!("'{oid}'::oid"),
+        }
     }
 
     pub async fn query(&self, sql: &str) -> Result<Results> {
@@ -176,6 +235,18 @@ where
     });
     news
 }
+
+/// A server that qsem will not use, and why: a whole error line as it is.
+#[derive(Debug)]
+pub struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
 
 /// A failed query: the server's message, and whether the session (not the
 /// request) failed, so that a waiter connects again rather than giving up.

@@ -16,8 +16,8 @@
 
 use super::admission::{Keys, slot_of};
 use super::connect::Connector;
+use super::queue::local_id;
 use super::session::{Record, lit};
-use super::waiting::local_id;
 use super::waiting::{Woke, sleep};
 use super::{Postgres, runtime};
 use crate::id::Id;
@@ -32,15 +32,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// Holders and waiters of one id, or of every id with a holder; the
 /// waiters of this host that queue behind their head are added from the
-/// local queue.
+/// local queue: its successor, waiting for the head's gate, then the others,
+/// waiting for the successor's.
 pub fn status(pg: &Postgres, only: Option<&Id>) -> Result<Vec<IdStatus>> {
     let mut out = on_server(&pg.connector, only)?;
     let mut local = pg.local()?;
     for s in &mut out {
-        let gate = local_id(&pg.connector.target, &s.id, "head");
-        for queue in local.status(Some(&gate))? {
-            s.waiting += queue.waiting;
-            s.waiters.extend(queue.waiters);
+        for gate in ["head", "next"] {
+            let gate = local_id(&pg.connector.target, &s.id, gate);
+            for queue in local.status(Some(&gate))? {
+                s.waiting += queue.waiting;
+                s.waiters.extend(queue.waiters);
+            }
         }
     }
     Ok(out)
@@ -51,10 +54,10 @@ fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
     let (locks, waiters) = runtime()?.block_on(async {
         let s = c.open().await?;
         let cond = match &keys {
-            Some(k) => k.locks_of(s.database),
+            Some(k) => k.locks_of(&s.db()),
             None => format!(
-                "locktype = 'advisory' AND granted AND objsubid = 1 AND database = '{}'::oid",
-                s.database
+                "locktype = 'advisory' AND granted AND objsubid = 1 AND database = {}",
+                s.db()
             ),
         };
         let like = keys.map_or("qsem w %".to_string(), |k| format!("qsem w {} %", k.hex()));
@@ -205,7 +208,7 @@ async fn busy(s: &super::session::Session, keys: &Keys) -> Result<(u32, u32)> {
          AND datname = current_database(); \
          SELECT count(DISTINCT objid)::text FROM pg_locks WHERE {}",
         lit(&format!("qsem w {} %", keys.hex())),
-        keys.locks_of(s.database),
+        keys.locks_of(&s.db()),
     );
     let res = s.query(&sql).await?;
     Ok((

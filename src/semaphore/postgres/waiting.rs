@@ -1,33 +1,26 @@
-//! Waiting for a slot: first in this host's queue, then, as its head, on the
-//! server.
+//! Waiting for a slot: first in this host's queue (see `queue`), then, as
+//! its head, on the server. The head gives its gate back the moment it
+//! holds a server slot (or gives up), and its successor, already connected,
+//! becomes head.
 //!
-//! The host's queue is the lock-file engine, used through the `Semaphore`
-//! trait on a local id derived from the server and the id, with one slot:
-//! whoever holds that slot is the head. It orders this host's waiters,
-//! sleeps in the kernel, and ends on `--wait` or a signal, so a hundred
-//! waiters on one host cost the server one session, not a hundred. The head
-//! gives the local slot back the moment it holds a server slot (or gives
-//! up), and the next in line becomes head.
-//!
-//! The head on the server: LISTEN on the id's channel, try (one round trip,
-//! see `admission`), sleep until a NOTIFY, a short poll ([`POLL`]: a holder
+//! The head on the server: LISTEN on the id's channel and try, in one round
+//! trip (see `admission`), sleep until a NOTIFY, a short poll ([`POLL`]: a holder
 //! that crashed sends no NOTIFY), the deadline or a stop signal; every query
 //! races the deadline and the signals too, so a server that stops answering
 //! cannot hold a waiter past its `--wait`. A connection that breaks while
 //! waiting is opened again, for as long as the deadline lasts.
 
 use super::admission::{Asker, Attempt, Keys, attempt};
-use super::connect::no_session_locks;
 use super::holder::PgSlot;
-use super::session::{News, Record, Session, broken};
+use super::pooler::{self, no_session_locks};
+use super::queue::{self, Head, Ready};
+use super::session::{News, Record, Refused, Session, broken};
 use super::{Postgres, runtime};
-use crate::id::Id;
 use crate::report;
 use crate::semaphore::{Acquired, Request};
 use crate::signals::{Received, Signals};
 use crate::sys;
 use anyhow::{Context, Result, anyhow, bail};
-use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 use tokio::io::Interest;
@@ -43,31 +36,12 @@ const FIRST_LOOK: Duration = Duration::from_secs(2);
 /// How long a waiter whose connection broke waits before connecting again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
-/// The local id that queues this host's waiters for `id` on `target`.
-pub fn local_id(target: &str, id: &Id, what: &str) -> Id {
-    let h = target
-        .bytes()
-        .chain([0])
-        .chain(id.as_bytes().iter().copied())
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-    Id::new(OsStr::new(&format!("postgres-{what}-{h:016x}"))).expect("a valid id")
-}
-
 pub fn acquire(pg: &mut Postgres, req: &Request, signals: &mut Signals) -> Result<Acquired> {
-    let gate_id = local_id(&pg.connector.target, req.id, "head");
-    // The head holds the gate while it waits on the server: it is one of
-    // this host's waiters, besides those queued for the gate.
-    let gate_req = Request {
-        id: &gate_id,
-        jobs: 1,
-        max_waiting: req.max_waiting.map(|k| k.saturating_sub(1)),
-        ..*req
-    };
-    let gate = match pg.local()?.acquire(&gate_req, signals)? {
-        Acquired::Slot(gate) => gate,
-        other => return Ok(other),
+    let keys = Keys::of(req.id);
+    let check = !pg.pooler_checked && !pooler::recently_checked(&pg.dir, &pg.connector);
+    let Head { gate, mut ready } = match queue::head(pg, req, keys.channel(), !check, signals)? {
+        Ok(head) => head,
+        Err(other) => return Ok(other),
     };
     let mut rec = Record {
         id: req.id.as_bytes().to_vec(),
@@ -77,26 +51,32 @@ pub fn acquire(pg: &mut Postgres, req: &Request, signals: &mut Signals) -> Resul
         host: sys::hostname(),
         command: req.command.to_string(),
     };
-    let keys = Keys::of(req.id);
-    let check = !pg.pooler_checked;
-    let got = runtime()?.block_on(on_server(pg, req, &keys, &rec, check, signals));
+    let how = Open {
+        check,
+        ready: &mut ready,
+    };
+    let got = runtime()?.block_on(on_server(pg, req, &keys, &rec, how, signals));
     pg.pooler_checked = true;
     drop(gate);
-    let (s, slot, server_ms) = match got? {
-        Ended::Took(s, slot, ms) => (s, slot, ms),
+    let (s, slot, server_ms, answered) = match got? {
+        Ended::Took(s, slot, ms, answered) => (*s, slot, ms, answered),
         Ended::TimedOut => return Ok(Acquired::TimedOut),
         Ended::Crowded => return Ok(Acquired::Crowded),
         Ended::Interrupted(r) => return Ok(Acquired::Interrupted(r)),
     };
     rec.started_ms = server_ms;
-    let slot = PgSlot::start(pg, req.id, s, keys, slot, rec)?;
+    let slot = PgSlot::start(pg, req.id, s, keys, (slot, rec), check)?;
+    if check && answered {
+        pooler::remember(&pg.dir, &pg.connector);
+    }
     Ok(Acquired::Slot(Box::new(slot)))
 }
 
 /// How the head's wait on the server ended.
 enum Ended {
-    /// The session, the slot, and the server's clock then (ms).
-    Took(Session, u32, u64),
+    /// The session, the slot, the server's clock then (ms), and whether a
+    /// check for a pooler had its answer (none).
+    Took(Box<Session>, u32, u64, bool),
     TimedOut,
     /// `--max-waiting 0` and no free slot: run now or never.
     Crowded,
@@ -114,12 +94,20 @@ macro_rules! settle {
     };
 }
 
+/// How the head gets its first session.
+struct Open<'a> {
+    /// Opened with a check for a pooler.
+    check: bool,
+    /// The one it prepared as successor, if any.
+    ready: &'a mut Ready,
+}
+
 async fn on_server(
     pg: &Postgres,
     req: &Request<'_>,
     keys: &Keys,
     rec: &Record,
-    check: bool,
+    how: Open<'_>,
     signals: &mut Signals,
 ) -> Result<Ended> {
     let c = &pg.connector;
@@ -130,9 +118,20 @@ async fn on_server(
     };
     let may_wait = req.deadline.is_none_or(|d| d > Instant::now());
     let asker = if may_wait { Asker::Waiter } else { Asker::Once };
-    let listen = format!("LISTEN {}", keys.channel());
     let first = req.deadline.map(|d| d.max(Instant::now() + FIRST_LOOK));
-    let mut s = Some(settle!(race(c.open_checked(check), first, signals))?);
+    let opened = async {
+        if how.check {
+            return pooler::open_checked(c).await;
+        }
+        match how.ready.take().await {
+            Some(Ok(s)) => return Ok((s, false)),
+            Some(Err(e)) => say(&format!("{e:#}; connecting again")),
+            None => {}
+        }
+        Ok((c.connect().await?, false))
+    };
+    let (s, answered) = settle!(race(opened, first, signals))?;
+    let mut s = Some(s);
     let mut since = None;
     let mut until = first;
     loop {
@@ -140,19 +139,17 @@ async fn on_server(
             s = Some(settle!(reconnect(pg, req, signals)));
             continue;
         };
-        // Listen before looking, so that no release between the look and
-        // the sleep goes unheard.
-        let look = async {
-            if may_wait {
-                sess.query(&listen).await?;
-            }
-            attempt(sess, keys, rec, asker).await
-        };
-        let outcome = settle!(race(look, until, signals));
+        // Listens before looking (see `attempt`).
+        let outcome = settle!(race(
+            attempt(sess, keys, rec, asker, may_wait),
+            until,
+            signals
+        ));
         until = req.deadline;
         match outcome {
             Ok(Attempt::Took(slot, now)) => {
-                return Ok(Ended::Took(s.take().expect("a session"), slot, now));
+                let s = s.take().expect("a session");
+                return Ok(Ended::Took(Box::new(s), slot, now, answered));
             }
             Ok(Attempt::Shared) => bail!(no_session_locks(&c.target, "")),
             Ok(Attempt::Wait { held }) if req.max_waiting == Some(0) => {
@@ -177,6 +174,7 @@ async fn on_server(
                 s = None;
                 continue;
             }
+            Err(e) if e.is::<Refused>() => return Err(e),
             Err(e) => {
                 return Err(e.context(format!("cannot take a slot on PostgreSQL at {}", c.target)));
             }
@@ -208,7 +206,7 @@ async fn reconnect(
     signals: &mut Signals,
 ) -> Result<Race<Session>> {
     loop {
-        match race(pg.connector.open(), req.deadline, signals).await? {
+        match race(pg.connector.connect(), req.deadline, signals).await? {
             Race::Done(Ok(s)) => return Ok(Race::Done(s)),
             Race::Done(Err(e)) => {
                 if pg.verbose {
