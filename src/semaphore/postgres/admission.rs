@@ -21,7 +21,8 @@
 //! No lock is held between round trips and none is waited for.
 
 use super::RECLAIM_GRACE;
-use super::session::{Record, Session, cut, lit, value};
+use super::record::Record;
+use super::session::{Session, cut, lit, value};
 use crate::id::Id;
 use anyhow::{Context, Result};
 
@@ -253,19 +254,24 @@ pub enum Beat {
 }
 
 /// Whether this session still holds `slot`: the heartbeat. It also keeps
-/// the record and `application_name` current.
+/// the record and `application_name` current, and a session that LISTENs
+/// (it was a head) stops: a holder has no use for the NOTIFYs of releases,
+/// and each would wake its server process and its qsem.
 pub async fn heartbeat(s: &Session, keys: &Keys, slot: u32, rec: &Record) -> Result<Beat> {
     let sql = format!(
-        "{r}SELECT pg_backend_pid()::text, set_config('application_name', {name}, false); \
+        "{unlisten}{r}SELECT pg_backend_pid()::text, set_config('application_name', {name}, false); \
          SELECT count(*)::text FROM pg_locks WHERE {mine}",
+        unlisten = if s.listening { "UNLISTEN *; " } else { "" },
         r = rec.render(),
         name = lit(&keys.holder_name(slot, rec)),
         mine = keys.held_here(&s.db(), slot),
     );
     let res = s.query(&sql).await?;
-    Ok(if value(&res, 0) != Some(s.pid.to_string().as_str()) {
+    // The name's statement and the count are the last two.
+    let at = res.len().saturating_sub(2);
+    Ok(if value(&res, at) != Some(s.pid.to_string().as_str()) {
         Beat::Shared
-    } else if value(&res, 1) == Some("1") {
+    } else if value(&res, at + 1) == Some("1") {
         Beat::Held
     } else {
         Beat::NotHeld

@@ -20,7 +20,8 @@ use super::admission::{Asker, Attempt, Beat, Keys, attempt, heartbeat};
 use super::connect::Connector;
 use super::failures::Recorder;
 use super::pooler::{self, no_session_locks};
-use super::session::{News, Record, Session};
+use super::record::Record;
+use super::session::{News, Session};
 use super::{Postgres, RECLAIM_GRACE, runtime};
 use crate::id::Id;
 use crate::semaphore::{LOST_GRACE, Slot, SlotEvent};
@@ -53,6 +54,10 @@ pub struct PgSlot {
     /// Readable when `events` has news.
     wake: OwnedFd,
     done: std::sync::mpsc::Receiver<()>,
+    /// This host's head gate (see `queue`), given back once the job has
+    /// started: the successor's promotion, its attempt and the connecting
+    /// of the next one then do not compete with starting the job.
+    gate: Option<Box<dyn Slot>>,
 }
 
 impl PgSlot {
@@ -96,7 +101,13 @@ impl PgSlot {
             events,
             wake: read,
             done,
+            gate: None,
         })
+    }
+
+    /// Keeps `gate` until the job has started.
+    pub fn keep_until_started(&mut self, gate: Box<dyn Slot>) {
+        self.gate = Some(gate);
     }
 }
 
@@ -229,7 +240,11 @@ impl Holding {
         let left = (confirmed + self.bound() / 2).saturating_duration_since(sent);
         let beat = heartbeat(&s, &self.keys, slot, &self.rec);
         match tokio::time::timeout(left, beat).await {
-            Ok(Ok(Beat::Held)) => State::Held(s, sent),
+            Ok(Ok(Beat::Held)) => {
+                let mut s = s;
+                s.listening = false;
+                State::Held(s, sent)
+            }
             Ok(Ok(Beat::NotHeld)) => {
                 self.reclaiming("the server no longer holds it".into(), confirmed)
             }
@@ -329,6 +344,7 @@ impl Slot for PgSlot {
 
     fn started(&mut self, pid: u32) {
         let _ = self.commands.send(Command::SetChild(pid));
+        self.gate = None;
     }
 
     fn finish(self: Box<Self>, failure: Option<&str>) -> Result<()> {

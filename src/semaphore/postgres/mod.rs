@@ -66,6 +66,7 @@ mod failures;
 mod holder;
 mod pooler;
 mod queue;
+mod record;
 mod secrets;
 mod session;
 mod status;

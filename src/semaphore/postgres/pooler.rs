@@ -18,7 +18,8 @@
 
 use super::admission::{Beat, Keys, heartbeat};
 use super::connect::Connector;
-use super::session::{Record, Session, number};
+use super::record::Record;
+use super::session::{Session, number};
 use anyhow::{Result, anyhow, bail};
 use std::io::Write as _;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};

@@ -8,11 +8,12 @@
 //! sleeps in the kernel, and ends on `--wait` or a signal, so a hundred
 //! waiters on one host cost the server two sessions, not a hundred.
 //!
-//! The successor connects, sets its session up and LISTENs while the head
-//! still waits: when the head takes a slot (and gives its gate back), the
-//! successor is ready to try at once, instead of starting a session (a
-//! backend start, authentication) after the NOTIFY that it should already
-//! be answering. A waiter that finds nobody waiting becomes head at once,
+//! The successor connects and sets its session up while the head still
+//! waits: when the head takes a slot (and gives its gate back), the
+//! successor is ready to try at once (its first attempt's message starts
+//! its LISTEN), instead of starting a session (a backend start,
+//! authentication) after the NOTIFY that it should already be answering.
+//! It does not LISTEN before: every release would wake it for nothing. A waiter that finds nobody waiting becomes head at once,
 //! through one try of the `head` gate, which the engine grants no newcomer
 //! while another waits for it.
 
@@ -26,6 +27,11 @@ use anyhow::Result;
 use std::ffi::OsStr;
 use std::time::Instant;
 use tokio::task::JoinHandle;
+
+/// How long a new successor waits before it connects: it becomes one as
+/// the head before it starts its job, which a backend start and the
+/// authentication would otherwise slow.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The local id that queues this host's waiters for `id` on `target`.
 pub fn local_id(target: &str, id: &Id, what: &str) -> Id {
@@ -76,7 +82,6 @@ impl Drop for Ready {
 pub fn head(
     pg: &Postgres,
     req: &Request,
-    channel: String,
     prepare: bool,
     signals: &mut Signals,
 ) -> Result<Result<Head, Acquired>> {
@@ -123,7 +128,7 @@ pub fn head(
     };
     let ready = match prepare {
         true => Ready(Some(
-            super::runtime()?.spawn(successor(pg.connector.clone(), channel)),
+            super::runtime()?.spawn(successor(pg.connector.clone())),
         )),
         false => Ready::none(),
     };
@@ -135,12 +140,8 @@ pub fn head(
     Ok(Ok(Head { gate, ready }))
 }
 
-/// The successor's session: connected, set up and listening on `channel`.
-async fn successor(c: Connector, channel: String) -> Result<Session> {
-    let mut s = c.connect().await?;
-    let sql = format!("{}BEGIN; LISTEN {channel}; COMMIT", s.take_setup());
-    let res = s.query(&sql).await?;
-    s.learn(&res, 1)?;
-    s.listening = true;
-    Ok(s)
+/// The successor's session: connected and set up, after [`SETTLE`].
+async fn successor(c: Connector) -> Result<Session> {
+    tokio::time::sleep(SETTLE).await;
+    c.open().await
 }

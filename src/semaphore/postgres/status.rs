@@ -17,7 +17,8 @@
 use super::admission::{Keys, slot_of};
 use super::connect::Connector;
 use super::queue::local_id;
-use super::session::{Record, lit};
+use super::record::Record;
+use super::session::lit;
 use super::waiting::{Woke, sleep};
 use super::{Postgres, runtime};
 use crate::id::Id;
@@ -243,7 +244,7 @@ pub fn wait_idle(
                     &format!("waiting for {held} held slot(s) and {waiting} waiter(s)"),
                 );
             }
-            match sleep(&mut s, deadline, signals).await? {
+            match sleep(&mut s, deadline, Some(&mut *signals)).await? {
                 Woke::Look => {}
                 Woke::Broken(why) => {
                     anyhow::bail!("lost the connection to PostgreSQL at {}: {why}", c.target)

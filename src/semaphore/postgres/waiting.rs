@@ -11,11 +11,14 @@
 //! waiting is opened again, for as long as the deadline lasts.
 
 use super::admission::{Asker, Attempt, Keys, attempt};
+use super::connect::Connector;
 use super::holder::PgSlot;
 use super::pooler::{self, no_session_locks};
 use super::queue::{self, Head, Ready};
-use super::session::{News, Record, Refused, Session, broken};
+use super::record::Record;
+use super::session::{News, Refused, Session, broken};
 use super::{Postgres, runtime};
+use crate::id::Id;
 use crate::report;
 use crate::semaphore::{Acquired, Request};
 use crate::signals::{Received, Signals};
@@ -39,7 +42,7 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 pub fn acquire(pg: &mut Postgres, req: &Request, signals: &mut Signals) -> Result<Acquired> {
     let keys = Keys::of(req.id);
     let check = !pg.pooler_checked && !pooler::recently_checked(&pg.dir, &pg.connector);
-    let Head { gate, mut ready } = match queue::head(pg, req, keys.channel(), !check, signals)? {
+    let Head { gate, ready } = match queue::head(pg, req, !check, signals)? {
         Ok(head) => head,
         Err(other) => return Ok(other),
     };
@@ -51,13 +54,19 @@ pub fn acquire(pg: &mut Postgres, req: &Request, signals: &mut Signals) -> Resul
         host: sys::hostname(),
         command: req.command.to_string(),
     };
-    let how = Open {
+    let head = HeadWait {
+        c: pg.connector.clone(),
+        verbose: pg.verbose,
+        id: req.id.clone(),
+        deadline: req.deadline,
+        max_waiting: req.max_waiting,
+        keys,
+        rec: rec.clone(),
         check,
-        ready: &mut ready,
+        ready,
     };
-    let got = runtime()?.block_on(on_server(pg, req, &keys, &rec, how, signals));
+    let got = wait_as_head(head, signals);
     pg.pooler_checked = true;
-    drop(gate);
     let (s, slot, server_ms, answered) = match got? {
         Ended::Took(s, slot, ms, answered) => (*s, slot, ms, answered),
         Ended::TimedOut => return Ok(Acquired::TimedOut),
@@ -65,7 +74,8 @@ pub fn acquire(pg: &mut Postgres, req: &Request, signals: &mut Signals) -> Resul
         Ended::Interrupted(r) => return Ok(Acquired::Interrupted(r)),
     };
     rec.started_ms = server_ms;
-    let slot = PgSlot::start(pg, req.id, s, keys, (slot, rec), check)?;
+    let mut slot = PgSlot::start(pg, req.id, s, keys, (slot, rec), check)?;
+    slot.keep_until_started(gate);
     if check && answered {
         pooler::remember(&pg.dir, &pg.connector);
     }
@@ -94,65 +104,84 @@ macro_rules! settle {
     };
 }
 
-/// How the head gets its first session.
-struct Open<'a> {
-    /// Opened with a check for a pooler.
+/// What the head's wait on the server works with, owned: it runs as a task
+/// of its own on the runtime's worker thread, where the connection's task
+/// runs too, so that a NOTIFY, the attempt it calls for and the answer wake
+/// no other thread; the caller's thread waits only for its end or a stop
+/// signal.
+struct HeadWait {
+    c: Connector,
+    verbose: bool,
+    id: Id,
+    deadline: Option<Instant>,
+    max_waiting: Option<u32>,
+    keys: Keys,
+    rec: Record,
+    /// Open the first session with a check for a pooler.
     check: bool,
-    /// The one it prepared as successor, if any.
-    ready: &'a mut Ready,
+    /// The session it prepared as successor, if any.
+    ready: Ready,
 }
 
-async fn on_server(
-    pg: &Postgres,
-    req: &Request<'_>,
-    keys: &Keys,
-    rec: &Record,
-    how: Open<'_>,
-    signals: &mut Signals,
-) -> Result<Ended> {
-    let c = &pg.connector;
+/// Runs the head's wait, until it ends or a stop signal comes.
+fn wait_as_head(head: HeadWait, signals: &mut Signals) -> Result<Ended> {
+    let rt = runtime()?;
+    let mut task = rt.spawn(on_server(head));
+    rt.block_on(async {
+        match race(&mut task, None, Some(signals)).await? {
+            Race::Done(ended) => ended.map_err(|e| anyhow!("the waiting task failed: {e}"))?,
+            Race::Signal(r) => {
+                task.abort();
+                Ok(Ended::Interrupted(r))
+            }
+            Race::Expired => Ok(Ended::TimedOut),
+        }
+    })
+}
+
+async fn on_server(mut head: HeadWait) -> Result<Ended> {
+    let c = &head.c;
+    let (keys, rec) = (&head.keys, &head.rec);
+    let (verbose, id) = (head.verbose, &head.id);
     let say = |msg: &str| {
-        if pg.verbose {
-            report::line(req.id, msg);
+        if verbose {
+            report::line(id, msg);
         }
     };
-    let may_wait = req.deadline.is_none_or(|d| d > Instant::now());
+    let deadline = head.deadline;
+    let may_wait = deadline.is_none_or(|d| d > Instant::now());
     let asker = if may_wait { Asker::Waiter } else { Asker::Once };
-    let first = req.deadline.map(|d| d.max(Instant::now() + FIRST_LOOK));
+    let first = deadline.map(|d| d.max(Instant::now() + FIRST_LOOK));
     let opened = async {
-        if how.check {
+        if head.check {
             return pooler::open_checked(c).await;
         }
-        match how.ready.take().await {
+        match head.ready.take().await {
             Some(Ok(s)) => return Ok((s, false)),
             Some(Err(e)) => say(&format!("{e:#}; connecting again")),
             None => {}
         }
         Ok((c.connect().await?, false))
     };
-    let (s, answered) = settle!(race(opened, first, signals))?;
+    let (s, answered) = settle!(race(opened, first, None))?;
     let mut s = Some(s);
     let mut since = None;
     let mut until = first;
     loop {
         let Some(sess) = s.as_mut() else {
-            s = Some(settle!(reconnect(pg, req, signals)));
+            s = Some(settle!(reconnect(c, verbose, id, deadline)));
             continue;
         };
         // Listens before looking (see `attempt`).
-        let outcome = settle!(race(
-            attempt(sess, keys, rec, asker, may_wait),
-            until,
-            signals
-        ));
-        until = req.deadline;
+        let outcome = settle!(race(attempt(sess, keys, rec, asker, may_wait), until, None));
+        until = deadline;
         match outcome {
             Ok(Attempt::Took(slot, now)) => {
                 let s = s.take().expect("a session");
                 return Ok(Ended::Took(Box::new(s), slot, now, answered));
             }
             Ok(Attempt::Shared) => bail!(no_session_locks(&c.target, "")),
-            Ok(Attempt::Wait { held }) if req.max_waiting == Some(0) => {
+            Ok(Attempt::Wait { held }) if head.max_waiting == Some(0) => {
                 say(&format!("no free slot ({held} held), and --max-waiting 0"));
                 return Ok(Ended::Crowded);
             }
@@ -165,7 +194,7 @@ async fn on_server(
                     since = Some(Instant::now());
                     say(&format!(
                         "waiting for a slot ({held} held, limit {})",
-                        req.jobs
+                        rec.jobs
                     ));
                 }
             }
@@ -179,7 +208,7 @@ async fn on_server(
                 return Err(e.context(format!("cannot take a slot on PostgreSQL at {}", c.target)));
             }
         }
-        match sleep(sess, req.deadline, signals).await? {
+        match sleep(sess, deadline, None).await? {
             Woke::Look => {}
             Woke::Broken(why) => {
                 say(&format!(
@@ -201,18 +230,19 @@ async fn on_server(
 /// A new session for a waiter whose connection broke, tried every
 /// [`RECONNECT_PAUSE`] until the deadline or a signal.
 async fn reconnect(
-    pg: &Postgres,
-    req: &Request<'_>,
-    signals: &mut Signals,
+    c: &Connector,
+    verbose: bool,
+    id: &Id,
+    deadline: Option<Instant>,
 ) -> Result<Race<Session>> {
     loop {
-        match race(pg.connector.connect(), req.deadline, signals).await? {
+        match race(c.connect(), deadline, None).await? {
             Race::Done(Ok(s)) => return Ok(Race::Done(s)),
             Race::Done(Err(e)) => {
-                if pg.verbose {
-                    report::line(req.id, &format!("{e:#}; trying again"));
+                if verbose {
+                    report::line(id, &format!("{e:#}; trying again"));
                 }
-                match race(tokio::time::sleep(RECONNECT_PAUSE), req.deadline, signals).await? {
+                match race(tokio::time::sleep(RECONNECT_PAUSE), deadline, None).await? {
                     Race::Done(()) => {}
                     Race::Expired => return Ok(Race::Expired),
                     Race::Signal(r) => return Ok(Race::Signal(r)),
@@ -233,9 +263,12 @@ impl AsRawFd for SignalFd {
     }
 }
 
-/// Waits for a signal that stops a waiter. A signal that came earlier is
-/// seen at once: the pipe is still readable.
-async fn stop_signal(signals: &mut Signals) -> Result<Received> {
+/// Waits for a signal that stops a waiter (for ever without `signals`). A
+/// signal that came earlier is seen at once: the pipe is still readable.
+async fn stop_signal(signals: Option<&mut Signals>) -> Result<Received> {
+    let Some(signals) = signals else {
+        return std::future::pending().await;
+    };
     // SAFETY: `signals` owns the descriptor, keeps it open, and outlives
     // `fd`, which lives only in this call.
     let fd = unsafe { AsyncFd::register_with_interest(SignalFd(signals.fd()), Interest::READABLE) }
@@ -258,11 +291,12 @@ pub enum Race<T> {
     Signal(Received),
 }
 
-/// Runs `work` until it ends, the deadline passes, or a stop signal comes.
+/// Runs `work` until it ends, the deadline passes, or a stop signal comes
+/// (if `signals` are watched here).
 pub async fn race<T>(
     work: impl Future<Output = T>,
     deadline: Option<Instant>,
-    signals: &mut Signals,
+    signals: Option<&mut Signals>,
 ) -> Result<Race<T>> {
     let expired = async {
         match deadline {
@@ -291,7 +325,7 @@ pub enum Woke {
 pub async fn sleep(
     s: &mut Session,
     deadline: Option<Instant>,
-    signals: &mut Signals,
+    signals: Option<&mut Signals>,
 ) -> Result<Woke> {
     let news = async {
         tokio::select! {
