@@ -88,14 +88,7 @@ pub fn head(
     let mut local = pg.local()?;
     let target = &pg.connector.target;
     let head_id = local_id(target, req.id, "head");
-    // The head and the successor each hold a gate while they wait: they are
-    // this host's waiters, besides those queued for `next`.
-    let head_req = Request {
-        id: &head_id,
-        jobs: 1,
-        max_waiting: req.max_waiting.map(|k| k.saturating_sub(1)),
-        ..*req
-    };
+    let head_req = gate(&head_id, req, 1);
     let now = Request {
         deadline: Some(Instant::now()),
         ..head_req
@@ -116,12 +109,7 @@ pub fn head(
         _ => {}
     }
     let next_id = local_id(target, req.id, "next");
-    let next_req = Request {
-        id: &next_id,
-        jobs: 1,
-        max_waiting: req.max_waiting.map(|k| k.saturating_sub(2)),
-        ..*req
-    };
+    let next_req = gate(&next_id, req, 2);
     let next = match local.acquire(&next_req, signals)? {
         Acquired::Slot(next) => next,
         other => return Ok(Err(other)),
@@ -138,6 +126,18 @@ pub fn head(
     };
     drop(next);
     Ok(Ok(Head { gate, ready }))
+}
+
+/// The request for the local gate `id`, one slot, for `req`: the head and
+/// the successor each hold a gate while they wait, so `ahead` of this
+/// host's waiters do not queue for it.
+fn gate<'a>(id: &'a Id, req: &Request<'a>, ahead: u32) -> Request<'a> {
+    Request {
+        id,
+        jobs: 1,
+        max_waiting: req.max_waiting.map(|k| k.saturating_sub(ahead)),
+        ..*req
+    }
 }
 
 /// The successor's session: connected and set up, after [`SETTLE`].

@@ -42,10 +42,6 @@ const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 pub fn acquire(pg: &mut Postgres, req: &Request, signals: &mut Signals) -> Result<Acquired> {
     let keys = Keys::of(req.id);
     let check = !pg.pooler_checked && !pooler::recently_checked(&pg.dir, &pg.connector);
-    let Head { gate, ready } = match queue::head(pg, req, !check, signals)? {
-        Ok(head) => head,
-        Err(other) => return Ok(other),
-    };
     let mut rec = Record {
         id: req.id.as_bytes().to_vec(),
         started_ms: 0,
@@ -53,6 +49,10 @@ pub fn acquire(pg: &mut Postgres, req: &Request, signals: &mut Signals) -> Resul
         pid: std::process::id(),
         host: sys::hostname(),
         command: req.command.to_string(),
+    };
+    let Head { gate, ready } = match queue::head(pg, req, !check, signals)? {
+        Ok(head) => head,
+        Err(other) => return Ok(other),
     };
     let head = HeadWait {
         c: pg.connector.clone(),
