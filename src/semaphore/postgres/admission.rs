@@ -100,6 +100,19 @@ impl Keys {
         cut(&name, 63).to_string()
     }
 
+    /// The name of a holder's session while it runs without a slot: it
+    /// lost its slot and has not taken one again.
+    fn lost_name(&self, rec: &Record) -> String {
+        let name = format!(
+            "qsem l {} {} {}@{}",
+            self.hex(),
+            rec.jobs,
+            rec.pid,
+            rec.host
+        );
+        cut(&name, 63).to_string()
+    }
+
     fn waiter_name(&self, rec: &Record) -> String {
         let name = format!(
             "qsem w {} {} {}@{}",
@@ -138,6 +151,9 @@ pub enum Asker {
     Waiter,
     /// A newcomer that gives up if refused (`--wait 0`).
     Once,
+    /// A holder that lost its slot, trying by the ordinary rule: refused, it
+    /// shows as running without a slot.
+    Lost,
     /// A holder whose session ended, taking its own slot back: it alone may
     /// come in during the grace after a server start.
     Reclaim(u32),
@@ -158,7 +174,7 @@ pub async fn attempt(
     let jobs = rec.jobs;
     let (from, to, grace) = match asker {
         Asker::Reclaim(slot) => (slot, slot, "true".to_string()),
-        Asker::Waiter | Asker::Once => (
+        Asker::Waiter | Asker::Once | Asker::Lost => (
             1,
             jobs,
             format!(
@@ -169,6 +185,7 @@ pub async fn attempt(
     };
     let refused_name = match asker {
         Asker::Waiter => lit(&keys.waiter_name(rec)),
+        Asker::Lost => lit(&keys.lost_name(rec)),
         Asker::Once | Asker::Reclaim(_) => "current_setting('application_name')".into(),
     };
     let holder = keys.holder_name(0, rec);

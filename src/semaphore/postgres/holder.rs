@@ -14,7 +14,9 @@
 //! at once and the holder takes its own slot back, ahead of newcomers, who
 //! wait `RECLAIM_GRACE` after a server start. It must be back within
 //! `RECLAIM_GRACE - 2s` (and `F/2`), or it reports the slot lost; after that
-//! it tries, by the ordinary rule, to take a slot again and says so.
+//! it tries, by the ordinary rule, to take a slot again and says so. Until
+//! then it keeps a session named `qsem l …`, so that `--status` shows its
+//! job running without a slot for as long as the server can be reached.
 
 use super::admission::{Asker, Attempt, Beat, Keys, attempt, heartbeat};
 use super::connect::Connector;
@@ -26,7 +28,7 @@ use super::{Postgres, RECLAIM_GRACE, runtime};
 use crate::id::Id;
 use crate::semaphore::{LOST_GRACE, Slot, SlotEvent};
 use crate::sys;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,6 +38,8 @@ use tokio::sync::mpsc;
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long a releasing holder waits for the server before just hanging up.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How soon a holder that lost its slot, and has no session, tries again.
+const LOST_RETRY: Duration = Duration::from_secs(1);
 /// How often a holder whose session ended tries to connect again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 
@@ -127,8 +131,9 @@ enum State {
     Held(Box<Session>, Instant),
     /// The session ended; take the slot back before `until`.
     Reclaiming { why: String, until: Instant },
-    /// Lost and said so: take one by the ordinary rule when it can.
-    Lost,
+    /// Lost and said so: take one by the ordinary rule when it can. The
+    /// session of the last try is kept, named as a holder without a slot.
+    Lost(Option<Box<Session>>),
     /// Lost to a pooler that shares server processes: said so, and no
     /// slot is taken again through it.
     Refused,
@@ -156,7 +161,9 @@ impl Holding {
         let mut state = State::Held(Box::new(s), Instant::now());
         loop {
             let pace = match state {
-                State::Held(..) | State::Lost => every,
+                State::Held(..) | State::Lost(Some(_)) => every,
+                // Soon, so that `--status` shows the job without a slot.
+                State::Lost(None) => every.min(LOST_RETRY),
                 State::Reclaiming { .. } => Duration::ZERO,
                 State::Refused => Duration::MAX,
             };
@@ -199,8 +206,8 @@ impl Holding {
                     state = match state {
                         State::Held(..) => self.beat(state, slot).await,
                         State::Reclaiming { why, until } => self.reclaim(slot, why, until).await,
-                        State::Lost => match self.retake().await {
-                            Some((s, k)) => {
+                        State::Lost(kept) => match self.retake(kept).await {
+                            Ok((s, k)) => {
                                 let note = if k == slot {
                                     String::new()
                                 } else {
@@ -210,7 +217,7 @@ impl Holding {
                                 slot = k;
                                 State::Held(Box::new(s), Instant::now())
                             }
-                            None => State::Lost,
+                            Err(kept) => State::Lost(kept),
                         },
                         State::Refused => State::Refused,
                     };
@@ -275,7 +282,7 @@ impl Holding {
             why: format!("lost slot {slot} on PostgreSQL at {}: {why}", self.c.target),
             grace,
         });
-        State::Lost
+        State::Lost(None)
     }
 
     /// One try at taking our own slot back in a new session.
@@ -311,21 +318,34 @@ impl Holding {
         }
     }
 
-    /// One try, in a new session, to take a slot by the ordinary rule.
-    async fn retake(&self) -> Option<(Session, u32)> {
+    /// One try to take a slot by the ordinary rule, in the session kept from
+    /// the last try or a new one. Refused, the session is kept, named as a
+    /// holder without a slot, so that `--status` shows the job running.
+    async fn retake(
+        &self,
+        kept: Option<Box<Session>>,
+    ) -> Result<(Session, u32), Option<Box<Session>>> {
+        let mut s = match kept {
+            Some(s) => *s,
+            None => match tokio::time::timeout(self.c.lost_after, self.c.connect()).await {
+                Ok(Ok(s)) => s,
+                _ => return Err(None),
+            },
+        };
         let once = async {
-            let mut s = self.c.connect().await?;
-            match attempt(&mut s, &self.keys, &self.rec, Asker::Once, false).await? {
-                Attempt::Took(k, _) => Ok((heartbeat(&s, &self.keys, k, &self.rec).await?
-                    == Beat::Held)
-                    .then_some((s, k))),
+            match attempt(&mut s, &self.keys, &self.rec, Asker::Lost, false).await? {
+                Attempt::Took(k, _) => match heartbeat(&s, &self.keys, k, &self.rec).await? {
+                    Beat::Held => Ok(Some(k)),
+                    _ => bail!("slot {k} taken but not kept"),
+                },
                 Attempt::Wait { .. } | Attempt::Shared => anyhow::Ok(None),
             }
         };
-        tokio::time::timeout(self.c.lost_after, once)
-            .await
-            .ok()?
-            .ok()?
+        match tokio::time::timeout(self.c.lost_after, once).await {
+            Ok(Ok(Some(k))) => Ok((s, k)),
+            Ok(Ok(None)) => Err(Some(Box::new(s))),
+            _ => Err(None),
+        }
     }
 }
 

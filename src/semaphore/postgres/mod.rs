@@ -45,7 +45,8 @@
 //!   back first; a holder that cannot within `RECLAIM_GRACE - 2s` of losing
 //!   its session reports the slot lost (so that `--on-lost=kill` has stopped
 //!   the job before a newcomer can come in), and then tries, by the ordinary
-//!   rule, to take one again.
+//!   rule, to take one again; meanwhile `--status` shows its job running
+//!   without a slot (`-`).
 //! - **Failures** of background jobs ([`failures`]) are rows of
 //!   `qsem_failures`; one that cannot be written there is kept in the local
 //!   lock directory instead, so the next `--wait-all` on this host still

@@ -52,7 +52,7 @@ pub fn status(pg: &Postgres, only: Option<&Id>) -> Result<Vec<IdStatus>> {
 
 fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
     let keys = only.map(Keys::of);
-    let (locks, waiters) = runtime()?.block_on(async {
+    let (locks, waiters, lost) = runtime()?.block_on(async {
         let s = c.open().await?;
         let cond = match &keys {
             Some(k) => k.locks_of(&s.db()),
@@ -61,7 +61,11 @@ fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
                 s.db()
             ),
         };
-        let like = keys.map_or("qsem w %".to_string(), |k| format!("qsem w {} %", k.hex()));
+        let like = |kind: &str| {
+            lit(&keys.map_or(format!("qsem {kind} %"), |k| {
+                format!("qsem {kind} {} %", k.hex())
+            }))
+        };
         let res = s
             .query(&format!(
                 "SELECT l.classid::text, l.objid::text, l.pid::text, coalesce(a.usename, ''), \
@@ -72,13 +76,18 @@ fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
                  SELECT application_name, \
                  (extract(epoch FROM now() - backend_start) * 1000)::int8::text \
                  FROM pg_stat_activity \
+                 WHERE application_name LIKE {} AND datname = current_database(); \
+                 SELECT query, (extract(epoch FROM clock_timestamp()) * 1000)::int8::text \
+                 FROM pg_stat_activity \
                  WHERE application_name LIKE {} AND datname = current_database()",
-                lit(&like)
+                like("w"),
+                like("l")
             ))
             .await?;
         anyhow::Ok((
             res.first().cloned().unwrap_or_default(),
             res.get(1).cloned().unwrap_or_default(),
+            res.get(2).cloned().unwrap_or_default(),
         ))
     })?;
     let now = SystemTime::now();
@@ -98,11 +107,18 @@ fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
             by_key.entry(prefix).or_default().2.push(waiter);
         }
     }
+    for row in &lost {
+        if let Some((prefix, id, holder)) = lost_of(row, now) {
+            let entry = by_key.entry(prefix).or_default();
+            entry.0 = entry.0.take().or(Some(id));
+            entry.1.push(holder);
+        }
+    }
     let mut out: Vec<IdStatus> = by_key
         .into_iter()
         .filter(|(_, (id, _, _))| id.is_some() || only.is_some())
         .map(|(k, (id, mut holders, mut waiters))| {
-            holders.sort_by_key(|h| h.slot);
+            holders.sort_by_key(|h| (h.slot == 0, h.slot));
             waiters.sort_by_key(|w| w.since);
             IdStatus {
                 id: only.cloned().or(id).unwrap_or_else(|| unknown(k)),
@@ -174,6 +190,26 @@ fn holder_of(
         },
     };
     Some((prefix, id.map(|(id, _)| id), holder))
+}
+
+/// A holder's session that runs its job without a slot (`qsem l …`: it
+/// lost its slot and has not taken one again), from its record: a holder
+/// whose slot is 0, which `--status` shows as `-`.
+fn lost_of(row: &[Option<String>], now: SystemTime) -> Option<(u64, Id, Holder)> {
+    let r = Record::parse(&text(row, 0))?;
+    let id = Id::new(OsStr::from_bytes(&r.id)).ok()?;
+    let server_now: u64 = text(row, 1).parse().unwrap_or(0);
+    let holder = Holder {
+        slot: 0,
+        pid: r.pid,
+        host: r.host.clone(),
+        started: now.checked_sub(Duration::from_millis(
+            server_now.saturating_sub(r.started_ms),
+        )),
+        jobs: r.jobs,
+        command: r.command.clone(),
+    };
+    Some((Keys::of(&id).prefix, id, holder))
 }
 
 /// One head's session (`qsem w <key> <jobs> <pid>@<host>`, its age on the
