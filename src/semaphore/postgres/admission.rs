@@ -100,22 +100,12 @@ impl Keys {
         cut(&name, 63).to_string()
     }
 
-    /// The name of a holder's session while it runs without a slot: it
-    /// lost its slot and has not taken one again.
-    fn lost_name(&self, rec: &Record) -> String {
+    /// The name of a waiting head's session (`kind` `w`), or of a holder's
+    /// that runs without a slot (`l`: it lost its slot and has not taken
+    /// one again).
+    fn session_name(&self, kind: char, rec: &Record) -> String {
         let name = format!(
-            "qsem l {} {} {}@{}",
-            self.hex(),
-            rec.jobs,
-            rec.pid,
-            rec.host
-        );
-        cut(&name, 63).to_string()
-    }
-
-    fn waiter_name(&self, rec: &Record) -> String {
-        let name = format!(
-            "qsem w {} {} {}@{}",
+            "qsem {kind} {} {} {}@{}",
             self.hex(),
             rec.jobs,
             rec.pid,
@@ -184,8 +174,8 @@ pub async fn attempt(
         ),
     };
     let refused_name = match asker {
-        Asker::Waiter => lit(&keys.waiter_name(rec)),
-        Asker::Lost => lit(&keys.lost_name(rec)),
+        Asker::Waiter => lit(&keys.session_name('w', rec)),
+        Asker::Lost => lit(&keys.session_name('l', rec)),
         Asker::Once | Asker::Reclaim(_) => "current_setting('application_name')".into(),
     };
     let holder = keys.holder_name(0, rec);
@@ -330,7 +320,7 @@ mod tests {
         assert!(name.starts_with("qsem h 00000000001 3 2 7@hhh"), "{name}");
         assert_eq!(name.len(), 63);
         assert!(
-            keys.waiter_name(&rec)
+            keys.session_name('w', &rec)
                 .starts_with("qsem w 00000000001 2 7@h")
         );
     }

@@ -163,17 +163,7 @@ fn holder_of(
         .and_then(|r| Some((Id::new(OsStr::from_bytes(&r.id)).ok()?, r)))
         .filter(|(id, _)| Keys::of(id).prefix == prefix);
     let holder = match &id {
-        Some((_, r)) => Holder {
-            slot,
-            pid: r.pid,
-            host: r.host.clone(),
-            // The age on the server's clock, as a time on ours.
-            started: now.checked_sub(Duration::from_millis(
-                server_now.saturating_sub(r.started_ms),
-            )),
-            jobs: r.jobs,
-            command: r.command.clone(),
-        },
+        Some((_, r)) => recorded(r, slot, server_now, now),
         // Unknown ids' locks are anybody's; the asked id's are its slots.
         None if !asked => return None,
         None => Holder {
@@ -199,17 +189,24 @@ fn lost_of(row: &[Option<String>], now: SystemTime) -> Option<(u64, Id, Holder)>
     let r = Record::parse(&text(row, 0))?;
     let id = Id::new(OsStr::from_bytes(&r.id)).ok()?;
     let server_now: u64 = text(row, 1).parse().unwrap_or(0);
-    let holder = Holder {
-        slot: 0,
+    let holder = recorded(&r, 0, server_now, now);
+    Some((Keys::of(&id).prefix, id, holder))
+}
+
+/// A qsem holder of `slot` as its record says; `server_now` is the
+/// server's clock (ms) when it was read.
+fn recorded(r: &Record, slot: u32, server_now: u64, now: SystemTime) -> Holder {
+    Holder {
+        slot,
         pid: r.pid,
         host: r.host.clone(),
+        // The age on the server's clock, as a time on ours.
         started: now.checked_sub(Duration::from_millis(
             server_now.saturating_sub(r.started_ms),
         )),
         jobs: r.jobs,
         command: r.command.clone(),
-    };
-    Some((Keys::of(&id).prefix, id, holder))
+    }
 }
 
 /// One head's session (`qsem w <key> <jobs> <pid>@<host>`, its age on the
