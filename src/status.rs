@@ -40,6 +40,20 @@ fn age(t: Option<SystemTime>, now: SystemTime) -> String {
         .map_or("?".into(), duration::human)
 }
 
+/// A holder's slot as the table shows it: `-` for one that runs without a
+/// slot (slot 0: it lost its slot and has not taken one again).
+fn slot_text(slot: u32) -> String {
+    match slot {
+        0 => "-".into(),
+        n => n.to_string(),
+    }
+}
+
+/// How many slots of the id are held: its holders, less those without one.
+fn held(s: &IdStatus) -> usize {
+    s.holders.iter().filter(|h| h.slot != 0).count()
+}
+
 /// The table: one row per held slot, one per named waiter (slot column
 /// "waiting", the elapsed column the time waited), then one summary line
 /// per id.
@@ -52,7 +66,7 @@ pub fn table(ids: &[IdStatus], now: SystemTime) -> String {
         for h in &s.holders {
             rows.push([
                 s.id.to_string(),
-                h.slot.to_string(),
+                slot_text(h.slot),
                 h.pid.to_string(),
                 h.host.clone(),
                 age(h.started, now),
@@ -93,13 +107,7 @@ pub fn table(ids: &[IdStatus], now: SystemTime) -> String {
         out.push('\n');
     }
     for s in ids {
-        let _ = writeln!(
-            out,
-            "{}: {} held, {} waiting",
-            s.id,
-            s.holders.len(),
-            s.waiting
-        );
+        let _ = writeln!(out, "{}: {} held, {} waiting", s.id, held(s), s.waiting);
     }
     out
 }
@@ -117,7 +125,7 @@ pub fn json(ids: &[IdStatus], now: SystemTime) -> String {
             out,
             "{{\"id\":{},\"held\":{},\"waiting\":{},\"holders\":[",
             quote(&String::from_utf8_lossy(s.id.as_bytes())),
-            s.holders.len(),
+            held(s),
             s.waiting
         );
         for (j, h) in s.holders.iter().enumerate() {
@@ -128,7 +136,10 @@ pub fn json(ids: &[IdStatus], now: SystemTime) -> String {
             let _ = write!(
                 out,
                 "{{\"slot\":{},\"pid\":{},\"host\":{},\"jobs\":{},\"started\":{started},\"elapsed\":{elapsed},\"command\":{}}}",
-                h.slot,
+                match h.slot {
+                    0 => "null".to_string(),
+                    n => n.to_string(),
+                },
                 h.pid,
                 quote(&h.host),
                 h.jobs,

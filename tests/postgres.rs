@@ -231,6 +231,59 @@ fn on_lost_kill_stops_the_job_when_the_slot_cannot_be_taken_back() {
     assert!(!marker.exists());
 }
 
+#[test]
+fn a_holder_that_lost_its_slot_shows_as_running_without_one() {
+    let Some((env, c)) = setup() else { return };
+    let id = "lostshow";
+    let holder = hold(&env, c, &["--id", id], "lost");
+    // End the holder's session, and take its slot from another session
+    // before the holder can come back for it: that session waits in the
+    // lock queue, so it gets the slot the moment the old session ends.
+    let key = (common::postgres::fnv64(id) >> 20 << 20) | 1;
+    let mut thief = c.psql_session("thief");
+    {
+        use std::io::Write;
+        let sql = format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'qsem h %' AND query LIKE '%/*qsem {} %';\nSELECT pg_advisory_lock({});\n",
+            id.bytes().map(|b| format!("{b:02x}")).collect::<String>(),
+            key as i64
+        );
+        thief
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(sql.as_bytes())
+            .unwrap();
+    }
+    // The job runs on; --status shows it without a slot, and the thief's
+    // lock as the one slot held.
+    let shown = || run(qsem(&env, c).args(["--status", "--id", id])).1;
+    assert!(
+        eventually(SOON, || shown()
+            .lines()
+            .any(|l| l.starts_with(&format!("{id}  -  ")))),
+        "{}",
+        shown()
+    );
+    let out = shown();
+    assert!(out.contains(&format!("{id}: 1 held, 0 waiting")), "{out}");
+    assert!(out.contains("foreign session"), "{out}");
+    let (_, json, _) = run(qsem(&env, c).args(["--status", "--id", id, "--json"]));
+    assert!(json.contains("\"slot\":null"), "{json}");
+    assert!(json.contains("\"held\":1,"), "{json}");
+    // Once the thief lets go, the holder takes a slot again.
+    let _ = thief.kill();
+    let _ = thief.wait();
+    assert!(eventually(SOON, || held(&env, c, id) == 1 && !shown().contains(" -  ")));
+    let results = finish(&env, vec![holder]);
+    let (code, err) = &results[0];
+    assert_eq!(*code, 0, "{err}");
+    assert!(
+        err.contains("lost slot 1") && err.contains("took slot 1 again"),
+        "{err}"
+    );
+}
+
 /// An nftables table that drops loopback TCP to and from one port; removed on drop.
 struct Partition(String);
 

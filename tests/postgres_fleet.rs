@@ -11,6 +11,8 @@ use common::netns::Fleet;
 use common::postgres::{Cluster, Job, Options};
 use common::{Env, SOON, eventually, skipped, wait_for_file};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// Three hosts and a server that listens on their bridge; `None` to skip.
@@ -71,7 +73,7 @@ fn a_stalled_or_cut_off_host_delays_nobody_past_their_wait() {
         "postgres://postgres:{}@{}:{}/postgres",
         common::postgres::PASSWORD,
         fleet.server_addr(),
-        relay
+        relay.port
     );
     let on_host_1 = |args: &[&str]| {
         let mut cmd = fleet.command(1, env!("CARGO_BIN_EXE_qsem"));
@@ -86,11 +88,13 @@ fn a_stalled_or_cut_off_host_delays_nobody_past_their_wait() {
         .map(|_| on_host_1(&["--id", "stall", "--wait", "0", "--", "true"]))
         .collect();
     stalled.push(on_host_1(&["--id", "stall", "--", "true"]));
-    // Until host 1 has stalled in a transaction, or waits for the slot.
-    assert!(eventually(SOON, || c.sql(
-        "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' \
-         OR application_name LIKE 'qsem w %'"
-    ) != "0"));
+    // Until host 1 has stalled (in a transaction, or before its message
+    // reached the server), or waits for the slot.
+    assert!(eventually(SOON, || relay.stalled.load(Ordering::SeqCst)
+        || c.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' \
+             OR application_name LIKE 'qsem w %'"
+        ) != "0"));
     fleet.cut(1);
     // Host 2 gives up at its --wait, not when host 1's session times out.
     let t = Instant::now();
@@ -120,15 +124,23 @@ fn a_stalled_or_cut_off_host_delays_nobody_past_their_wait() {
 
 /// A TCP relay to the server that passes traffic on until a client sends a
 /// message containing `COMMIT`, then holds that connection silently open.
-struct StallingRelay;
+struct StallingRelay {
+    port: u16,
+    /// Whether it has held a connection so.
+    stalled: Arc<AtomicBool>,
+}
 
 impl StallingRelay {
-    /// Listens on `addr` (a free port, returned) and relays to `addr:port`.
-    fn start(addr: &str, port: u16) -> u16 {
+    /// Listens on `addr` (a free port) and relays to `addr:port`.
+    fn start(addr: &str, port: u16) -> StallingRelay {
         use std::io::{Read, Write};
         use std::net::{TcpListener, TcpStream};
         let listener = TcpListener::bind((addr, 0)).unwrap();
-        let relay = listener.local_addr().unwrap().port();
+        let relay = StallingRelay {
+            port: listener.local_addr().unwrap().port(),
+            stalled: Arc::new(AtomicBool::new(false)),
+        };
+        let stalled = relay.stalled.clone();
         let upstream = (addr.to_string(), port);
         std::thread::spawn(move || {
             for client in listener.incoming().flatten() {
@@ -138,11 +150,15 @@ impl StallingRelay {
                 let (mut c_in, mut s_out) =
                     (client.try_clone().unwrap(), server.try_clone().unwrap());
                 let (mut s_in, mut c_out) = (server, client);
+                let stalled = stalled.clone();
                 std::thread::spawn(move || {
                     let mut buf = [0u8; 65536];
                     while let Ok(n) = c_in.read(&mut buf) {
                         if n == 0 || buf[..n].windows(6).any(|w| w == b"COMMIT") {
                             // Stalled: nothing more reaches the server.
+                            if n > 0 {
+                                stalled.store(true, Ordering::SeqCst);
+                            }
                             std::thread::park();
                         }
                         if s_out.write_all(&buf[..n]).is_err() {
@@ -227,7 +243,7 @@ fn on_lost_kill_stops_a_cut_off_job_before_the_next_one_starts() {
 }
 
 #[test]
-fn waiting_costs_one_connection_per_host_and_id() {
+fn waiting_costs_two_connections_per_host_and_id() {
     let Some((fleet, c)) = fleet(Some(30)) else {
         return;
     };
@@ -263,10 +279,11 @@ fn waiting_costs_one_connection_per_host_and_id() {
     let sessions =
         c.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'");
     let sessions: u32 = sessions.parse().unwrap();
-    // One holder, three heads, psql, and a little room for a head's first
-    // look (which checks for a pooler with a second session).
+    // One holder, three heads and their successors, psql, and a little
+    // room for a head's first look (which checks for a pooler with a
+    // second session).
     assert!(
-        sessions <= 1 + 3 + 1 + 3,
+        sessions <= 1 + 3 * 2 + 1 + 3,
         "{sessions} sessions for 1 holder and 3 hosts"
     );
     common::postgres::finish(&envs[0], holders);
@@ -287,18 +304,15 @@ fn waiting_costs_one_connection_per_host_and_id() {
     }
 }
 
-/// How many of a host's qsems are in its queue (the head and those behind
-/// it), from its lock directory.
+/// How many of a host's qsems are in its queue (the head, its successor and
+/// those behind them), from its lock directory: the successor holds one
+/// local gate and waits for the other, so qsems are counted by pid.
 fn queued(env: &Env) -> u32 {
     let (_, out, _) = common::run(env.qsem().args(["--status", "--json"]));
-    ["\"held\":", "\"waiting\":"]
-        .iter()
-        .flat_map(|key| out.split(key).skip(1))
-        .filter_map(|s| {
-            s.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<u32>()
-                .ok()
-        })
-        .sum()
+    let pids: std::collections::BTreeSet<&str> = out
+        .split("\"pid\":")
+        .skip(1)
+        .filter_map(|s| s.split(|c: char| !c.is_ascii_digit()).next())
+        .collect();
+    pids.len() as u32
 }

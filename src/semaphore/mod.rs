@@ -117,6 +117,8 @@ impl SlotEvent {
 /// One held slot, as `--status` shows it.
 #[derive(Debug, Clone)]
 pub struct Holder {
+    /// The slot; 0 for a job that runs without one (it lost its slot and has
+    /// not taken one again), which `--status` shows as `-`.
     pub slot: u32,
     /// The process that holds the slot: the command, once it runs.
     pub pid: u32,

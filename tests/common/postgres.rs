@@ -398,7 +398,8 @@ pub fn held(env: &Env, c: &Cluster, id: &str) -> usize {
     let (code, out, err) = super::run(qsem(env, c).args(["--status", "--id", id, "--json"]));
     assert_eq!(code, 0, "{err}");
     let holders = out.split("\"holders\":[").nth(1).unwrap_or("]");
-    holders.matches("\"slot\":").count()
+    // A holder without a slot (`"slot":null`) holds none.
+    holders.matches("\"slot\":").count() - holders.matches("\"slot\":null").count()
 }
 
 /// Ends every [`hold`] job and returns each qsem's status and stderr.

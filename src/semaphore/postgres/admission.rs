@@ -21,7 +21,8 @@
 //! No lock is held between round trips and none is waited for.
 
 use super::RECLAIM_GRACE;
-use super::session::{Record, Session, cut, lit, value};
+use super::record::Record;
+use super::session::{Session, cut, lit, value};
 use crate::id::Id;
 use anyhow::{Context, Result};
 
@@ -69,17 +70,18 @@ impl Keys {
         format!("qsem_{}", self.hex())
     }
 
-    /// The condition on `pg_locks` for "a lock of this id", in database `db`.
-    pub fn locks_of(&self, db: u32) -> String {
+    /// The condition on `pg_locks` for "a lock of this id", in database `db`
+    /// (an SQL expression, see [`Session::db`]).
+    pub fn locks_of(&self, db: &str) -> String {
         let (hi, lo) = self.halves();
         format!(
-            "locktype = 'advisory' AND granted AND objsubid = 1 AND database = '{db}'::oid \
+            "locktype = 'advisory' AND granted AND objsubid = 1 AND database = {db} \
              AND classid = '{hi}'::oid AND (objid::int8 >> {SLOT_BITS}) = {lo}"
         )
     }
 
     /// The condition on `pg_locks` for "this session holds `slot`".
-    pub fn held_here(&self, db: u32, slot: u32) -> String {
+    pub fn held_here(&self, db: &str, slot: u32) -> String {
         format!(
             "{} AND pid = pg_backend_pid() AND (objid::int8 & {SLOT_MASK}) = {slot}",
             self.locks_of(db)
@@ -98,9 +100,12 @@ impl Keys {
         cut(&name, 63).to_string()
     }
 
-    fn waiter_name(&self, rec: &Record) -> String {
+    /// The name of a waiting head's session (`kind` `w`), or of a holder's
+    /// that runs without a slot (`l`: it lost its slot and has not taken
+    /// one again).
+    fn session_name(&self, kind: char, rec: &Record) -> String {
         let name = format!(
-            "qsem w {} {} {}@{}",
+            "qsem {kind} {} {} {}@{}",
             self.hex(),
             rec.jobs,
             rec.pid,
@@ -136,17 +141,30 @@ pub enum Asker {
     Waiter,
     /// A newcomer that gives up if refused (`--wait 0`).
     Once,
+    /// A holder that lost its slot, trying by the ordinary rule: refused, it
+    /// shows as running without a slot.
+    Lost,
     /// A holder whose session ended, taking its own slot back: it alone may
     /// come in during the grace after a server start.
     Reclaim(u32),
 }
 
 /// One admission attempt, in one round trip (two if a race must be undone).
-pub async fn attempt(s: &Session, keys: &Keys, rec: &Record, asker: Asker) -> Result<Attempt> {
+/// A session not yet set up sends its set-up in the same message, and one
+/// that is to wait for a NOTIFY on `listen` and does not yet LISTEN starts
+/// to, in a transaction of its own that commits before the look, so that no
+/// release after the look goes unheard.
+pub async fn attempt(
+    s: &mut Session,
+    keys: &Keys,
+    rec: &Record,
+    asker: Asker,
+    listen: bool,
+) -> Result<Attempt> {
     let jobs = rec.jobs;
     let (from, to, grace) = match asker {
         Asker::Reclaim(slot) => (slot, slot, "true".to_string()),
-        Asker::Waiter | Asker::Once => (
+        Asker::Waiter | Asker::Once | Asker::Lost => (
             1,
             jobs,
             format!(
@@ -156,45 +174,64 @@ pub async fn attempt(s: &Session, keys: &Keys, rec: &Record, asker: Asker) -> Re
         ),
     };
     let refused_name = match asker {
-        Asker::Waiter => lit(&keys.waiter_name(rec)),
+        Asker::Waiter => lit(&keys.session_name('w', rec)),
+        Asker::Lost => lit(&keys.session_name('l', rec)),
         Asker::Once | Asker::Reclaim(_) => "current_setting('application_name')".into(),
     };
     let holder = keys.holder_name(0, rec);
     let (pre, post) = holder.split_once(" 0 ").context("holder name")?;
-    let cond = keys.locks_of(s.database);
+    let setup = s.take_setup();
+    let listen = if listen && !s.listening {
+        format!("BEGIN; LISTEN {}; COMMIT; ", keys.channel())
+    } else {
+        String::new()
+    };
+    // A standby's or read-only server's refusal comes with the answer (see
+    // `Session::learn`); nothing may be taken there meanwhile.
+    let other_pid = match s.pid {
+        0 => String::new(),
+        pid => format!("OR pg_backend_pid() <> {pid} "),
+    };
+    let cond = keys.locks_of(&s.db());
     let sql = format!(
-        "{r}WITH held AS (SELECT DISTINCT (objid::int8 & {SLOT_MASK})::int AS s FROM pg_locks \
-         WHERE {cond}) \
+        "{setup}{listen}{r}WITH held AS (SELECT DISTINCT (objid::int8 & {SLOT_MASK})::int AS s \
+         FROM pg_locks WHERE {cond}) \
          SELECT x.s::text, set_config('application_name', CASE WHEN x.s IS NULL \
          THEN {refused_name} ELSE {pre} || ' ' || x.s || ' ' || {post} END, false), \
          pg_backend_pid()::text, (SELECT count(*) FROM held)::text, \
          (extract(epoch FROM clock_timestamp()) * 1000)::int8::text \
          FROM (SELECT (SELECT g FROM generate_series({from}, {to}) g \
          WHERE CASE WHEN (SELECT count(*) FROM held) >= {jobs} OR NOT ({grace}) \
-         OR pg_backend_pid() <> {pid} OR g IN (SELECT s FROM held) THEN false \
+         OR pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on' \
+         {other_pid}OR g IN (SELECT s FROM held) THEN false \
          ELSE pg_try_advisory_lock({base}::int8 + g) END LIMIT 1) AS s) x; \
          SELECT count(DISTINCT objid)::text FROM pg_locks WHERE {cond}",
         r = rec.render(),
         pre = lit(pre),
         post = lit(post),
         base = keys.lock(0),
-        pid = s.pid,
     );
     let res = s.query(&sql).await?;
-    let row = res
+    if !setup.is_empty() {
+        s.learn(&res, 1)?;
+    }
+    s.listening |= !listen.is_empty();
+    // The look and the count are the last two statements.
+    let look = res
+        .len()
+        .checked_sub(2)
+        .context("unexpected answer from the server")?;
+    let row = res[look]
         .first()
-        .and_then(|rows| rows.first())
         .context("unexpected answer from the server")?;
     let col = |i: usize| row.get(i).cloned().flatten();
     let took: Option<u32> = col(0).and_then(|v| v.parse().ok());
     let pid: i32 = col(2).and_then(|v| v.parse().ok()).unwrap_or(0);
     let held_before: u32 = col(3).and_then(|v| v.parse().ok()).unwrap_or(0);
-    let after: u32 = value(&res, 1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let after: u32 = value(&res, look + 1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let now_ms: u64 = col(4).and_then(|v| v.parse().ok()).unwrap_or(0);
-    let unlock = |slot: u32| {
-        let sql = format!("SELECT pg_advisory_unlock({})", keys.lock(slot));
-        async move { s.query(&sql).await.map(|_| ()) }
-    };
     // Nothing was taken unless the session's own server process answered.
     if pid != s.pid {
         return Ok(Attempt::Shared);
@@ -203,25 +240,49 @@ pub async fn attempt(s: &Session, keys: &Keys, rec: &Record, asker: Asker) -> Re
         Some(slot) if after <= jobs => Ok(Attempt::Took(slot, now_ms)),
         Some(slot) => {
             // Raced past our N with takers of a larger one: let go.
-            unlock(slot).await?;
+            s.query(&format!("SELECT pg_advisory_unlock({})", keys.lock(slot)))
+                .await?;
             Ok(Attempt::Wait { held: after - 1 })
         }
         None => Ok(Attempt::Wait { held: held_before }),
     }
 }
 
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// The session's server process still holds the slot.
+    Held,
+    /// It does not: the session was reset, or the lock was let go.
+    NotHeld,
+    /// Another server process answered: a pooler shares them between
+    /// clients, and the lock stays with a process that is not ours.
+    Shared,
+}
+
 /// Whether this session still holds `slot`: the heartbeat. It also keeps
-/// the record and `application_name` current.
-pub async fn heartbeat(s: &Session, keys: &Keys, slot: u32, rec: &Record) -> Result<bool> {
+/// the record and `application_name` current, and a session that LISTENs
+/// (it was a head) stops: a holder has no use for the NOTIFYs of releases,
+/// and each would wake its server process and its qsem.
+pub async fn heartbeat(s: &Session, keys: &Keys, slot: u32, rec: &Record) -> Result<Beat> {
     let sql = format!(
-        "{r}SELECT set_config('application_name', {name}, false); \
+        "{unlisten}{r}SELECT pg_backend_pid()::text, set_config('application_name', {name}, false); \
          SELECT count(*)::text FROM pg_locks WHERE {mine}",
+        unlisten = if s.listening { "UNLISTEN *; " } else { "" },
         r = rec.render(),
         name = lit(&keys.holder_name(slot, rec)),
-        mine = keys.held_here(s.database, slot),
+        mine = keys.held_here(&s.db(), slot),
     );
     let res = s.query(&sql).await?;
-    Ok(value(&res, 1) == Some("1"))
+    // The name's statement and the count are the last two.
+    let at = res.len().saturating_sub(2);
+    Ok(if value(&res, at) != Some(s.pid.to_string().as_str()) {
+        Beat::Shared
+    } else if value(&res, at + 1) == Some("1") {
+        Beat::Held
+    } else {
+        Beat::NotHeld
+    })
 }
 
 #[cfg(test)]
@@ -259,7 +320,7 @@ mod tests {
         assert!(name.starts_with("qsem h 00000000001 3 2 7@hhh"), "{name}");
         assert_eq!(name.len(), 63);
         assert!(
-            keys.waiter_name(&rec)
+            keys.session_name('w', &rec)
                 .starts_with("qsem w 00000000001 2 7@h")
         );
     }

@@ -1,15 +1,15 @@
 //! Reaching the server: the URL completed as libpq would (the `PG*`
 //! variables, then `~/.pgpass`), TLS with the certificate always verified,
-//! TCP keepalives sized from `--lost-after`, and the refusals that must come
-//! before anything runs: a standby or read-only server (a second primary in
-//! all but name, whose slots nobody else sees) and a pooler in transaction
-//! mode (which does not keep session locks).
+//! TCP keepalives sized from `--lost-after`, and the refusal that must come
+//! before anything runs of a standby or read-only server (a second primary
+//! in all but name, whose slots nobody else sees), made by the session's
+//! set-up (see `session`). A pooler in transaction mode is `pooler`'s.
 //!
 //! Messages name the server as `host:port/database`, never with the URL's
 //! user information, so that no password reaches an error line.
 
 use super::secrets;
-use super::session::{Session, number};
+use super::session::Session;
 use anyhow::{Context, Result, anyhow, bail};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,11 +18,6 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// The connect timeout unless the URL or `PGCONNECT_TIMEOUT` says otherwise.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the check for a pooler in transaction mode may take before qsem
-/// goes on without its answer.
-const POOLER_CHECK: Duration = Duration::from_secs(3);
-/// How many times that check looks again after its first look.
-const POOLER_LOOKS: u32 = 2;
 
 /// Everything needed to open a session, cloned into each holder's task.
 #[derive(Clone)]
@@ -104,56 +99,18 @@ impl Connector {
     /// A new session, set up and checked: a standby or read-only server is
     /// refused here, before any slot is taken.
     pub async fn open(&self) -> Result<Session> {
-        let s = Session::open(&self.pg, self.tls.as_ref(), &self.target, &self.keepalive).await?;
-        if s.in_recovery {
-            bail!(
-                "PostgreSQL at {} is a standby (in recovery): its locks are not the primary's; \
-                 point --backend at the primary",
-                self.target
-            );
-        }
-        if s.read_only {
-            bail!(
-                "PostgreSQL at {} is read-only (default_transaction_read_only or a standby): \
-                 point --backend at the primary",
-                self.target
-            );
-        }
-        Ok(s)
+        Session::open(&self.pg, self.tls.as_ref(), &self.target, &self.keepalive).await
     }
 
-    /// Opens the first session, and, once per process, refuses a pooler
-    /// that shares server processes between clients: a new session of ours
-    /// answered by the process of `s`, or `s` by another one. PgBouncer in
-    /// transaction mode hands out the last freed process first, so in a pool
-    /// nobody else uses the second session gets the first's; in a busy one
-    /// it looks a few times. The second session is opened alongside the
-    /// first, so the check costs no extra round of connecting.
-    pub async fn open_checked(&self, check: bool) -> Result<Session> {
-        if !check {
-            return self.open().await;
-        }
-        let deadline = tokio::time::Instant::now() + POOLER_CHECK;
-        let other = async {
-            tokio::time::timeout_at(deadline, self.open())
-                .await
-                .unwrap_or_else(|_| Err(anyhow!("no second session in time")))
-        };
-        let (s, other) = tokio::join!(self.open(), other);
-        let s = s?;
-        let look = async {
-            let other = other?;
-            let mut shared = other.pid == s.pid;
-            for _ in 0..POOLER_LOOKS {
-                shared = shared || backend_pid(&s).await? != s.pid;
-                shared = shared || backend_pid(&other).await? == s.pid;
-            }
-            anyhow::Ok(shared)
-        };
-        if matches!(tokio::time::timeout(POOLER_CHECK, look).await, Ok(Ok(true))) {
-            bail!(no_session_locks(&self.target, ""));
-        }
-        Ok(s)
+    /// The role that sessions log in as.
+    pub fn user(&self) -> &str {
+        self.pg.get_user().unwrap_or_default()
+    }
+
+    /// A new session whose set-up rides in its first query's message (see
+    /// [`Session::connect`]): the refusals come with that answer.
+    pub async fn connect(&self) -> Result<Session> {
+        Session::connect(&self.pg, self.tls.as_ref(), &self.target, &self.keepalive).await
     }
 }
 
@@ -200,21 +157,6 @@ fn complete_from_env(pg: &mut tokio_postgres::Config, rest: &str) -> Result<()> 
         });
     }
     Ok(())
-}
-
-/// The server process that answers this query of `s`.
-pub async fn backend_pid(s: &Session) -> Result<i32> {
-    number(&s.query("SELECT pg_backend_pid()::text").await?, 0)
-}
-
-/// The error for a server that does not keep session locks, and so cannot
-/// keep slots: in practice, a pooler in transaction or statement mode.
-pub fn no_session_locks(target: &str, more: &str) -> String {
-    format!(
-        "PostgreSQL at {target} does not keep session locks (a connection pooler in \
-         transaction or statement mode?); point --backend at the server itself, or at a \
-         pooler in session mode{more}"
-    )
 }
 
 /// The TLS client: the server's certificate is always verified, against the

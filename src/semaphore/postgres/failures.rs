@@ -14,8 +14,8 @@
 //! a failure is never silently lost, and the supervisor still says why.
 
 use super::connect::Connector;
+use super::queue::local_id;
 use super::session::{Session, error_text, value};
-use super::waiting::local_id;
 use super::{Postgres, runtime};
 use crate::config::Backend;
 use crate::id::Id;

@@ -14,12 +14,16 @@
 //! at once and the holder takes its own slot back, ahead of newcomers, who
 //! wait `RECLAIM_GRACE` after a server start. It must be back within
 //! `RECLAIM_GRACE - 2s` (and `F/2`), or it reports the slot lost; after that
-//! it tries, by the ordinary rule, to take a slot again and says so.
+//! it tries, by the ordinary rule, to take a slot again and says so. Until
+//! then it keeps a session named `qsem l …`, so that `--status` shows its
+//! job running without a slot for as long as the server can be reached.
 
-use super::admission::{Asker, Attempt, Keys, attempt, heartbeat};
-use super::connect::{Connector, no_session_locks};
+use super::admission::{Asker, Attempt, Beat, Keys, attempt, heartbeat};
+use super::connect::Connector;
 use super::failures::Recorder;
-use super::session::{News, Record, Session};
+use super::pooler::{self, no_session_locks};
+use super::record::Record;
+use super::session::{News, Session};
 use super::{Postgres, RECLAIM_GRACE, runtime};
 use crate::id::Id;
 use crate::semaphore::{LOST_GRACE, Slot, SlotEvent};
@@ -34,6 +38,8 @@ use tokio::sync::mpsc;
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long a releasing holder waits for the server before just hanging up.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How soon a holder that lost its slot, and has no session, tries again.
+const LOST_RETRY: Duration = Duration::from_secs(1);
 /// How often a holder whose session ended tries to connect again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 
@@ -52,22 +58,31 @@ pub struct PgSlot {
     /// Readable when `events` has news.
     wake: OwnedFd,
     done: std::sync::mpsc::Receiver<()>,
+    /// This host's head gate (see `queue`), given back once the job has
+    /// started: the successor's promotion, its attempt and the connecting
+    /// of the next one then do not compete with starting the job.
+    gate: Option<Box<dyn Slot>>,
 }
 
 impl PgSlot {
-    /// Confirms that the server keeps the lock `s` just took, then hands
-    /// the session to a task of its own.
+    /// Hands the session to a task of its own; first, after a check for a
+    /// pooler (see `pooler`), confirms that the server keeps the lock `s`
+    /// just took. Without one, the heartbeat that follows the job's start
+    /// does.
     pub fn start(
         pg: &Postgres,
         id: &Id,
         s: Session,
         keys: Keys,
-        slot: u32,
-        rec: Record,
+        taken: (u32, Record),
+        checked: bool,
     ) -> Result<PgSlot> {
+        let (slot, rec) = taken;
         let c = pg.connector.clone();
         let rt = runtime()?;
-        rt.block_on(confirm(&s, &c, &keys, slot, &rec))?;
+        if checked {
+            rt.block_on(pooler::confirm(&s, &c, &keys, slot, &rec))?;
+        }
         let (read, write) = sys::pipe().context("cannot create a pipe")?;
         let (commands, rx) = mpsc::unbounded_channel();
         let (done_tx, done) = std::sync::mpsc::channel();
@@ -90,41 +105,14 @@ impl PgSlot {
             events,
             wake: read,
             done,
+            gate: None,
         })
     }
-}
 
-/// The first heartbeat (the session keeps listening: the few NOTIFYs a
-/// holder gets are ignored, and it saves a round trip). Our next query may land
-/// on another server process in a busy transaction-mode pool; then the one
-/// that took the lock may be in use by another client: catch it idle to
-/// free the slot, or say that it stays taken.
-async fn confirm(s: &Session, c: &Connector, keys: &Keys, slot: u32, rec: &Record) -> Result<()> {
-    if heartbeat(s, keys, slot, rec).await? {
-        return Ok(());
+    /// Keeps `gate` until the job has started.
+    pub fn keep_until_started(&mut self, gate: Box<dyn Slot>) {
+        self.gate = Some(gate);
     }
-    let until = Instant::now() + Duration::from_secs(3);
-    let unlock = format!(
-        "SELECT pg_advisory_unlock({})::text FROM pg_locks WHERE {}",
-        keys.lock(slot),
-        keys.held_here(s.database, slot)
-    );
-    while Instant::now() < until {
-        if s.query(&unlock)
-            .await?
-            .first()
-            .is_some_and(|r| !r.is_empty())
-        {
-            bail!(no_session_locks(&c.target, ""));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bail!(no_session_locks(
-        &c.target,
-        &format!(
-            "; slot {slot} stays taken until the pooler closes the server session that holds it"
-        )
-    ))
 }
 
 /// What the holder's task works with.
@@ -140,11 +128,15 @@ struct Holding {
 enum State {
     /// The session holds the slot; the server answered a heartbeat sent at
     /// `confirmed`.
-    Held(Session, Instant),
+    Held(Box<Session>, Instant),
     /// The session ended; take the slot back before `until`.
     Reclaiming { why: String, until: Instant },
-    /// Lost and said so: take one by the ordinary rule when it can.
-    Lost,
+    /// Lost and said so: take one by the ordinary rule when it can. The
+    /// session of the last try is kept, named as a holder without a slot.
+    Lost(Option<Box<Session>>),
+    /// Lost to a pooler that shares server processes: said so, and no
+    /// slot is taken again through it.
+    Refused,
 }
 
 impl Holding {
@@ -166,11 +158,14 @@ impl Holding {
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) {
         let every = (self.bound() / 4).clamp(Duration::from_millis(250), HEARTBEAT);
-        let mut state = State::Held(s, Instant::now());
+        let mut state = State::Held(Box::new(s), Instant::now());
         loop {
             let pace = match state {
-                State::Held(..) | State::Lost => every,
+                State::Held(..) | State::Lost(Some(_)) => every,
+                // Soon, so that `--status` shows the job without a slot.
+                State::Lost(None) => every.min(LOST_RETRY),
                 State::Reclaiming { .. } => Duration::ZERO,
+                State::Refused => Duration::MAX,
             };
             let news = async {
                 match &mut state {
@@ -211,8 +206,8 @@ impl Holding {
                     state = match state {
                         State::Held(..) => self.beat(state, slot).await,
                         State::Reclaiming { why, until } => self.reclaim(slot, why, until).await,
-                        State::Lost => match self.retake().await {
-                            Some((s, k)) => {
+                        State::Lost(kept) => match self.retake(kept).await {
+                            Ok((s, k)) => {
                                 let note = if k == slot {
                                     String::new()
                                 } else {
@@ -220,10 +215,11 @@ impl Holding {
                                 };
                                 self.tell(SlotEvent::Regained(format!("took slot {k} again{note}")));
                                 slot = k;
-                                State::Held(s, Instant::now())
+                                State::Held(Box::new(s), Instant::now())
                             }
-                            None => State::Lost,
+                            Err(kept) => State::Lost(kept),
                         },
+                        State::Refused => State::Refused,
                     };
                 },
             }
@@ -251,8 +247,18 @@ impl Holding {
         let left = (confirmed + self.bound() / 2).saturating_duration_since(sent);
         let beat = heartbeat(&s, &self.keys, slot, &self.rec);
         match tokio::time::timeout(left, beat).await {
-            Ok(Ok(true)) => State::Held(s, sent),
-            Ok(Ok(false)) => self.reclaiming("the server no longer holds it".into(), confirmed),
+            Ok(Ok(Beat::Held)) => {
+                let mut s = s;
+                s.listening = false;
+                State::Held(s, sent)
+            }
+            Ok(Ok(Beat::NotHeld)) => {
+                self.reclaiming("the server no longer holds it".into(), confirmed)
+            }
+            Ok(Ok(Beat::Shared)) => {
+                self.lose(slot, no_session_locks(&self.c.target, ""));
+                State::Refused
+            }
             Ok(Err(e)) => self.reclaiming(format!("the heartbeat failed ({e:#})"), confirmed),
             Err(_) => self.lose(
                 slot,
@@ -276,7 +282,7 @@ impl Holding {
             why: format!("lost slot {slot} on PostgreSQL at {}: {why}", self.c.target),
             grace,
         });
-        State::Lost
+        State::Lost(None)
     }
 
     /// One try at taking our own slot back in a new session.
@@ -289,16 +295,16 @@ impl Holding {
             );
         }
         let back = async {
-            let s = self.c.open().await?;
-            let got = attempt(&s, &self.keys, &self.rec, Asker::Reclaim(slot)).await?;
+            let mut s = self.c.connect().await?;
+            let got = attempt(&mut s, &self.keys, &self.rec, Asker::Reclaim(slot), false).await?;
             anyhow::Ok((s, got))
         };
         match tokio::time::timeout(left, back).await {
             Ok(Ok((s, Attempt::Took(..)))) => {
                 match heartbeat(&s, &self.keys, slot, &self.rec).await {
-                    Ok(true) => {
+                    Ok(Beat::Held) => {
                         self.tell(SlotEvent::Regained(format!("{why}; took slot {slot} back")));
-                        State::Held(s, Instant::now())
+                        State::Held(Box::new(s), Instant::now())
                     }
                     _ => State::Reclaiming { why, until },
                 }
@@ -312,21 +318,34 @@ impl Holding {
         }
     }
 
-    /// One try, in a new session, to take a slot by the ordinary rule.
-    async fn retake(&self) -> Option<(Session, u32)> {
+    /// One try to take a slot by the ordinary rule, in the session kept from
+    /// the last try or a new one. Refused, the session is kept, named as a
+    /// holder without a slot, so that `--status` shows the job running.
+    async fn retake(
+        &self,
+        kept: Option<Box<Session>>,
+    ) -> Result<(Session, u32), Option<Box<Session>>> {
+        let mut s = match kept {
+            Some(s) => *s,
+            None => match tokio::time::timeout(self.c.lost_after, self.c.connect()).await {
+                Ok(Ok(s)) => s,
+                _ => return Err(None),
+            },
+        };
         let once = async {
-            let s = self.c.open().await?;
-            match attempt(&s, &self.keys, &self.rec, Asker::Once).await? {
-                Attempt::Took(k, _) => Ok(heartbeat(&s, &self.keys, k, &self.rec)
-                    .await?
-                    .then_some((s, k))),
+            match attempt(&mut s, &self.keys, &self.rec, Asker::Lost, false).await? {
+                Attempt::Took(k, _) => match heartbeat(&s, &self.keys, k, &self.rec).await? {
+                    Beat::Held => Ok(Some(k)),
+                    _ => bail!("slot {k} taken but not kept"),
+                },
                 Attempt::Wait { .. } | Attempt::Shared => anyhow::Ok(None),
             }
         };
-        tokio::time::timeout(self.c.lost_after, once)
-            .await
-            .ok()?
-            .ok()?
+        match tokio::time::timeout(self.c.lost_after, once).await {
+            Ok(Ok(Some(k))) => Ok((s, k)),
+            Ok(Ok(None)) => Err(Some(Box::new(s))),
+            _ => Err(None),
+        }
     }
 }
 
@@ -345,6 +364,7 @@ impl Slot for PgSlot {
 
     fn started(&mut self, pid: u32) {
         let _ = self.commands.send(Command::SetChild(pid));
+        self.gate = None;
     }
 
     fn finish(self: Box<Self>, failure: Option<&str>) -> Result<()> {

@@ -9,15 +9,18 @@
 //!   the id. Two ids share a semaphore only if 44 bits of their hashes agree
 //!   (about one pair in 10^13), where the former 32-bit keys collided for
 //!   pairs as plain as `job-439599` and `job-622382`.
-//! - **Waiting costs one connection per host and id** ([`waiting`]): waiters
-//!   on one host queue in the lock-file engine (a local id derived from the
-//!   server and the id, one slot), which already orders them, sleeps in the
-//!   kernel and obeys `--wait` and signals. Only the head of each host's
-//!   queue has a session: it LISTENs on the id's channel and tries again on
-//!   every NOTIFY (every release sends one), on a short poll (a crashed
-//!   holder sends none), until its deadline. A lost connection is opened
-//!   again while the deadline lasts.
-//! - **Admission in one round trip**: one statement looks at the id's held
+//! - **Waiting costs two connections per host and id** ([`queue`],
+//!   [`waiting`]): waiters on one host queue in the lock-file engine (local
+//!   ids derived from the server and the id, one slot each), which already
+//!   orders them, sleeps in the kernel and obeys `--wait` and signals. Only
+//!   the head of each host's queue waits on the server: it LISTENs on the
+//!   id's channel and tries again on every NOTIFY (every release sends one),
+//!   on a short poll (a crashed holder sends none), until its deadline. Its
+//!   successor connects and LISTENs meanwhile, so that it is ready to try
+//!   the moment the head takes a slot. A lost connection is opened again
+//!   while the deadline lasts.
+//! - **Admission in one round trip**: a new session's set-up and LISTEN
+//!   ride in its first attempt's message; one statement looks at the id's held
 //!   locks and takes the lowest free slot with `pg_try_advisory_lock` if
 //!   fewer than N are held; a second, in the same message, counts again and
 //!   the taker backs off if racing takers went past its N. Nothing is ever
@@ -42,7 +45,8 @@
 //!   back first; a holder that cannot within `RECLAIM_GRACE - 2s` of losing
 //!   its session reports the slot lost (so that `--on-lost=kill` has stopped
 //!   the job before a newcomer can come in), and then tries, by the ordinary
-//!   rule, to take one again.
+//!   rule, to take one again; meanwhile `--status` shows its job running
+//!   without a slot (`-`).
 //! - **Failures** of background jobs ([`failures`]) are rows of
 //!   `qsem_failures`; one that cannot be written there is kept in the local
 //!   lock directory instead, so the next `--wait-all` on this host still
@@ -50,7 +54,9 @@
 //! - **Connection** ([`connect`]): a `postgres://` URL completed by the `PG*`
 //!   variables and `~/.pgpass` as libpq would; a password in the URL is
 //!   wiped from qsem's own argv and from `QSEM_BACKEND` before the job starts
-//!   ([`secrets`]). A standby or read-only server is refused.
+//!   ([`secrets`]). A standby or read-only server is refused, and so is a
+//!   pooler in transaction mode ([`pooler`]; a check that found none is
+//!   remembered in the lock directory for ten minutes).
 //!
 //! Status ([`status`]) reads `pg_locks` and `pg_stat_activity`; a lock of the
 //! id held by a session that is not a qsem holder shows as a foreign holder.
@@ -59,6 +65,9 @@ mod admission;
 mod connect;
 mod failures;
 mod holder;
+mod pooler;
+mod queue;
+mod record;
 mod secrets;
 mod session;
 mod status;

@@ -1,16 +1,14 @@
-//! One server session: connected, set up in one round trip (timeouts that
-//! keep any one client from stalling another, keepalives that let the server
-//! drop a silent one within `--lost-after`, and what the server is: primary
-//! or standby, its database's oid), queried in the simple protocol (several
-//! statements in one message, one round trip), with a task that drives the
-//! connection and passes on notifications and its end.
-//!
-//! Also the [`Record`]: who a session is, written as a comment before its
-//! queries so that `pg_stat_activity` shows it to `--status`.
+//! One server session: connected, set up (timeouts that keep any one client
+//! from stalling another, keepalives that let the server drop a silent one
+//! within `--lost-after`, and what the server is: primary or standby, its
+//! database's oid), queried in the simple protocol (several statements in
+//! one message, one round trip), with a task that drives the connection and
+//! passes on notifications and its end. The set-up is a round trip of its
+//! own, or, for a waiter, the first part of its first admission attempt's
+//! message: each round trip of a new session delays the job.
 
 use super::connect::Keepalive;
 use anyhow::{Context, Result};
-use std::fmt::Write as _;
 use tokio::sync::mpsc;
 use tokio_postgres::{AsyncMessage, Client, NoTls, SimpleQueryMessage};
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -35,15 +33,19 @@ pub enum News {
 pub struct Session {
     pub client: Client,
     pub news: mpsc::UnboundedReceiver<News>,
-    /// The server process that answered the first query. Only a pooler in
-    /// transaction or statement mode hands a later query to another one.
+    /// `host:port/database`, for messages.
+    target: String,
+    /// The statements that set this session up, until its first query has
+    /// sent them (see [`Session::connect`]).
+    setup: Option<String>,
+    /// The server process that answered the first query (0 until then).
+    /// Only a pooler in transaction or statement mode hands a later query
+    /// to another one.
     pub pid: i32,
-    /// `pg_is_in_recovery()`: a standby.
-    pub in_recovery: bool,
-    /// `transaction_read_only` at the start.
-    pub read_only: bool,
-    /// The database's oid, as `pg_locks` names it.
+    /// The database's oid, as `pg_locks` names it (0 until known).
     pub database: u32,
+    /// Whether the session LISTENs on the channel of the id it waits for.
+    pub listening: bool,
 }
 
 /// The rows of each statement of a simple query, as text.
@@ -61,8 +63,34 @@ pub fn number<T: std::str::FromStr>(res: &Results, i: usize) -> Result<T> {
         .context("unexpected answer from the server")
 }
 
+/// The two statements that set a session up: settings an ordinary user may
+/// change (those the server does not know, on an old version, are skipped
+/// rather than failing), then the facts [`Session::learn`] reads.
+fn setup(ka: &Keepalive) -> String {
+    format!(
+        "SELECT set_config(s.name, s.value, false) FROM (VALUES \
+         ('idle_session_timeout', '0'), ('statement_timeout', '{STATEMENT_TIMEOUT_MS}'), \
+         ('lock_timeout', '{LOCK_TIMEOUT_MS}'), \
+         ('idle_in_transaction_session_timeout', '{IDLE_IN_TRANSACTION_MS}'), \
+         ('tcp_keepalives_idle', '{}'), ('tcp_keepalives_interval', '{}'), \
+         ('tcp_keepalives_count', '{}'), ('tcp_user_timeout', '{}')) AS s(name, value) \
+         WHERE current_setting(s.name, true) IS NOT NULL; \
+         SELECT pg_backend_pid()::text, pg_is_in_recovery()::text, \
+         current_setting('transaction_read_only'), \
+         (SELECT oid FROM pg_database WHERE datname = current_database())::text; ",
+        ka.idle,
+        ka.interval,
+        ka.count,
+        ka.total().as_millis()
+    )
+}
+
 impl Session {
-    pub async fn open(
+    /// A session connected but not yet set up: its first query must begin
+    /// with [`Session::take_setup`]'s statements and hand their answer to
+    /// [`Session::learn`], which saves a round trip where it matters (a
+    /// waiter's first admission attempt).
+    pub async fn connect(
         pg: &tokio_postgres::Config,
         tls: Option<&MakeRustlsConnect>,
         target: &str,
@@ -79,50 +107,77 @@ impl Session {
                 (client, drive(conn))
             }
         };
-        let mut s = Session {
+        Ok(Session {
             client,
             news,
+            target: target.to_string(),
+            setup: Some(setup(ka)),
             pid: 0,
-            in_recovery: false,
-            read_only: false,
             database: 0,
-        };
-        // Settings an ordinary user may change; those the server does not know
-        // (an old version) are skipped rather than failing.
-        let sql = format!(
-            "SELECT set_config(s.name, s.value, false) FROM (VALUES \
-             ('idle_session_timeout', '0'), ('statement_timeout', '{STATEMENT_TIMEOUT_MS}'), \
-             ('lock_timeout', '{LOCK_TIMEOUT_MS}'), \
-             ('idle_in_transaction_session_timeout', '{IDLE_IN_TRANSACTION_MS}'), \
-             ('tcp_keepalives_idle', '{}'), ('tcp_keepalives_interval', '{}'), \
-             ('tcp_keepalives_count', '{}'), ('tcp_user_timeout', '{}')) AS s(name, value) \
-             WHERE s.name IN (SELECT name FROM pg_settings); \
-             SELECT pg_backend_pid()::text, pg_is_in_recovery()::text, \
-             current_setting('transaction_read_only'), \
-             (SELECT oid FROM pg_database WHERE datname = current_database())::text",
-            ka.idle,
-            ka.interval,
-            ka.count,
-            ka.total().as_millis()
-        );
+            listening: false,
+        })
+    }
+
+    /// A session connected and set up, in a round trip of its own.
+    pub async fn open(
+        pg: &tokio_postgres::Config,
+        tls: Option<&MakeRustlsConnect>,
+        target: &str,
+        ka: &Keepalive,
+    ) -> Result<Session> {
+        let mut s = Session::connect(pg, tls, target, ka).await?;
+        let sql = s.take_setup();
         let res = s
             .query(&sql)
             .await
             .with_context(|| format!("cannot set up a session on PostgreSQL at {target}"))?;
+        s.learn(&res, 1)?;
+        Ok(s)
+    }
+
+    /// The set-up statements, if this session still needs them (two
+    /// statements; the facts are the second one's answer). Empty once sent.
+    pub fn take_setup(&mut self) -> String {
+        self.setup.take().unwrap_or_default()
+    }
+
+    /// Reads the facts of the set-up (statement `i` of `res`), and refuses a
+    /// standby or a read-only server: its locks are not the primary's.
+    pub fn learn(&mut self, res: &Results, i: usize) -> Result<()> {
         let row = res
-            .get(1)
+            .get(i)
             .and_then(|rows| rows.first())
             .context("unexpected answer from the server")?;
         let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-        s.pid = col(0)
+        if col(1) == "true" {
+            return Err(anyhow::Error::new(Refused(format!(
+                "PostgreSQL at {} is a standby (in recovery): its locks are not the primary's; \
+                 point --backend at the primary",
+                self.target
+            ))));
+        }
+        if col(2) == "on" {
+            return Err(anyhow::Error::new(Refused(format!(
+                "PostgreSQL at {} is read-only (default_transaction_read_only or a standby): \
+                 point --backend at the primary",
+                self.target
+            ))));
+        }
+        self.pid = col(0)
             .parse()
             .context("unexpected answer from the server")?;
-        s.in_recovery = col(1) == "true";
-        s.read_only = col(2) == "on";
-        s.database = col(3)
+        self.database = col(3)
             .parse()
             .context("unexpected answer from the server")?;
-        Ok(s)
+        Ok(())
+    }
+
+    /// The database's oid in SQL: a literal once known.
+    pub fn db(&self) -> String {
+        match self.database {
+            0 => "(SELECT oid FROM pg_database WHERE datname = current_database())".into(),
+            oid => format!("'{oid}'::oid"),
+        }
     }
 
     pub async fn query(&self, sql: &str) -> Result<Results> {
@@ -177,6 +232,18 @@ where
     news
 }
 
+/// A server that qsem will not use, and why: a whole error line as it is.
+#[derive(Debug)]
+pub struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// A failed query: the server's message, and whether the session (not the
 /// request) failed, so that a waiter connects again rather than giving up.
 #[derive(Debug)]
@@ -228,30 +295,6 @@ pub fn lit(s: &str) -> String {
     format!("'{}'", s.replace('\0', "").replace('\'', "''"))
 }
 
-/// Text for an SQL comment: nothing in it can end (or nest) the comment.
-fn comment_safe(s: &str) -> String {
-    s.replace('\0', "")
-        .replace("*/", "* /")
-        .replace("/*", "/ *")
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
 /// Cuts a string to at most `max` bytes, on a character boundary.
 pub fn cut(s: &str, max: usize) -> &str {
     let mut end = s.len().min(max);
@@ -261,79 +304,9 @@ pub fn cut(s: &str, max: usize) -> &str {
     &s[..end]
 }
 
-/// Who a session is, for `--status`: written as a comment before each of its
-/// queries, so that its last query (which `pg_stat_activity` shows) says it.
-/// `started_ms` is on the server's clock.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Record {
-    pub id: Vec<u8>,
-    pub started_ms: u64,
-    pub jobs: u32,
-    pub pid: u32,
-    pub host: String,
-    pub command: String,
-}
-
-impl Record {
-    pub fn render(&self) -> String {
-        let host: String = self.host.split_whitespace().collect::<Vec<_>>().join("_");
-        format!(
-            "/*qsem {} {} {} {} {} {}*/ ",
-            hex(&self.id),
-            self.started_ms,
-            self.jobs,
-            self.pid,
-            comment_safe(cut(&host, 64)),
-            comment_safe(&cut(&self.command, 400).replace(['\n', '\r'], " "))
-        )
-    }
-
-    pub fn parse(query: &str) -> Option<Record> {
-        let body = query.trim_start().strip_prefix("/*qsem ")?;
-        let body = &body[..body.find("*/")?];
-        let mut it = body.splitn(6, ' ');
-        Some(Record {
-            id: unhex(it.next()?)?,
-            started_ms: it.next()?.parse().ok()?,
-            jobs: it.next()?.parse().ok()?,
-            pid: it.next()?.parse().ok()?,
-            host: it.next()?.to_string(),
-            command: it.next().unwrap_or("").to_string(),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn records_round_trip_and_stay_comments() {
-        let r = Record {
-            id: b"a b/*".to_vec(),
-            started_ms: 1_700_000_000_123,
-            jobs: 3,
-            pid: 42,
-            host: "web 1".into(),
-            command: "sh -c 'echo */ /* x'\nnext".into(),
-        };
-        let text = r.render();
-        assert!(
-            text.starts_with("/*qsem ") && text.ends_with("*/ "),
-            "{text}"
-        );
-        assert_eq!(text.matches("*/").count(), 1, "{text}");
-        assert_eq!(text.matches("/*").count(), 1, "{text}");
-        let back = Record::parse(&format!("{text}SELECT 1")).unwrap();
-        assert_eq!(back.id, r.id);
-        assert_eq!(
-            (back.started_ms, back.jobs, back.pid),
-            (r.started_ms, 3, 42)
-        );
-        assert_eq!(back.host, "web_1");
-        assert_eq!(back.command, "sh -c 'echo * / / * x' next");
-        assert_eq!(Record::parse("SELECT 1"), None);
-    }
 
     #[test]
     fn literals() {

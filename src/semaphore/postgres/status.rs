@@ -16,8 +16,9 @@
 
 use super::admission::{Keys, slot_of};
 use super::connect::Connector;
-use super::session::{Record, lit};
-use super::waiting::local_id;
+use super::queue::local_id;
+use super::record::Record;
+use super::session::lit;
 use super::waiting::{Woke, sleep};
 use super::{Postgres, runtime};
 use crate::id::Id;
@@ -32,15 +33,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// Holders and waiters of one id, or of every id with a holder; the
 /// waiters of this host that queue behind their head are added from the
-/// local queue.
+/// local queue: its successor, waiting for the head's gate, then the others,
+/// waiting for the successor's.
 pub fn status(pg: &Postgres, only: Option<&Id>) -> Result<Vec<IdStatus>> {
     let mut out = on_server(&pg.connector, only)?;
     let mut local = pg.local()?;
     for s in &mut out {
-        let gate = local_id(&pg.connector.target, &s.id, "head");
-        for queue in local.status(Some(&gate))? {
-            s.waiting += queue.waiting;
-            s.waiters.extend(queue.waiters);
+        for gate in ["head", "next"] {
+            let gate = local_id(&pg.connector.target, &s.id, gate);
+            for queue in local.status(Some(&gate))? {
+                s.waiting += queue.waiting;
+                s.waiters.extend(queue.waiters);
+            }
         }
     }
     Ok(out)
@@ -48,16 +52,20 @@ pub fn status(pg: &Postgres, only: Option<&Id>) -> Result<Vec<IdStatus>> {
 
 fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
     let keys = only.map(Keys::of);
-    let (locks, waiters) = runtime()?.block_on(async {
+    let (locks, waiters, lost) = runtime()?.block_on(async {
         let s = c.open().await?;
         let cond = match &keys {
-            Some(k) => k.locks_of(s.database),
+            Some(k) => k.locks_of(&s.db()),
             None => format!(
-                "locktype = 'advisory' AND granted AND objsubid = 1 AND database = '{}'::oid",
-                s.database
+                "locktype = 'advisory' AND granted AND objsubid = 1 AND database = {}",
+                s.db()
             ),
         };
-        let like = keys.map_or("qsem w %".to_string(), |k| format!("qsem w {} %", k.hex()));
+        let like = |kind: &str| {
+            lit(&keys.map_or(format!("qsem {kind} %"), |k| {
+                format!("qsem {kind} {} %", k.hex())
+            }))
+        };
         let res = s
             .query(&format!(
                 "SELECT l.classid::text, l.objid::text, l.pid::text, coalesce(a.usename, ''), \
@@ -68,13 +76,18 @@ fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
                  SELECT application_name, \
                  (extract(epoch FROM now() - backend_start) * 1000)::int8::text \
                  FROM pg_stat_activity \
+                 WHERE application_name LIKE {} AND datname = current_database(); \
+                 SELECT query, (extract(epoch FROM clock_timestamp()) * 1000)::int8::text \
+                 FROM pg_stat_activity \
                  WHERE application_name LIKE {} AND datname = current_database()",
-                lit(&like)
+                like("w"),
+                like("l")
             ))
             .await?;
         anyhow::Ok((
             res.first().cloned().unwrap_or_default(),
             res.get(1).cloned().unwrap_or_default(),
+            res.get(2).cloned().unwrap_or_default(),
         ))
     })?;
     let now = SystemTime::now();
@@ -94,11 +107,18 @@ fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
             by_key.entry(prefix).or_default().2.push(waiter);
         }
     }
+    for row in &lost {
+        if let Some((prefix, id, holder)) = lost_of(row, now) {
+            let entry = by_key.entry(prefix).or_default();
+            entry.0 = entry.0.take().or(Some(id));
+            entry.1.push(holder);
+        }
+    }
     let mut out: Vec<IdStatus> = by_key
         .into_iter()
         .filter(|(_, (id, _, _))| id.is_some() || only.is_some())
         .map(|(k, (id, mut holders, mut waiters))| {
-            holders.sort_by_key(|h| h.slot);
+            holders.sort_by_key(|h| (h.slot == 0, h.slot));
             waiters.sort_by_key(|w| w.since);
             IdStatus {
                 id: only.cloned().or(id).unwrap_or_else(|| unknown(k)),
@@ -143,17 +163,7 @@ fn holder_of(
         .and_then(|r| Some((Id::new(OsStr::from_bytes(&r.id)).ok()?, r)))
         .filter(|(id, _)| Keys::of(id).prefix == prefix);
     let holder = match &id {
-        Some((_, r)) => Holder {
-            slot,
-            pid: r.pid,
-            host: r.host.clone(),
-            // The age on the server's clock, as a time on ours.
-            started: now.checked_sub(Duration::from_millis(
-                server_now.saturating_sub(r.started_ms),
-            )),
-            jobs: r.jobs,
-            command: r.command.clone(),
-        },
+        Some((_, r)) => recorded(r, slot, server_now, now),
         // Unknown ids' locks are anybody's; the asked id's are its slots.
         None if !asked => return None,
         None => Holder {
@@ -170,6 +180,33 @@ fn holder_of(
         },
     };
     Some((prefix, id.map(|(id, _)| id), holder))
+}
+
+/// A holder's session that runs its job without a slot (`qsem l …`: it
+/// lost its slot and has not taken one again), from its record: a holder
+/// whose slot is 0, which `--status` shows as `-`.
+fn lost_of(row: &[Option<String>], now: SystemTime) -> Option<(u64, Id, Holder)> {
+    let r = Record::parse(&text(row, 0))?;
+    let id = Id::new(OsStr::from_bytes(&r.id)).ok()?;
+    let server_now: u64 = text(row, 1).parse().unwrap_or(0);
+    let holder = recorded(&r, 0, server_now, now);
+    Some((Keys::of(&id).prefix, id, holder))
+}
+
+/// A qsem holder of `slot` as its record says; `server_now` is the
+/// server's clock (ms) when it was read.
+fn recorded(r: &Record, slot: u32, server_now: u64, now: SystemTime) -> Holder {
+    Holder {
+        slot,
+        pid: r.pid,
+        host: r.host.clone(),
+        // The age on the server's clock, as a time on ours.
+        started: now.checked_sub(Duration::from_millis(
+            server_now.saturating_sub(r.started_ms),
+        )),
+        jobs: r.jobs,
+        command: r.command.clone(),
+    }
 }
 
 /// One head's session (`qsem w <key> <jobs> <pid>@<host>`, its age on the
@@ -205,7 +242,7 @@ async fn busy(s: &super::session::Session, keys: &Keys) -> Result<(u32, u32)> {
          AND datname = current_database(); \
          SELECT count(DISTINCT objid)::text FROM pg_locks WHERE {}",
         lit(&format!("qsem w {} %", keys.hex())),
-        keys.locks_of(s.database),
+        keys.locks_of(&s.db()),
     );
     let res = s.query(&sql).await?;
     Ok((
@@ -240,7 +277,7 @@ pub fn wait_idle(
                     &format!("waiting for {held} held slot(s) and {waiting} waiter(s)"),
                 );
             }
-            match sleep(&mut s, deadline, signals).await? {
+            match sleep(&mut s, deadline, Some(&mut *signals)).await? {
                 Woke::Look => {}
                 Woke::Broken(why) => {
                     anyhow::bail!("lost the connection to PostgreSQL at {}: {why}", c.target)

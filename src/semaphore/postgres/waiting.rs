@@ -1,25 +1,22 @@
-//! Waiting for a slot: first in this host's queue, then, as its head, on the
-//! server.
+//! Waiting for a slot: first in this host's queue (see `queue`), then, as
+//! its head, on the server. The head gives its gate back the moment it
+//! holds a server slot (or gives up), and its successor, already connected,
+//! becomes head.
 //!
-//! The host's queue is the lock-file engine, used through the `Semaphore`
-//! trait on a local id derived from the server and the id, with one slot:
-//! whoever holds that slot is the head. It orders this host's waiters,
-//! sleeps in the kernel, and ends on `--wait` or a signal, so a hundred
-//! waiters on one host cost the server one session, not a hundred. The head
-//! gives the local slot back the moment it holds a server slot (or gives
-//! up), and the next in line becomes head.
-//!
-//! The head on the server: LISTEN on the id's channel, try (one round trip,
-//! see `admission`), sleep until a NOTIFY, a short poll ([`POLL`]: a holder
+//! The head on the server: LISTEN on the id's channel and try, in one round
+//! trip (see `admission`), sleep until a NOTIFY, a short poll ([`POLL`]: a holder
 //! that crashed sends no NOTIFY), the deadline or a stop signal; every query
 //! races the deadline and the signals too, so a server that stops answering
 //! cannot hold a waiter past its `--wait`. A connection that breaks while
 //! waiting is opened again, for as long as the deadline lasts.
 
 use super::admission::{Asker, Attempt, Keys, attempt};
-use super::connect::no_session_locks;
+use super::connect::Connector;
 use super::holder::PgSlot;
-use super::session::{News, Record, Session, broken};
+use super::pooler::{self, no_session_locks};
+use super::queue::{self, Head, Ready};
+use super::record::Record;
+use super::session::{News, Refused, Session, broken};
 use super::{Postgres, runtime};
 use crate::id::Id;
 use crate::report;
@@ -27,7 +24,6 @@ use crate::semaphore::{Acquired, Request};
 use crate::signals::{Received, Signals};
 use crate::sys;
 use anyhow::{Context, Result, anyhow, bail};
-use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 use tokio::io::Interest;
@@ -43,32 +39,9 @@ const FIRST_LOOK: Duration = Duration::from_secs(2);
 /// How long a waiter whose connection broke waits before connecting again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
-/// The local id that queues this host's waiters for `id` on `target`.
-pub fn local_id(target: &str, id: &Id, what: &str) -> Id {
-    let h = target
-        .bytes()
-        .chain([0])
-        .chain(id.as_bytes().iter().copied())
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-    Id::new(OsStr::new(&format!("postgres-{what}-{h:016x}"))).expect("a valid id")
-}
-
 pub fn acquire(pg: &mut Postgres, req: &Request, signals: &mut Signals) -> Result<Acquired> {
-    let gate_id = local_id(&pg.connector.target, req.id, "head");
-    // The head holds the gate while it waits on the server: it is one of
-    // this host's waiters, besides those queued for the gate.
-    let gate_req = Request {
-        id: &gate_id,
-        jobs: 1,
-        max_waiting: req.max_waiting.map(|k| k.saturating_sub(1)),
-        ..*req
-    };
-    let gate = match pg.local()?.acquire(&gate_req, signals)? {
-        Acquired::Slot(gate) => gate,
-        other => return Ok(other),
-    };
+    let keys = Keys::of(req.id);
+    let check = !pg.pooler_checked && !pooler::recently_checked(&pg.dir, &pg.connector);
     let mut rec = Record {
         id: req.id.as_bytes().to_vec(),
         started_ms: 0,
@@ -77,26 +50,43 @@ pub fn acquire(pg: &mut Postgres, req: &Request, signals: &mut Signals) -> Resul
         host: sys::hostname(),
         command: req.command.to_string(),
     };
-    let keys = Keys::of(req.id);
-    let check = !pg.pooler_checked;
-    let got = runtime()?.block_on(on_server(pg, req, &keys, &rec, check, signals));
+    let Head { gate, ready } = match queue::head(pg, req, !check, signals)? {
+        Ok(head) => head,
+        Err(other) => return Ok(other),
+    };
+    let head = HeadWait {
+        c: pg.connector.clone(),
+        verbose: pg.verbose,
+        id: req.id.clone(),
+        deadline: req.deadline,
+        max_waiting: req.max_waiting,
+        keys,
+        rec: rec.clone(),
+        check,
+        ready,
+    };
+    let got = wait_as_head(head, signals);
     pg.pooler_checked = true;
-    drop(gate);
-    let (s, slot, server_ms) = match got? {
-        Ended::Took(s, slot, ms) => (s, slot, ms),
+    let (s, slot, server_ms, answered) = match got? {
+        Ended::Took(s, slot, ms, answered) => (*s, slot, ms, answered),
         Ended::TimedOut => return Ok(Acquired::TimedOut),
         Ended::Crowded => return Ok(Acquired::Crowded),
         Ended::Interrupted(r) => return Ok(Acquired::Interrupted(r)),
     };
     rec.started_ms = server_ms;
-    let slot = PgSlot::start(pg, req.id, s, keys, slot, rec)?;
+    let mut slot = PgSlot::start(pg, req.id, s, keys, (slot, rec), check)?;
+    slot.keep_until_started(gate);
+    if check && answered {
+        pooler::remember(&pg.dir, &pg.connector);
+    }
     Ok(Acquired::Slot(Box::new(slot)))
 }
 
 /// How the head's wait on the server ended.
 enum Ended {
-    /// The session, the slot, and the server's clock then (ms).
-    Took(Session, u32, u64),
+    /// The session, the slot, the server's clock then (ms), and whether a
+    /// check for a pooler had its answer (none).
+    Took(Box<Session>, u32, u64, bool),
     TimedOut,
     /// `--max-waiting 0` and no free slot: run now or never.
     Crowded,
@@ -114,48 +104,84 @@ macro_rules! settle {
     };
 }
 
-async fn on_server(
-    pg: &Postgres,
-    req: &Request<'_>,
-    keys: &Keys,
-    rec: &Record,
+/// What the head's wait on the server works with, owned: it runs as a task
+/// of its own on the runtime's worker thread, where the connection's task
+/// runs too, so that a NOTIFY, the attempt it calls for and the answer wake
+/// no other thread; the caller's thread waits only for its end or a stop
+/// signal.
+struct HeadWait {
+    c: Connector,
+    verbose: bool,
+    id: Id,
+    deadline: Option<Instant>,
+    max_waiting: Option<u32>,
+    keys: Keys,
+    rec: Record,
+    /// Open the first session with a check for a pooler.
     check: bool,
-    signals: &mut Signals,
-) -> Result<Ended> {
-    let c = &pg.connector;
+    /// The session it prepared as successor, if any.
+    ready: Ready,
+}
+
+/// Runs the head's wait, until it ends or a stop signal comes.
+fn wait_as_head(head: HeadWait, signals: &mut Signals) -> Result<Ended> {
+    let rt = runtime()?;
+    let mut task = rt.spawn(on_server(head));
+    rt.block_on(async {
+        match race(&mut task, None, Some(signals)).await? {
+            Race::Done(ended) => ended.map_err(|e| anyhow!("the waiting task failed: {e}"))?,
+            Race::Signal(r) => {
+                task.abort();
+                Ok(Ended::Interrupted(r))
+            }
+            Race::Expired => Ok(Ended::TimedOut),
+        }
+    })
+}
+
+async fn on_server(mut head: HeadWait) -> Result<Ended> {
+    let c = &head.c;
+    let (keys, rec) = (&head.keys, &head.rec);
+    let (verbose, id) = (head.verbose, &head.id);
     let say = |msg: &str| {
-        if pg.verbose {
-            report::line(req.id, msg);
+        if verbose {
+            report::line(id, msg);
         }
     };
-    let may_wait = req.deadline.is_none_or(|d| d > Instant::now());
+    let deadline = head.deadline;
+    let may_wait = deadline.is_none_or(|d| d > Instant::now());
     let asker = if may_wait { Asker::Waiter } else { Asker::Once };
-    let listen = format!("LISTEN {}", keys.channel());
-    let first = req.deadline.map(|d| d.max(Instant::now() + FIRST_LOOK));
-    let mut s = Some(settle!(race(c.open_checked(check), first, signals))?);
+    let first = deadline.map(|d| d.max(Instant::now() + FIRST_LOOK));
+    let opened = async {
+        if head.check {
+            return pooler::open_checked(c).await;
+        }
+        match head.ready.take().await {
+            Some(Ok(s)) => return Ok((s, false)),
+            Some(Err(e)) => say(&format!("{e:#}; connecting again")),
+            None => {}
+        }
+        Ok((c.connect().await?, false))
+    };
+    let (s, answered) = settle!(race(opened, first, None))?;
+    let mut s = Some(s);
     let mut since = None;
     let mut until = first;
     loop {
         let Some(sess) = s.as_mut() else {
-            s = Some(settle!(reconnect(pg, req, signals)));
+            s = Some(settle!(reconnect(c, verbose, id, deadline)));
             continue;
         };
-        // Listen before looking, so that no release between the look and
-        // the sleep goes unheard.
-        let look = async {
-            if may_wait {
-                sess.query(&listen).await?;
-            }
-            attempt(sess, keys, rec, asker).await
-        };
-        let outcome = settle!(race(look, until, signals));
-        until = req.deadline;
+        // Listens before looking (see `attempt`).
+        let outcome = settle!(race(attempt(sess, keys, rec, asker, may_wait), until, None));
+        until = deadline;
         match outcome {
             Ok(Attempt::Took(slot, now)) => {
-                return Ok(Ended::Took(s.take().expect("a session"), slot, now));
+                let s = s.take().expect("a session");
+                return Ok(Ended::Took(Box::new(s), slot, now, answered));
             }
             Ok(Attempt::Shared) => bail!(no_session_locks(&c.target, "")),
-            Ok(Attempt::Wait { held }) if req.max_waiting == Some(0) => {
+            Ok(Attempt::Wait { held }) if head.max_waiting == Some(0) => {
                 say(&format!("no free slot ({held} held), and --max-waiting 0"));
                 return Ok(Ended::Crowded);
             }
@@ -168,7 +194,7 @@ async fn on_server(
                     since = Some(Instant::now());
                     say(&format!(
                         "waiting for a slot ({held} held, limit {})",
-                        req.jobs
+                        rec.jobs
                     ));
                 }
             }
@@ -177,11 +203,12 @@ async fn on_server(
                 s = None;
                 continue;
             }
+            Err(e) if e.is::<Refused>() => return Err(e),
             Err(e) => {
                 return Err(e.context(format!("cannot take a slot on PostgreSQL at {}", c.target)));
             }
         }
-        match sleep(sess, req.deadline, signals).await? {
+        match sleep(sess, deadline, None).await? {
             Woke::Look => {}
             Woke::Broken(why) => {
                 say(&format!(
@@ -203,18 +230,19 @@ async fn on_server(
 /// A new session for a waiter whose connection broke, tried every
 /// [`RECONNECT_PAUSE`] until the deadline or a signal.
 async fn reconnect(
-    pg: &Postgres,
-    req: &Request<'_>,
-    signals: &mut Signals,
+    c: &Connector,
+    verbose: bool,
+    id: &Id,
+    deadline: Option<Instant>,
 ) -> Result<Race<Session>> {
     loop {
-        match race(pg.connector.open(), req.deadline, signals).await? {
+        match race(c.connect(), deadline, None).await? {
             Race::Done(Ok(s)) => return Ok(Race::Done(s)),
             Race::Done(Err(e)) => {
-                if pg.verbose {
-                    report::line(req.id, &format!("{e:#}; trying again"));
+                if verbose {
+                    report::line(id, &format!("{e:#}; trying again"));
                 }
-                match race(tokio::time::sleep(RECONNECT_PAUSE), req.deadline, signals).await? {
+                match race(tokio::time::sleep(RECONNECT_PAUSE), deadline, None).await? {
                     Race::Done(()) => {}
                     Race::Expired => return Ok(Race::Expired),
                     Race::Signal(r) => return Ok(Race::Signal(r)),
@@ -235,9 +263,12 @@ impl AsRawFd for SignalFd {
     }
 }
 
-/// Waits for a signal that stops a waiter. A signal that came earlier is
-/// seen at once: the pipe is still readable.
-async fn stop_signal(signals: &mut Signals) -> Result<Received> {
+/// Waits for a signal that stops a waiter (for ever without `signals`). A
+/// signal that came earlier is seen at once: the pipe is still readable.
+async fn stop_signal(signals: Option<&mut Signals>) -> Result<Received> {
+    let Some(signals) = signals else {
+        return std::future::pending().await;
+    };
     // SAFETY: `signals` owns the descriptor, keeps it open, and outlives
     // `fd`, which lives only in this call.
     let fd = unsafe { AsyncFd::register_with_interest(SignalFd(signals.fd()), Interest::READABLE) }
@@ -260,11 +291,12 @@ pub enum Race<T> {
     Signal(Received),
 }
 
-/// Runs `work` until it ends, the deadline passes, or a stop signal comes.
+/// Runs `work` until it ends, the deadline passes, or a stop signal comes
+/// (if `signals` are watched here).
 pub async fn race<T>(
     work: impl Future<Output = T>,
     deadline: Option<Instant>,
-    signals: &mut Signals,
+    signals: Option<&mut Signals>,
 ) -> Result<Race<T>> {
     let expired = async {
         match deadline {
@@ -293,7 +325,7 @@ pub enum Woke {
 pub async fn sleep(
     s: &mut Session,
     deadline: Option<Instant>,
-    signals: &mut Signals,
+    signals: Option<&mut Signals>,
 ) -> Result<Woke> {
     let news = async {
         tokio::select! {
