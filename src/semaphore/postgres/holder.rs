@@ -59,8 +59,8 @@ pub struct PgSlot {
     wake: OwnedFd,
     done: std::sync::mpsc::Receiver<()>,
     /// This host's head gate (see `queue`), given back once the job has
-    /// started: the successor's promotion, its attempt and the connecting
-    /// of the next one then do not compete with starting the job.
+    /// started: the next head's promotion and its connecting then do not
+    /// compete with starting the job.
     gate: Option<Box<dyn Slot>>,
 }
 

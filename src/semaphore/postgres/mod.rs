@@ -9,16 +9,14 @@
 //!   the id. Two ids share a semaphore only if 44 bits of their hashes agree
 //!   (about one pair in 10^13), where the former 32-bit keys collided for
 //!   pairs as plain as `job-439599` and `job-622382`.
-//! - **Waiting costs two connections per host and id** ([`queue`],
-//!   [`waiting`]): waiters on one host queue in the lock-file engine (local
-//!   ids derived from the server and the id, one slot each), which already
+//! - **Waiting costs one connection per host and id** ([`queue`],
+//!   [`waiting`]): waiters on one host queue in the lock-file engine (a
+//!   local id derived from the server and the id, one slot), which already
 //!   orders them, sleeps in the kernel and obeys `--wait` and signals. Only
 //!   the head of each host's queue waits on the server: it LISTENs on the
 //!   id's channel and tries again on every NOTIFY (every release sends one),
-//!   on a short poll (a crashed holder sends none), until its deadline. Its
-//!   successor connects and LISTENs meanwhile, so that it is ready to try
-//!   the moment the head takes a slot. A lost connection is opened again
-//!   while the deadline lasts.
+//!   on a short poll (a crashed holder sends none), until its deadline. A
+//!   lost connection is opened again while the deadline lasts.
 //! - **Admission in one round trip**: a new session's set-up and LISTEN
 //!   ride in its first attempt's message; one statement looks at the id's held
 //!   locks and takes the lowest free slot with `pg_try_advisory_lock` if

@@ -33,18 +33,15 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// Holders and waiters of one id, or of every id with a holder; the
 /// waiters of this host that queue behind their head are added from the
-/// local queue: its successor, waiting for the head's gate, then the others,
-/// waiting for the successor's.
+/// local queue.
 pub fn status(pg: &Postgres, only: Option<&Id>) -> Result<Vec<IdStatus>> {
     let mut out = on_server(&pg.connector, only)?;
     let mut local = pg.local()?;
     for s in &mut out {
-        for gate in ["head", "next"] {
-            let gate = local_id(&pg.connector.target, &s.id, gate);
-            for queue in local.status(Some(&gate))? {
-                s.waiting += queue.waiting;
-                s.waiters.extend(queue.waiters);
-            }
+        let gate = local_id(&pg.connector.target, &s.id, "head");
+        for queue in local.status(Some(&gate))? {
+            s.waiting += queue.waiting;
+            s.waiters.extend(queue.waiters);
         }
     }
     Ok(out)

@@ -1,7 +1,6 @@
 //! Waiting for a slot: first in this host's queue (see `queue`), then, as
-//! its head, on the server. The head gives its gate back the moment it
-//! holds a server slot (or gives up), and its successor, already connected,
-//! becomes head.
+//! its head, on the server. The head gives its gate back once its job has
+//! started (or it gives up), and the next in line becomes head.
 //!
 //! The head on the server: LISTEN on the id's channel and try, in one round
 //! trip (see `admission`), sleep until a NOTIFY, a short poll ([`POLL`]: a holder
@@ -14,7 +13,7 @@ use super::admission::{Asker, Attempt, Keys, attempt};
 use super::connect::Connector;
 use super::holder::PgSlot;
 use super::pooler::{self, no_session_locks};
-use super::queue::{self, Head, Ready};
+use super::queue;
 use super::record::Record;
 use super::session::{News, Refused, Session, broken};
 use super::{Postgres, runtime};
@@ -50,7 +49,7 @@ pub fn acquire(pg: &mut Postgres, req: &Request, signals: &mut Signals) -> Resul
         host: sys::hostname(),
         command: req.command.to_string(),
     };
-    let Head { gate, ready } = match queue::head(pg, req, !check, signals)? {
+    let gate = match queue::head(pg, req, signals)? {
         Ok(head) => head,
         Err(other) => return Ok(other),
     };
@@ -63,7 +62,6 @@ pub fn acquire(pg: &mut Postgres, req: &Request, signals: &mut Signals) -> Resul
         keys,
         rec: rec.clone(),
         check,
-        ready,
     };
     let got = wait_as_head(head, signals);
     pg.pooler_checked = true;
@@ -119,8 +117,6 @@ struct HeadWait {
     rec: Record,
     /// Open the first session with a check for a pooler.
     check: bool,
-    /// The session it prepared as successor, if any.
-    ready: Ready,
 }
 
 /// Runs the head's wait, until it ends or a stop signal comes.
@@ -139,7 +135,7 @@ fn wait_as_head(head: HeadWait, signals: &mut Signals) -> Result<Ended> {
     })
 }
 
-async fn on_server(mut head: HeadWait) -> Result<Ended> {
+async fn on_server(head: HeadWait) -> Result<Ended> {
     let c = &head.c;
     let (keys, rec) = (&head.keys, &head.rec);
     let (verbose, id) = (head.verbose, &head.id);
@@ -155,11 +151,6 @@ async fn on_server(mut head: HeadWait) -> Result<Ended> {
     let opened = async {
         if head.check {
             return pooler::open_checked(c).await;
-        }
-        match head.ready.take().await {
-            Some(Ok(s)) => return Ok((s, false)),
-            Some(Err(e)) => say(&format!("{e:#}; connecting again")),
-            None => {}
         }
         Ok((c.connect().await?, false))
     };
