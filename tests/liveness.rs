@@ -91,7 +91,10 @@ fn status_answers_whoever_holds_the_mutex() {
     release(job);
 }
 
-/// A waiter of `id`, queued behind a holder, then stopped.
+/// A waiter of `id`, queued behind a holder, then stopped — outside the
+/// id's mutex: a waiter looks again a few times after it queues, each look
+/// under the mutex for a moment, and one stopped inside keeps everyone out
+/// until it runs again (tested apart, with the mutex held by hand).
 fn stopped_waiter(env: &Env, id: &str, jobs: &str, waiting: u32) -> Child {
     let waiter = env
         .qsem()
@@ -99,9 +102,19 @@ fn stopped_waiter(env: &Env, id: &str, jobs: &str, waiting: u32) -> Child {
         .spawn()
         .unwrap();
     assert!(eventually(SOON, || held_and_waiting(env, id).1 == waiting));
-    kill(waiter.id(), libc::SIGSTOP);
+    let mutex = std::fs::File::open(env.locks.join(id).join("queue/lock")).unwrap();
     assert!(eventually(SOON, || {
-        stat_fields(waiter.id()).is_some_and(|f| f[0] == "T")
+        kill(waiter.id(), libc::SIGSTOP);
+        assert!(eventually(SOON, || {
+            stat_fields(waiter.id()).is_some_and(|f| f[0] == "T")
+        }));
+        if common::flock(&mutex, libc::LOCK_EX | libc::LOCK_NB) {
+            common::flock(&mutex, libc::LOCK_UN);
+            return true;
+        }
+        kill(waiter.id(), libc::SIGCONT);
+        std::thread::sleep(Duration::from_millis(5));
+        false
     }));
     waiter
 }
