@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! <id>/1 .. <id>/K          slot files: an exclusive flock means "held";
-//!                           the content is the holder's record (slots.rs)
+//!                           the content is the holder's record (record.rs)
 //! <id>/queue/lock           the per-id admission mutex (mutex.rs)
 //! <id>/queue/census         a byte per slot, 1 while held (census.rs)
 //! <id>/queue/<t>.<pid>.<N>  one ticket per waiter, exclusively flocked by it;
@@ -79,6 +79,7 @@ mod guard;
 mod lockdir;
 mod mutex;
 mod queue;
+mod record;
 mod sleep;
 mod slots;
 mod watching;
