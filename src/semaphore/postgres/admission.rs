@@ -40,14 +40,8 @@ pub struct Keys {
 
 impl Keys {
     pub fn of(id: &Id) -> Keys {
-        let h = id
-            .as_bytes()
-            .iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-            });
         Keys {
-            prefix: h >> SLOT_BITS,
+            prefix: fnv1a(id.as_bytes().iter().copied()) >> SLOT_BITS,
         }
     }
 
@@ -113,6 +107,15 @@ impl Keys {
         );
         cut(&name, 63).to_string()
     }
+}
+
+/// FNV-1a 64 of `bytes`: the ids' keys, and the names of this host's files
+/// for a server (its local queue, its remembered pooler check). Part of the
+/// interface between qsem versions: it must never change.
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// The slot number of a key read from `pg_locks`, if it is one of `keys`.

@@ -16,7 +16,7 @@
 //! with the session's first, and a holder that finds another one reports
 //! its slot lost, as any lost slot is reported.
 
-use super::admission::{Beat, Keys, heartbeat};
+use super::admission::{Beat, Keys, fnv1a, heartbeat};
 use super::connect::Connector;
 use super::record::Record;
 use super::session::{Session, number};
@@ -124,14 +124,7 @@ pub async fn confirm(
 
 /// The file that remembers a check of `c`'s server and role in `dir`.
 fn memo(dir: &Path, c: &Connector) -> PathBuf {
-    let h = c
-        .target
-        .bytes()
-        .chain([0])
-        .chain(c.user().bytes())
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
+    let h = fnv1a(c.target.bytes().chain([0]).chain(c.user().bytes()));
     dir.join(format!(".pg-checked-{h:016x}"))
 }
 

@@ -16,20 +16,21 @@
 //! 95.8% without, bench/RESULTS.md), so waiting keeps to one session.
 
 use super::Postgres;
+use super::admission::fnv1a;
 use crate::id::Id;
 use crate::semaphore::{Acquired, Request, Slot};
 use crate::signals::Signals;
 use anyhow::Result;
 use std::ffi::OsStr;
+
 /// The local id that queues this host's waiters for `id` on `target`.
 pub fn local_id(target: &str, id: &Id, what: &str) -> Id {
-    let h = target
-        .bytes()
-        .chain([0])
-        .chain(id.as_bytes().iter().copied())
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
+    let h = fnv1a(
+        target
+            .bytes()
+            .chain([0])
+            .chain(id.as_bytes().iter().copied()),
+    );
     Id::new(OsStr::new(&format!("postgres-{what}-{h:016x}"))).expect("a valid id")
 }
 
