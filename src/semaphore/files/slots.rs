@@ -94,7 +94,7 @@ impl IdDir {
     /// slot file. Under the mutex for a decision; outside it, a moment's
     /// snapshot.
     pub fn scan(&self, lock_dir: &LockDir) -> Result<Scan> {
-        Ok(self.count(lock_dir, &[])?.0)
+        Ok(self.count(lock_dir)?.0)
     }
 
     /// As [`scan`](Self::scan), but counting the slots the census marks as
@@ -109,7 +109,7 @@ impl IdDir {
     /// An exact count, under the mutex, that also clears the census's marks
     /// of the slots it finds free.
     pub fn scan_fixing(&self, lock_dir: &LockDir, census: Option<&Census>) -> Result<Scan> {
-        let (scan, free) = self.count(lock_dir, &[])?;
+        let (scan, free) = self.count(lock_dir)?;
         if let Some(census) = census {
             let marks = census.read(free.last().copied().unwrap_or(0));
             for k in free {
@@ -121,9 +121,9 @@ impl IdDir {
         Ok(scan)
     }
 
-    /// The count, and the numbers of the slot files found free.
-    fn count(&self, lock_dir: &LockDir, marks: &[u8]) -> Result<(Scan, Vec<u32>)> {
-        self.count_among(lock_dir, &self.slot_numbers()?, marks)
+    /// The exact count, and the numbers of the slot files found free.
+    fn count(&self, lock_dir: &LockDir) -> Result<(Scan, Vec<u32>)> {
+        self.count_among(lock_dir, &self.slot_numbers()?, &[])
     }
 
     /// Counts among slot files `slots` (sorted); slot `k` is taken as held
