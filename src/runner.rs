@@ -191,6 +191,12 @@ fn execute(
     let outcome = conclude(cfg, &display, ended, started.elapsed());
     entry.concluded(ended, outcome.exit, outcome.line.as_deref());
     settle(slot, background, outcome.line.as_deref())?;
+    // A waiter woken by the release is usually queued on this CPU (the
+    // kernel puts a wakee beside its waker), behind what qsem has left to do:
+    // its exit, whose unmapping alone takes 0.3-0.4 ms. Let it run first; it
+    // costs qsem at most a time slice, and only when the CPU is contended.
+    // Handoff 1.26-1.31x flock(1)'s -> 1.02-1.07x (bench/RESULTS.md).
+    rustix::thread::sched_yield();
     Ok(outcome)
 }
 
