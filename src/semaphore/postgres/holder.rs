@@ -18,9 +18,10 @@
 //! then it keeps a session named `qsem l …`, so that `--status` shows its
 //! job running without a slot for as long as the server can be reached.
 
-use super::admission::{Asker, Attempt, Beat, Keys, attempt, heartbeat};
+use super::admission::{Asker, Attempt, Beat, attempt, heartbeat};
 use super::connect::Connector;
 use super::failures::Recorder;
+use super::keys::Keys;
 use super::pooler::{self, no_session_locks};
 use super::record::Record;
 use super::session::{News, Session};

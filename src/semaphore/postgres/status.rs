@@ -14,8 +14,8 @@
 //! its head adds its waiters from the lock-file engine. Other hosts' queues
 //! are not on the server: neither counted nor listed.
 
-use super::admission::{Keys, slot_of};
 use super::connect::Connector;
+use super::keys::{Keys, slot_of};
 use super::queue::local_id;
 use super::record::Record;
 use super::session::lit;
