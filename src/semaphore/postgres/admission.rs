@@ -66,10 +66,11 @@ pub async fn attempt(
 ) -> Result<Attempt> {
     let fresh = s.pid == 0 && !s.wants_facts();
     let got = once(s, keys, rec, asker, listen).await?;
-    // A head that is to wait looks again at once, in full: the look after a
-    // release then runs on caches that the full look has filled (the first
-    // look does not), and the handoff does not pay for them (1.5-2 ms with
-    // 30 waiters, bench/RESULTS.md).
+    // A head that is to wait looks again at once, in full and after its
+    // LISTEN, so that no release after the look goes unheard; the look after
+    // a release then also runs on caches that the full look has filled (the
+    // first look does not), and the handoff does not pay for them (1.5-2 ms
+    // with 30 waiters, bench/RESULTS.md).
     if fresh && listen && matches!(got, Attempt::Wait { .. }) {
         return once(s, keys, rec, asker, listen).await;
     }
@@ -88,15 +89,20 @@ async fn once(
     let facts = s.wants_facts();
     let fresh = s.pid == 0 && !facts;
     let setup = s.take_setup(false);
-    let listen = if listen && !s.listening {
+    // The first look does not LISTEN: a job that gets its slot at once has
+    // no use for it, and a head that is to wait looks again at once.
+    let listen = if listen && !s.listening && !fresh {
         format!("BEGIN; LISTEN {}; COMMIT; ", keys.channel())
     } else {
         String::new()
     };
     let look = Look::new(s, keys, rec, asker)?;
+    // The record opens every message: `pg_stat_activity` shows the last
+    // one, which says who runs it for `--status` (a new holder's, until its
+    // first heartbeat).
     let statements = if fresh { look.first() } else { look.full() };
     let res = s
-        .query(&format!("{setup}{listen}{}{statements}", rec.render()))
+        .query(&format!("{}{setup}{listen}{statements}", rec.render()))
         .await?;
     if facts {
         s.learn(&res, 1)?;
@@ -232,7 +238,7 @@ impl Look {
              (extract(epoch FROM clock_timestamp()) * 1000)::int8::text \
              FROM (SELECT (SELECT g FROM generate_series({from}, {to}) g \
              WHERE CASE WHEN false {guard}{refuse_if}THEN false \
-             ELSE pg_try_advisory_lock({base}::int8 + g) END LIMIT 1) AS s) x; "
+             ELSE pg_try_advisory_lock({base}::int8 + g) END LIMIT 1) AS s) x"
         )
     }
 
@@ -248,7 +254,7 @@ impl Look {
         );
         format!(
             "WITH held AS (SELECT DISTINCT (objid::int8 & {SLOT_MASK})::int AS s \
-             FROM pg_locks WHERE {cond}) {select}\
+             FROM pg_locks WHERE {cond}) {select}; \
              SELECT count(DISTINCT objid)::text, ({db})::text FROM pg_locks WHERE {cond}",
             db = self.db
         )
@@ -266,7 +272,7 @@ impl Look {
     fn first(&self) -> String {
         let any_db = self.keys.locks_of("database");
         format!(
-            "{}WITH l AS (SELECT database, objid, pid FROM pg_locks WHERE {any_db}), \
+            "{}; WITH l AS (SELECT database, objid, pid FROM pg_locks WHERE {any_db}), \
              me AS (SELECT database FROM l WHERE pid = pg_backend_pid() LIMIT 1) \
              SELECT count(DISTINCT objid)::text, (SELECT database FROM me)::text FROM l \
              WHERE database = coalesce((SELECT database FROM me), database)",

@@ -165,6 +165,13 @@ impl Holding {
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) {
         let every = (self.bound() / 4).clamp(Duration::from_millis(250), HEARTBEAT);
+        let mut s = s;
+        if s.listening {
+            // A head's NOTIFYs are of no use to a holder; each would wake
+            // its server process, and this one's own release would too.
+            let sql = format!("{}UNLISTEN *", self.rec.render());
+            s.listening = s.query(&sql).await.is_err();
+        }
         let mut state = State::Held(Box::new(s), Instant::now());
         // When the job's first heartbeat is due, once it has started.
         let mut first: Option<Instant> = None;

@@ -17,8 +17,9 @@
 //!   id's channel and tries again on every NOTIFY (every release sends one),
 //!   on a short poll (a crashed holder sends none), until its deadline. A
 //!   lost connection is opened again while the deadline lasts.
-//! - **Admission in one round trip**: a new session's set-up and LISTEN
-//!   ride in its first attempt's message; one statement looks at the id's held
+//! - **Admission in one round trip**: a new session's set-up rides in its
+//!   first attempt's message (a head that must wait LISTENs in its second,
+//!   which follows at once); one statement looks at the id's held
 //!   locks and takes the lowest free slot with `pg_try_advisory_lock` if
 //!   fewer than N are held; a second, in the same message, counts again and
 //!   the taker backs off if racing takers went past its N (a new session's
