@@ -19,6 +19,11 @@ it compares them:
 
 Usage: bench/postgres.py QSEM [--quick]   (as root: the server runs as
 `postgres`). Prints a Markdown report on stdout, progress on stderr.
+
+       bench/postgres.py QSEM --versus OTHER [--runs N]
+times only the uncontended job, N (200) times each, QSEM and OTHER taking
+turns on one cluster, and the server's CPU per job of each: two builds
+compared in the same minutes.
 """
 
 import glob
@@ -33,6 +38,13 @@ import time
 
 QSEM = os.path.abspath(sys.argv[1])
 QUICK = "--quick" in sys.argv
+
+
+def option(name, default):
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
+VERSUS = option("--versus", None)
 BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
 WORK = tempfile.mkdtemp(prefix="qsem-pg-bench-", dir="/tmp")
 PASSWORD = "bench-pw"
@@ -286,4 +298,42 @@ def main():
         shutil.rmtree(WORK, ignore_errors=True)
 
 
-main()
+def versus(url, postmaster, runs):
+    """Uncontended jobs of QSEM and VERSUS in turns: wall p50 and server
+    CPU per job of each."""
+    d = tempfile.mkdtemp(dir=WORK)
+    env = engine_env("postgres", os.path.join(d, "locks"), url)
+    binaries = [QSEM, os.path.abspath(VERSUS)]
+    walls = {b: [] for b in binaries}
+    cpu = {b: 0.0 for b in binaries}
+    for b in binaries:
+        subprocess.run([b, "--id", "u", "--", "true"], env=env, check=True)
+    for _ in range(runs):
+        for b in binaries:
+            cpu0 = server_cpu(postmaster)
+            t = time.perf_counter()
+            subprocess.run([b, "--id", "u", "--", "true"], env=env, check=True)
+            walls[b].append((time.perf_counter() - t) * 1000)
+            # The server process's exit is part of the job's cost.
+            time.sleep(0.02)
+            cpu[b] += server_cpu(postmaster) - cpu0
+    print("| build | uncontended wall p50 | p10 | p90 | server CPU per job |")
+    print("|---|---|---|---|---|")
+    for b in binaries:
+        w = sorted(walls[b])
+        print(f"| {b} | {p50(w):.2f} ms | {w[len(w) // 10]:.2f} ms | "
+              f"{w[len(w) * 9 // 10]:.2f} ms | {cpu[b] / runs * 1000:.2f} ms |")
+
+
+if VERSUS:
+    data, port, postmaster = start_cluster()
+    try:
+        say("cluster up; waiting out qsem's grace after a server start")
+        time.sleep(7)
+        versus(f"postgres://postgres:{PASSWORD}@127.0.0.1:{port}/postgres", postmaster,
+               int(option("--runs", "200")))
+    finally:
+        as_postgres(f"{BIN}/pg_ctl", "-D", data, "-m", "immediate", "stop")
+        shutil.rmtree(WORK, ignore_errors=True)
+else:
+    main()
