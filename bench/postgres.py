@@ -10,11 +10,20 @@ it compares them:
   kill9     p50 from `kill -9` of the holding qsem to the waiter's job start
   job       wall time of an uncontended `qsem -- true`, and the server's CPU
             per job (the postmaster's reaped children, before and after)
+  floor     what one new session costs without qsem: `pgbench -C` running
+            `SELECT 1` on a new connection each time, wall and server CPU
+            per connection, with scram-sha-256 and with trust (a role that
+            the throwaway cluster lets in without a password)
   idle      server CPU of 100 idle waiters over 10 s, in cores
   busy      how busy 3 slots are with 60 waiters running 0.3 s jobs (-j3)
 
 Usage: bench/postgres.py QSEM [--quick]   (as root: the server runs as
 `postgres`). Prints a Markdown report on stdout, progress on stderr.
+
+       bench/postgres.py QSEM --versus OTHER [--runs N]
+times only the uncontended job, N (200) times each, QSEM and OTHER taking
+turns on one cluster, and the server's CPU per job of each: two builds
+compared in the same minutes.
 """
 
 import glob
@@ -29,9 +38,17 @@ import time
 
 QSEM = os.path.abspath(sys.argv[1])
 QUICK = "--quick" in sys.argv
+
+
+def option(name, default):
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
+VERSUS = option("--versus", None)
 BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1]
 WORK = tempfile.mkdtemp(prefix="qsem-pg-bench-", dir="/tmp")
 PASSWORD = "bench-pw"
+TRUSTED = "bench_trusted"
 HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -53,6 +70,11 @@ def start_cluster():
     data = os.path.join(WORK, "data")
     as_postgres(f"{BIN}/initdb", "-D", data, "-U", "postgres", "--auth-local=trust",
                 "--auth-host=scram-sha-256", "--no-sync", f"--pwfile={pw}")
+    hba = os.path.join(data, "pg_hba.conf")
+    with open(hba) as f:
+        rules = f.read()
+    with open(hba, "w") as f:
+        f.write(f"host all {TRUSTED} 127.0.0.1/32 trust\n" + rules)
     import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -174,6 +196,32 @@ def uncontended(url, postmaster, n):
     return walls, (server_cpu(postmaster) - cpu0) / n * 1000
 
 
+def floor(port, postmaster, n):
+    """Per new connection running `SELECT 1` (pgbench -C): wall ms (its
+    "average connection time" plus the query) and server CPU ms, with
+    scram-sha-256 and with trust; None without pgbench."""
+    pgbench = shutil.which("pgbench") or shutil.which("pgbench", path=BIN)
+    if not pgbench:
+        return None
+    script = os.path.join(WORK, "select1.sql")
+    with open(script, "w") as f:
+        f.write("SELECT 1;\n")
+    as_postgres(f"{BIN}/psql", "-h", WORK, "-p", str(port), "-U", "postgres", "-qc",
+                f"CREATE ROLE {TRUSTED} LOGIN")
+    out = {}
+    for user in ["postgres", TRUSTED]:
+        env = dict(os.environ, PGPASSWORD=PASSWORD)
+        cpu0 = server_cpu(postmaster)
+        t = time.perf_counter()
+        subprocess.run([pgbench, "-h", "127.0.0.1", "-p", str(port), "-U", user, "-n", "-C",
+                        "-f", script, "-t", str(n), "postgres"], env=env, check=True,
+                       capture_output=True)
+        wall = (time.perf_counter() - t) / n * 1000
+        time.sleep(0.5)
+        out[user] = (wall, (server_cpu(postmaster) - cpu0) / n * 1000)
+    return out["postgres"], out[TRUSTED]
+
+
 def idle(url, postmaster, n, secs):
     d = tempfile.mkdtemp(dir=WORK)
     env = engine_env("postgres", os.path.join(d, "locks"), url)
@@ -234,6 +282,11 @@ def main():
         walls, cpu = uncontended(url, postmaster, 20 if QUICK else 100)
         print(f"| uncontended `qsem -- true`, wall p50 | {p50(walls):.2f} ms | | |")
         print(f"| server CPU per uncontended job | {cpu:.2f} ms | | |")
+        fl = floor(port, postmaster, 50 if QUICK else 200)
+        if fl:
+            for (wall, cpu), auth in zip(fl, ["scram-sha-256", "trust"]):
+                print(f"| floor: new connection + `SELECT 1` ({auth}), wall | {wall:.2f} ms "
+                      f"| | server CPU {cpu:.2f} ms |")
         cores = idle(url, postmaster, 100, 5 if QUICK else 10)
         print(f"| server CPU of 100 idle waiters | {cores:.4f} cores | | |")
         b_pg = busy("postgres", url, 60, 3, 0.3)
@@ -245,4 +298,42 @@ def main():
         shutil.rmtree(WORK, ignore_errors=True)
 
 
-main()
+def versus(url, postmaster, runs):
+    """Uncontended jobs of QSEM and VERSUS in turns: wall p50 and server
+    CPU per job of each."""
+    d = tempfile.mkdtemp(dir=WORK)
+    env = engine_env("postgres", os.path.join(d, "locks"), url)
+    binaries = [QSEM, os.path.abspath(VERSUS)]
+    walls = {b: [] for b in binaries}
+    cpu = {b: 0.0 for b in binaries}
+    for b in binaries:
+        subprocess.run([b, "--id", "u", "--", "true"], env=env, check=True)
+    for _ in range(runs):
+        for b in binaries:
+            cpu0 = server_cpu(postmaster)
+            t = time.perf_counter()
+            subprocess.run([b, "--id", "u", "--", "true"], env=env, check=True)
+            walls[b].append((time.perf_counter() - t) * 1000)
+            # The server process's exit is part of the job's cost.
+            time.sleep(0.02)
+            cpu[b] += server_cpu(postmaster) - cpu0
+    print("| build | uncontended wall p50 | p10 | p90 | server CPU per job |")
+    print("|---|---|---|---|---|")
+    for b in binaries:
+        w = sorted(walls[b])
+        print(f"| {b} | {p50(w):.2f} ms | {w[len(w) // 10]:.2f} ms | "
+              f"{w[len(w) * 9 // 10]:.2f} ms | {cpu[b] / runs * 1000:.2f} ms |")
+
+
+if VERSUS:
+    data, port, postmaster = start_cluster()
+    try:
+        say("cluster up; waiting out qsem's grace after a server start")
+        time.sleep(7)
+        versus(f"postgres://postgres:{PASSWORD}@127.0.0.1:{port}/postgres", postmaster,
+               int(option("--runs", "200")))
+    finally:
+        as_postgres(f"{BIN}/pg_ctl", "-D", data, "-m", "immediate", "stop")
+        shutil.rmtree(WORK, ignore_errors=True)
+else:
+    main()

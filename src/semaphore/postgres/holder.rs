@@ -18,9 +18,10 @@
 //! then it keeps a session named `qsem l …`, so that `--status` shows its
 //! job running without a slot for as long as the server can be reached.
 
-use super::admission::{Asker, Attempt, Beat, Keys, attempt, heartbeat};
+use super::admission::{Asker, Attempt, Beat, attempt, heartbeat};
 use super::connect::Connector;
 use super::failures::Recorder;
+use super::keys::Keys;
 use super::pooler::{self, no_session_locks};
 use super::record::Record;
 use super::session::{News, Session};
@@ -42,6 +43,12 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 const LOST_RETRY: Duration = Duration::from_secs(1);
 /// How often a holder whose session ended tries to connect again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
+/// How long after the job's start the first heartbeat goes (it names the
+/// job's pid for `--status`, and confirms the slot where the check for a
+/// pooler was remembered): sent at once, it competed with the job's start
+/// for the CPU and, for a short job, delayed the release (0.7 ms of a
+/// 17 ms uncontended job, bench/RESULTS.md). The etcd engine waits as long.
+const FIRST_BEAT: Duration = Duration::from_millis(50);
 
 /// What the runner's thread asks of the holder's task.
 enum Command {
@@ -158,10 +165,22 @@ impl Holding {
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) {
         let every = (self.bound() / 4).clamp(Duration::from_millis(250), HEARTBEAT);
+        let mut s = s;
+        if s.listening {
+            // A head's NOTIFYs are of no use to a holder; each would wake
+            // its server process, and this one's own release would too.
+            let sql = format!("{}UNLISTEN *", self.rec.render());
+            s.listening = s.query(&sql).await.is_err();
+        }
         let mut state = State::Held(Box::new(s), Instant::now());
+        // When the job's first heartbeat is due, once it has started.
+        let mut first: Option<Instant> = None;
         loop {
             let pace = match state {
-                State::Held(..) | State::Lost(Some(_)) => every,
+                State::Held(..) => first.map_or(every, |t| {
+                    t.saturating_duration_since(Instant::now()).min(every)
+                }),
+                State::Lost(Some(_)) => every,
                 // Soon, so that `--status` shows the job without a slot.
                 State::Lost(None) => every.min(LOST_RETRY),
                 State::Reclaiming { .. } => Duration::ZERO,
@@ -177,7 +196,7 @@ impl Holding {
                 cmd = commands.recv() => match cmd {
                     Some(Command::SetChild(pid)) => {
                         self.rec.pid = pid;
-                        state = self.beat(state, slot).await;
+                        first = Some(Instant::now() + FIRST_BEAT);
                     }
                     Some(Command::Release) | None => {
                         if let State::Held(s, _) = state {
@@ -203,6 +222,7 @@ impl Holding {
                     }
                 },
                 _ = tokio::time::sleep(pace) => {
+                    first = None;
                     state = match state {
                         State::Held(..) => self.beat(state, slot).await,
                         State::Reclaiming { why, until } => self.reclaim(slot, why, until).await,

@@ -4,7 +4,7 @@
 //!
 //! The design, in the order a slot is taken:
 //!
-//! - **Keys** ([`admission`]): a slot is one advisory lock in the one-bigint
+//! - **Keys** ([`keys`]): a slot is one advisory lock in the one-bigint
 //!   form, `prefix << 20 | slot`, where `prefix` is 44 bits of FNV-1a 64 of
 //!   the id. Two ids share a semaphore only if 44 bits of their hashes agree
 //!   (about one pair in 10^13), where the former 32-bit keys collided for
@@ -17,11 +17,15 @@
 //!   id's channel and tries again on every NOTIFY (every release sends one),
 //!   on a short poll (a crashed holder sends none), until its deadline. A
 //!   lost connection is opened again while the deadline lasts.
-//! - **Admission in one round trip**: a new session's set-up and LISTEN
-//!   ride in its first attempt's message; one statement looks at the id's held
+//! - **Admission in one round trip**: a new session's set-up rides in its
+//!   first attempt's message (a head that must wait LISTENs in its second,
+//!   which follows at once); one statement looks at the id's held
 //!   locks and takes the lowest free slot with `pg_try_advisory_lock` if
 //!   fewer than N are held; a second, in the same message, counts again and
-//!   the taker backs off if racing takers went past its N. Nothing is ever
+//!   the taker backs off if racing takers went past its N (a new session's
+//!   first look only tries, and the count decides: on cold catalog caches,
+//!   reading the locks first cost more than the rest of the message).
+//!   Nothing is ever
 //!   held across round trips and nothing blocks on a lock, so no client,
 //!   stalled, stopped or hostile, can delay another; every session also sets
 //!   `lock_timeout`, `statement_timeout` and
@@ -63,6 +67,7 @@ mod admission;
 mod connect;
 mod failures;
 mod holder;
+mod keys;
 mod pooler;
 mod queue;
 mod record;

@@ -16,8 +16,9 @@
 //! with the session's first, and a holder that finds another one reports
 //! its slot lost, as any lost slot is reported.
 
-use super::admission::{Beat, Keys, fnv1a, heartbeat};
+use super::admission::{Beat, heartbeat};
 use super::connect::Connector;
+use super::keys::{Keys, fnv1a};
 use super::record::Record;
 use super::session::{Session, number};
 use anyhow::{Result, anyhow, bail};

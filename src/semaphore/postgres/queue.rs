@@ -16,7 +16,7 @@
 //! 95.8% without, bench/RESULTS.md), so waiting keeps to one session.
 
 use super::Postgres;
-use super::admission::fnv1a;
+use super::keys::fnv1a;
 use crate::id::Id;
 use crate::semaphore::{Acquired, Request, Slot};
 use crate::signals::Signals;

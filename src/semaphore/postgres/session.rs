@@ -6,6 +6,14 @@
 //! passes on notifications and its end. The set-up is a round trip of its
 //! own, or, for a waiter, the first part of its first admission attempt's
 //! message: each round trip of a new session delays the job.
+//!
+//! A new server process plans its first statements with cold catalog caches,
+//! and every function, operator and catalog a statement names costs a
+//! lookup then (bench/RESULTS.md: 5.4 ms for the first message, 1.8 ms
+//! warm). So what the server already reports at connection
+//! (`in_hot_standby` and `default_transaction_read_only`, since PostgreSQL
+//! 14) is read from the connection, not queried: a standby or read-only
+//! server is refused before the first query is sent.
 
 use super::connect::Keepalive;
 use anyhow::{Context, Result};
@@ -38,6 +46,9 @@ pub struct Session {
     /// The statements that set this session up, until its first query has
     /// sent them (see [`Session::connect`]).
     setup: Option<String>,
+    /// Whether the server told at connection that it is a writable
+    /// primary, so that the set-up need not ask.
+    reported: bool,
     /// The server process that answered the first query (0 until then).
     /// Only a pooler in transaction or statement mode hands a later query
     /// to another one.
@@ -63,10 +74,10 @@ pub fn number<T: std::str::FromStr>(res: &Results, i: usize) -> Result<T> {
         .context("unexpected answer from the server")
 }
 
-/// The two statements that set a session up: settings an ordinary user may
+/// The statement that sets a session up: settings an ordinary user may
 /// change (those the server does not know, on an old version, are skipped
-/// rather than failing), then the facts [`Session::learn`] reads.
-fn setup(ka: &Keepalive) -> String {
+/// rather than failing).
+fn settings(ka: &Keepalive) -> String {
     format!(
         "SELECT set_config(s.name, s.value, false) FROM (VALUES \
          ('idle_session_timeout', '0'), ('statement_timeout', '{STATEMENT_TIMEOUT_MS}'), \
@@ -74,15 +85,41 @@ fn setup(ka: &Keepalive) -> String {
          ('idle_in_transaction_session_timeout', '{IDLE_IN_TRANSACTION_MS}'), \
          ('tcp_keepalives_idle', '{}'), ('tcp_keepalives_interval', '{}'), \
          ('tcp_keepalives_count', '{}'), ('tcp_user_timeout', '{}')) AS s(name, value) \
-         WHERE current_setting(s.name, true) IS NOT NULL; \
-         SELECT pg_backend_pid()::text, pg_is_in_recovery()::text, \
-         current_setting('transaction_read_only'), \
-         (SELECT oid FROM pg_database WHERE datname = current_database())::text; ",
+         WHERE current_setting(s.name, true) IS NOT NULL; ",
         ka.idle,
         ka.interval,
         ka.count,
         ka.total().as_millis()
     )
+}
+
+/// The statement whose answer [`Session::learn`] reads: the server process,
+/// whether it is a standby or read-only, and the database's oid.
+const FACTS: &str = "SELECT pg_backend_pid()::text, pg_is_in_recovery()::text, \
+     current_setting('transaction_read_only'), \
+     (SELECT oid FROM pg_database WHERE datname = current_database())::text; ";
+
+/// What the server reported at connection, if it reports it (PostgreSQL 14
+/// and later): a standby or read-only server is refused, `Ok(true)` is a
+/// writable primary, `Ok(false)` a server that did not say.
+fn reported<S, T>(conn: &tokio_postgres::Connection<S, T>, target: &str) -> Result<bool>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (Some(standby), Some(read_only)) = (
+        conn.parameter("in_hot_standby"),
+        conn.parameter("default_transaction_read_only"),
+    ) else {
+        return Ok(false);
+    };
+    if standby == "on" {
+        return Err(anyhow::Error::new(Refused::standby(target)));
+    }
+    if read_only == "on" {
+        return Err(anyhow::Error::new(Refused::read_only(target)));
+    }
+    Ok(true)
 }
 
 impl Session {
@@ -97,21 +134,24 @@ impl Session {
         ka: &Keepalive,
     ) -> Result<Session> {
         let failed = || format!("cannot connect to PostgreSQL at {target}");
-        let (client, news) = match tls {
+        let (client, news, reported) = match tls {
             Some(tls) => {
                 let (client, conn) = pg.connect(tls.clone()).await.with_context(failed)?;
-                (client, drive(conn))
+                let known = reported(&conn, target)?;
+                (client, drive(conn), known)
             }
             None => {
                 let (client, conn) = pg.connect(NoTls).await.with_context(failed)?;
-                (client, drive(conn))
+                let known = reported(&conn, target)?;
+                (client, drive(conn), known)
             }
         };
         Ok(Session {
             client,
             news,
             target: target.to_string(),
-            setup: Some(setup(ka)),
+            setup: Some(settings(ka)),
+            reported,
             pid: 0,
             database: 0,
             listening: false,
@@ -126,7 +166,7 @@ impl Session {
         ka: &Keepalive,
     ) -> Result<Session> {
         let mut s = Session::connect(pg, tls, target, ka).await?;
-        let sql = s.take_setup();
+        let sql = s.take_setup(true);
         let res = s
             .query(&sql)
             .await
@@ -135,10 +175,21 @@ impl Session {
         Ok(s)
     }
 
-    /// The set-up statements, if this session still needs them (two
-    /// statements; the facts are the second one's answer). Empty once sent.
-    pub fn take_setup(&mut self) -> String {
-        self.setup.take().unwrap_or_default()
+    /// The set-up statements, if this session still needs them: the
+    /// settings, then the facts [`Session::learn`] reads from the second
+    /// statement's answer if `facts` or if the server did not report them
+    /// at connection (see [`Session::wants_facts`]). Empty once sent.
+    pub fn take_setup(&mut self, facts: bool) -> String {
+        match self.setup.take() {
+            Some(sql) if facts || !self.reported => sql + FACTS,
+            Some(sql) => sql,
+            None => String::new(),
+        }
+    }
+
+    /// Whether [`Session::take_setup`]`(false)` includes the facts.
+    pub fn wants_facts(&self) -> bool {
+        self.setup.is_some() && !self.reported
     }
 
     /// Reads the facts of the set-up (statement `i` of `res`), and refuses a
@@ -150,18 +201,10 @@ impl Session {
             .context("unexpected answer from the server")?;
         let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         if col(1) == "true" {
-            return Err(anyhow::Error::new(Refused(format!(
-                "PostgreSQL at {} is a standby (in recovery): its locks are not the primary's; \
-                 point --backend at the primary",
-                self.target
-            ))));
+            return Err(anyhow::Error::new(Refused::standby(&self.target)));
         }
         if col(2) == "on" {
-            return Err(anyhow::Error::new(Refused(format!(
-                "PostgreSQL at {} is read-only (default_transaction_read_only or a standby): \
-                 point --backend at the primary",
-                self.target
-            ))));
+            return Err(anyhow::Error::new(Refused::read_only(&self.target)));
         }
         self.pid = col(0)
             .parse()
@@ -235,6 +278,22 @@ where
 /// A server that qsem will not use, and why: a whole error line as it is.
 #[derive(Debug)]
 pub struct Refused(String);
+
+impl Refused {
+    fn standby(target: &str) -> Refused {
+        Refused(format!(
+            "PostgreSQL at {target} is a standby (in recovery): its locks are not the primary's; \
+             point --backend at the primary"
+        ))
+    }
+
+    fn read_only(target: &str) -> Refused {
+        Refused(format!(
+            "PostgreSQL at {target} is read-only (default_transaction_read_only or a standby): \
+             point --backend at the primary"
+        ))
+    }
+}
 
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

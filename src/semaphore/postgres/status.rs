@@ -14,8 +14,8 @@
 //! its head adds its waiters from the lock-file engine. Other hosts' queues
 //! are not on the server: neither counted nor listed.
 
-use super::admission::{Keys, slot_of};
 use super::connect::Connector;
+use super::keys::{Keys, slot_of};
 use super::queue::local_id;
 use super::record::Record;
 use super::session::lit;
@@ -68,7 +68,8 @@ fn on_server(c: &Connector, only: Option<&Id>) -> Result<Vec<IdStatus>> {
                 "SELECT l.classid::text, l.objid::text, l.pid::text, coalesce(a.usename, ''), \
                  coalesce(a.application_name, ''), coalesce(a.query, ''), \
                  (extract(epoch FROM clock_timestamp()) * 1000)::int8::text, \
-                 coalesce(host(a.client_addr), 'local') \
+                 coalesce(host(a.client_addr), 'local'), \
+                 (extract(epoch FROM a.query_start) * 1000)::int8::text \
                  FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid WHERE {cond}; \
                  SELECT application_name, \
                  (extract(epoch FROM now() - backend_start) * 1000)::int8::text \
@@ -157,6 +158,15 @@ fn holder_of(
     let server_now: u64 = text(row, 6).parse().unwrap_or(0);
     let id = Record::parse(&text(row, 5))
         .filter(|_| text(row, 4).starts_with("qsem h "))
+        .map(|mut r| {
+            // A holder's record has its start from its first heartbeat on;
+            // until then its last query is the admission's, which began
+            // when it took the slot.
+            if r.started_ms == 0 {
+                r.started_ms = text(row, 8).parse().unwrap_or(0);
+            }
+            r
+        })
         .and_then(|r| Some((Id::new(OsStr::from_bytes(&r.id)).ok()?, r)))
         .filter(|(id, _)| Keys::of(id).prefix == prefix);
     let holder = match &id {

@@ -9,9 +9,10 @@
 //! cannot hold a waiter past its `--wait`. A connection that breaks while
 //! waiting is opened again, for as long as the deadline lasts.
 
-use super::admission::{Asker, Attempt, Keys, attempt};
+use super::admission::{Asker, Attempt, attempt};
 use super::connect::Connector;
 use super::holder::PgSlot;
+use super::keys::Keys;
 use super::pooler::{self, no_session_locks};
 use super::queue;
 use super::record::Record;
