@@ -227,3 +227,27 @@ fn a_failure_the_server_will_not_take_still_fails_the_next_wait_all() {
     assert!(err.contains("1 background job failed"), "{err}");
     assert_eq!(c.sql("SELECT count(*) FROM limited.qsem_failures"), "0");
 }
+
+#[test]
+fn wait_all_waits_for_a_job_running_without_its_slot() {
+    let Some((env, c)) = setup() else { return };
+    let id = "pglostjob";
+    // A holder that lost its slot (a restart it could not reclaim after)
+    // runs its job on in a session named `qsem l …`, holding no lock.
+    let mut lost = c.psql_session(&format!("qsem l {} 1 4242@elsewhere", key_hex(id)));
+    assert!(eventually(SOON, || {
+        c.sql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'qsem l {} %'",
+            key_hex(id)
+        )) == "1"
+    }));
+    let (code, _, err) =
+        run(qsem(&env, c).args(["--id", id, "--wait-all", "--wait", "1s", "-E", "9"]));
+    assert_eq!(code, 9, "{err}");
+    // Once that job's session ends, the id is idle.
+    let _ = lost.kill();
+    let _ = lost.wait();
+    let (code, _, err) =
+        run(qsem(&env, c).args(["--id", id, "--wait-all", "--wait", "20s", "-E", "9"]));
+    assert_eq!(code, 0, "{err}");
+}

@@ -240,22 +240,29 @@ fn unknown(k: u64) -> Id {
     Id::new(OsStr::new(&format!("#{k:011x}"))).expect("valid id")
 }
 
-/// How many slots of the id are held and how many heads wait for one:
-/// what `--wait-all` waits to see at zero. The waiters are read first: a
-/// waiter that takes a slot between the two reads is then seen as a holder.
+/// How many jobs of the id run and how many heads wait for a slot: what
+/// `--wait-all` waits to see at zero. A job runs in a slot's lock, or
+/// without one in a session named `qsem l …` (it lost its slot and has not
+/// taken one again). The reads go waiters, then jobs without a slot, then
+/// locks: a waiter or a lost job that takes a slot between two reads is
+/// seen twice rather than missed.
 async fn busy(s: &super::session::Session, keys: &Keys) -> Result<(u32, u32)> {
+    let named = |kind| {
+        format!(
+            "SELECT count(*)::text FROM pg_stat_activity WHERE application_name LIKE {} \
+             AND datname = current_database()",
+            lit(&format!("qsem {kind} {} %", keys.hex()))
+        )
+    };
     let sql = format!(
-        "SELECT count(*)::text FROM pg_stat_activity WHERE application_name LIKE {} \
-         AND datname = current_database(); \
-         SELECT count(DISTINCT objid)::text FROM pg_locks WHERE {}",
-        lit(&format!("qsem w {} %", keys.hex())),
+        "{}; {}; SELECT count(DISTINCT objid)::text FROM pg_locks WHERE {}",
+        named('w'),
+        named('l'),
         keys.locks_of(&s.db()),
     );
     let res = s.query(&sql).await?;
-    Ok((
-        super::session::number(&res, 1)?,
-        super::session::number(&res, 0)?,
-    ))
+    let number = |i| super::session::number(&res, i);
+    Ok((number(1)? + number(2)?, number(0)?))
 }
 
 pub fn wait_idle(
