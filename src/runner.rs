@@ -195,7 +195,7 @@ fn execute(
     // kernel puts a wakee beside its waker), behind what qsem has left to do:
     // its exit, whose unmapping alone takes 0.3-0.4 ms. Let it run first; it
     // costs qsem at most a time slice, and only when the CPU is contended.
-    // Handoff 1.26-1.31x flock(1)'s -> 1.02-1.07x (bench/RESULTS.md).
+    // Handoff p50 1.23-1.44x flock(1)'s -> 0.96-1.07x (bench/RESULTS.md).
     rustix::thread::sched_yield();
     Ok(outcome)
 }
