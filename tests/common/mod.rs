@@ -63,6 +63,27 @@ pub fn run(cmd: &mut Command) -> (i32, String, String) {
     )
 }
 
+/// With one waiter of `id` queued already, a newcomer with `--max-waiting 1`
+/// (`qsem` makes its command line, backend and all) gives up at once,
+/// silently, with its `-E` status, although it would wait 20 s.
+pub fn full_backlog_refuses(mut qsem: impl FnMut() -> Command, id: &str) {
+    let t = Instant::now();
+    let args = [
+        "--id",
+        id,
+        "--max-waiting",
+        "1",
+        "--wait",
+        "20s",
+        "-E",
+        "9",
+        "true",
+    ];
+    let (code, out, err) = run(qsem().args(args));
+    assert_eq!((code, out.as_str(), err.as_str()), (9, "", ""));
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+}
+
 /// Polls `cond` every 10 ms until it holds or `limit` passes; returns whether it held.
 pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
