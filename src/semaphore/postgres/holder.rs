@@ -17,19 +17,20 @@
 //! it tries, by the ordinary rule, to take a slot again and says so. Until
 //! then it keeps a session named `qsem l …`, so that `--status` shows its
 //! job running without a slot for as long as the server can be reached.
+//! That way back is in `recover.rs`.
 
-use super::admission::{Asker, Attempt, Beat, attempt, heartbeat};
+use super::admission::{Beat, heartbeat};
 use super::connect::Connector;
 use super::failures::Recorder;
 use super::keys::Keys;
 use super::pooler::{self, no_session_locks};
 use super::record::Record;
 use super::session::{News, Session};
-use super::{Postgres, RECLAIM_GRACE, runtime};
+use super::{Postgres, runtime};
 use crate::id::Id;
-use crate::semaphore::{LOST_GRACE, Slot, SlotEvent};
+use crate::semaphore::{Slot, SlotEvent};
 use crate::sys;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -41,8 +42,6 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How soon a holder that lost its slot, and has no session, tries again.
 const LOST_RETRY: Duration = Duration::from_secs(1);
-/// How often a holder whose session ended tries to connect again.
-const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
 /// How long after the job's start the first heartbeat goes (it names the
 /// job's pid for `--status`, and confirms the slot where the check for a
 /// pooler was remembered): sent at once, it competed with the job's start
@@ -123,16 +122,16 @@ impl PgSlot {
 }
 
 /// What the holder's task works with.
-struct Holding {
-    c: Connector,
-    keys: Keys,
-    rec: Record,
+pub(super) struct Holding {
+    pub(super) c: Connector,
+    pub(super) keys: Keys,
+    pub(super) rec: Record,
     events: Arc<Mutex<Vec<SlotEvent>>>,
     wake: OwnedFd,
 }
 
 /// Where the holder stands.
-enum State {
+pub(super) enum State {
     /// The session holds the slot; the server answered a heartbeat sent at
     /// `confirmed`.
     Held(Box<Session>, Instant),
@@ -147,14 +146,14 @@ enum State {
 }
 
 impl Holding {
-    fn tell(&self, event: SlotEvent) {
+    pub(super) fn tell(&self, event: SlotEvent) {
         self.events.lock().expect("not poisoned").push(event);
         // The pipe only needs to be readable; a full pipe already is.
         let _ = rustix::io::write(&self.wake, b"x");
     }
 
     /// How long the server keeps a silent client's slot, at the least.
-    fn bound(&self) -> Duration {
+    pub(super) fn bound(&self) -> Duration {
         self.c.keepalive.total()
     }
 
@@ -246,17 +245,6 @@ impl Holding {
         }
     }
 
-    /// The state after the session ended with the slot last confirmed by a
-    /// heartbeat sent at `confirmed`.
-    fn reclaiming(&self, why: String, confirmed: Instant) -> State {
-        let fenced = confirmed + self.bound() / 2;
-        let grace = Instant::now() + RECLAIM_GRACE.saturating_sub(Duration::from_secs(2));
-        State::Reclaiming {
-            why,
-            until: fenced.min(grace),
-        }
-    }
-
     /// One heartbeat. It may wait for an answer only until `F/2` has passed
     /// since the last confirmed one was sent.
     async fn beat(&self, state: State, slot: u32) -> State {
@@ -287,84 +275,6 @@ impl Holding {
                     crate::duration::human(self.bound() / 2)
                 ),
             ),
-        }
-    }
-
-    /// Reports the slot lost. It is reported no later than `F/2` after the
-    /// last confirmed heartbeat was sent, so the server keeps the slot for at
-    /// least `F/2` more: the job's SIGKILL must come half a second before
-    /// that (and no later than the runner's usual grace).
-    fn lose(&self, slot: u32, why: String) -> State {
-        let grace = (self.bound() / 2)
-            .saturating_sub(Duration::from_millis(500))
-            .min(LOST_GRACE);
-        self.tell(SlotEvent::Lost {
-            why: format!("lost slot {slot} on PostgreSQL at {}: {why}", self.c.target),
-            grace,
-        });
-        State::Lost(None)
-    }
-
-    /// One try at taking our own slot back in a new session.
-    async fn reclaim(&self, slot: u32, why: String, until: Instant) -> State {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return self.lose(
-                slot,
-                format!("{why}, and it could not be taken back in time"),
-            );
-        }
-        let back = async {
-            let mut s = self.c.connect().await?;
-            let got = attempt(&mut s, &self.keys, &self.rec, Asker::Reclaim(slot), false).await?;
-            anyhow::Ok((s, got))
-        };
-        match tokio::time::timeout(left, back).await {
-            Ok(Ok((s, Attempt::Took(..)))) => {
-                match heartbeat(&s, &self.keys, slot, &self.rec).await {
-                    Ok(Beat::Held) => {
-                        self.tell(SlotEvent::Regained(format!("{why}; took slot {slot} back")));
-                        State::Held(Box::new(s), Instant::now())
-                    }
-                    _ => State::Reclaiming { why, until },
-                }
-            }
-            Ok(Ok((_, _))) => self.lose(slot, format!("{why}, and another holder has it now")),
-            Ok(Err(_)) => {
-                tokio::time::sleep(RECONNECT_PAUSE.min(left)).await;
-                State::Reclaiming { why, until }
-            }
-            Err(_) => State::Reclaiming { why, until },
-        }
-    }
-
-    /// One try to take a slot by the ordinary rule, in the session kept from
-    /// the last try or a new one. Refused, the session is kept, named as a
-    /// holder without a slot, so that `--status` shows the job running.
-    async fn retake(
-        &self,
-        kept: Option<Box<Session>>,
-    ) -> Result<(Session, u32), Option<Box<Session>>> {
-        let mut s = match kept {
-            Some(s) => *s,
-            None => match tokio::time::timeout(self.c.lost_after, self.c.connect()).await {
-                Ok(Ok(s)) => s,
-                _ => return Err(None),
-            },
-        };
-        let once = async {
-            match attempt(&mut s, &self.keys, &self.rec, Asker::Lost, false).await? {
-                Attempt::Took(k, _) => match heartbeat(&s, &self.keys, k, &self.rec).await? {
-                    Beat::Held => Ok(Some(k)),
-                    _ => bail!("slot {k} taken but not kept"),
-                },
-                Attempt::Wait { .. } | Attempt::Shared => anyhow::Ok(None),
-            }
-        };
-        match tokio::time::timeout(self.c.lost_after, once).await {
-            Ok(Ok(Some(k))) => Ok((s, k)),
-            Ok(Ok(None)) => Err(Some(Box::new(s))),
-            _ => Err(None),
         }
     }
 }

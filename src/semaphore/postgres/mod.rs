@@ -71,6 +71,7 @@ mod keys;
 mod pooler;
 mod queue;
 mod record;
+mod recover;
 mod secrets;
 mod session;
 mod status;
