@@ -66,6 +66,24 @@ fn a_restart_keeps_the_limit_the_jobs_and_the_waiters() {
 }
 
 #[test]
+fn wait_all_waits_out_the_reclaim_grace_after_a_server_start() {
+    let Some(c) = Cluster::start(&Options::default()) else {
+        return;
+    };
+    let env = Env::new();
+    c.ctl("restart", &["-m", "fast"]);
+    // Right after a start, the jobs that ran before it may still be on
+    // their way back to their slots, holding nothing: an id is not idle
+    // until they have had their grace (6 s after the server's start).
+    let (code, _, err) = run(qsem(&env, &c).args(["--id", "grace", "--wait-all", "--wait", "60s"]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        c.sql("SELECT clock_timestamp() - pg_postmaster_start_time() >= interval '6 seconds'"),
+        "t"
+    );
+}
+
+#[test]
 fn a_hot_standby_is_refused_before_the_command_runs() {
     let Some(c) = Cluster::start(&Options::default()) else {
         return;

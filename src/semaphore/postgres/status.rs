@@ -20,7 +20,7 @@ use super::queue::local_id;
 use super::record::Record;
 use super::session::lit;
 use super::waiting::{Woke, sleep};
-use super::{Postgres, runtime};
+use super::{Postgres, RECLAIM_GRACE, runtime};
 use crate::id::Id;
 use crate::report;
 use crate::semaphore::{Holder, IdStatus, Idle, Waiter};
@@ -245,8 +245,11 @@ fn unknown(k: u64) -> Id {
 /// without one in a session named `qsem l …` (it lost its slot and has not
 /// taken one again). The reads go waiters, then jobs without a slot, then
 /// locks: a waiter or a lost job that takes a slot between two reads is
-/// seen twice rather than missed.
-async fn busy(s: &super::session::Session, keys: &Keys) -> Result<(u32, u32)> {
+/// seen twice rather than missed. Within [`RECLAIM_GRACE`] of a server
+/// start the jobs that ran before it may still be on their way back to
+/// their slots, holding nothing yet: the id counts as busy until the
+/// grace has passed, as it does for newcomers.
+async fn busy(s: &super::session::Session, keys: &Keys) -> Result<Busy> {
     let named = |kind| {
         format!(
             "SELECT count(*)::text FROM pg_stat_activity WHERE application_name LIKE {} \
@@ -255,14 +258,34 @@ async fn busy(s: &super::session::Session, keys: &Keys) -> Result<(u32, u32)> {
         )
     };
     let sql = format!(
-        "{}; {}; SELECT count(DISTINCT objid)::text FROM pg_locks WHERE {}",
+        "{}; {}; SELECT count(DISTINCT objid)::text FROM pg_locks WHERE {}; \
+         SELECT (clock_timestamp() - pg_postmaster_start_time() \
+         < interval '{} milliseconds')::text",
         named('w'),
         named('l'),
         keys.locks_of(&s.db()),
+        RECLAIM_GRACE.as_millis(),
     );
     let res = s.query(&sql).await?;
     let number = |i| super::session::number(&res, i);
-    Ok((number(1)? + number(2)?, number(0)?))
+    let reclaiming = res
+        .get(3)
+        .and_then(|rows| rows.first())
+        .and_then(|row| row.first().cloned().flatten());
+    Ok(Busy {
+        running: number(1)? + number(2)?,
+        waiting: number(0)?,
+        reclaiming: reclaiming.as_deref() == Some("true"),
+    })
+}
+
+/// What [`busy`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Busy {
+    running: u32,
+    waiting: u32,
+    /// The server started less than [`RECLAIM_GRACE`] ago.
+    reclaiming: bool,
 }
 
 pub fn wait_idle(
@@ -280,15 +303,21 @@ pub fn wait_idle(
         s.query(&format!("LISTEN {}", keys.channel())).await?;
         let mut told = None;
         loop {
-            let (held, waiting) = busy(&s, &keys).await?;
-            if held == 0 && waiting == 0 {
+            let now = busy(&s, &keys).await?;
+            if now.running == 0 && now.waiting == 0 && !now.reclaiming {
                 return Ok(Idle::Reached);
             }
-            if verbose && told != Some((held, waiting)) {
-                told = Some((held, waiting));
+            if verbose && told != Some(now) {
+                told = Some(now);
+                let (held, waiting) = (now.running, now.waiting);
+                let grace = if now.reclaiming {
+                    " (the server has just started: jobs may still be reclaiming their slots)"
+                } else {
+                    ""
+                };
                 report::line(
                     id,
-                    &format!("waiting for {held} held slot(s) and {waiting} waiter(s)"),
+                    &format!("waiting for {held} held slot(s) and {waiting} waiter(s){grace}"),
                 );
             }
             match sleep(&mut s, deadline, Some(&mut *signals)).await? {
