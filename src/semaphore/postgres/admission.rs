@@ -18,7 +18,6 @@
 //! to one slot.
 //! No lock is held between round trips and none is waited for.
 
-use super::RECLAIM_GRACE;
 use super::keys::{Keys, SLOT_MASK};
 use super::record::Record;
 use super::session::{Session, lit, value};
@@ -177,14 +176,9 @@ impl Look {
     fn new(s: &Session, keys: &Keys, rec: &Record, asker: Asker) -> Result<Look> {
         let (from, to, grace) = match asker {
             Asker::Reclaim(slot) => (slot, slot, String::new()),
-            Asker::Waiter | Asker::Once | Asker::Lost => (
-                1,
-                rec.jobs,
-                format!(
-                    "OR clock_timestamp() - pg_postmaster_start_time() < interval '{} milliseconds' ",
-                    RECLAIM_GRACE.as_millis()
-                ),
-            ),
+            Asker::Waiter | Asker::Once | Asker::Lost => {
+                (1, rec.jobs, format!("OR {} ", super::in_reclaim_grace()))
+            }
         };
         // A standby's or read-only server's refusal comes with the answer
         // (see `Session::learn`) or came at connection; nothing may be

@@ -92,6 +92,15 @@ pub use secrets::scrub_password;
 /// running reclaim their slots first.
 pub const RECLAIM_GRACE: Duration = Duration::from_secs(6);
 
+/// The SQL condition "the server started less than [`RECLAIM_GRACE`]
+/// ago": newcomers are not admitted then, and no id is idle.
+fn in_reclaim_grace() -> String {
+    format!(
+        "clock_timestamp() - pg_postmaster_start_time() < interval '{} milliseconds'",
+        RECLAIM_GRACE.as_millis()
+    )
+}
+
 /// The PostgreSQL engine.
 pub struct Postgres {
     connector: connect::Connector,

@@ -20,7 +20,7 @@ use super::queue::local_id;
 use super::record::Record;
 use super::session::lit;
 use super::waiting::{Woke, sleep};
-use super::{Postgres, RECLAIM_GRACE, runtime};
+use super::{Postgres, runtime};
 use crate::id::Id;
 use crate::report;
 use crate::semaphore::{Holder, IdStatus, Idle, Waiter};
@@ -245,7 +245,7 @@ fn unknown(k: u64) -> Id {
 /// without one in a session named `qsem l …` (it lost its slot and has not
 /// taken one again). The reads go waiters, then jobs without a slot, then
 /// locks: a waiter or a lost job that takes a slot between two reads is
-/// seen twice rather than missed. Within [`RECLAIM_GRACE`] of a server
+/// seen twice rather than missed. Within [`RECLAIM_GRACE`](super::RECLAIM_GRACE) of a server
 /// start the jobs that ran before it may still be on their way back to
 /// their slots, holding nothing yet: the id counts as busy until the
 /// grace has passed, as it does for newcomers.
@@ -259,23 +259,18 @@ async fn busy(s: &super::session::Session, keys: &Keys) -> Result<Busy> {
     };
     let sql = format!(
         "{}; {}; SELECT count(DISTINCT objid)::text FROM pg_locks WHERE {}; \
-         SELECT (clock_timestamp() - pg_postmaster_start_time() \
-         < interval '{} milliseconds')::text",
+         SELECT ({})::text",
         named('w'),
         named('l'),
         keys.locks_of(&s.db()),
-        RECLAIM_GRACE.as_millis(),
+        super::in_reclaim_grace(),
     );
     let res = s.query(&sql).await?;
     let number = |i| super::session::number(&res, i);
-    let reclaiming = res
-        .get(3)
-        .and_then(|rows| rows.first())
-        .and_then(|row| row.first().cloned().flatten());
     Ok(Busy {
         running: number(1)? + number(2)?,
         waiting: number(0)?,
-        reclaiming: reclaiming.as_deref() == Some("true"),
+        reclaiming: super::session::value(&res, 3) == Some("true"),
     })
 }
 
@@ -284,7 +279,7 @@ async fn busy(s: &super::session::Session, keys: &Keys) -> Result<Busy> {
 struct Busy {
     running: u32,
     waiting: u32,
-    /// The server started less than [`RECLAIM_GRACE`] ago.
+    /// The server started less than [`RECLAIM_GRACE`](super::RECLAIM_GRACE) ago.
     reclaiming: bool,
 }
 
