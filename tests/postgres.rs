@@ -187,6 +187,62 @@ fn a_terminated_session_is_taken_back_and_the_job_runs_on() {
 }
 
 #[test]
+fn a_waiter_elsewhere_leaves_a_terminated_holders_slot_to_it() {
+    let Some((env, c)) = setup() else { return };
+    // The waiter runs on another host: a lock directory of its own.
+    let elsewhere = Env::new();
+    let id = "terminated-waited";
+    let holder = hold(&env, c, &["--id", id], "holder");
+    let ran = elsewhere.path("ran");
+    let mut waiter = Job(Some(
+        qsem(&elsewhere, c)
+            .args(["--id", id, "--", "touch"])
+            .arg(&ran)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let waiting = || {
+        let (_, json, _) = run(qsem(&env, c).args(["--status", "--id", id, "--json"]));
+        json.contains("\"waiting\":1")
+    };
+    assert!(eventually(SOON, waiting));
+    // The holder's qsem is stopped when its session is ended, so that it
+    // cannot come back for its slot at once (a machine under load, or one
+    // that stalls for a moment): the waiter polls the server eight times
+    // meanwhile, and each time finds the slot free.
+    let pid = holder.0.as_ref().unwrap().id();
+    kill(pid, libc::SIGSTOP);
+    let holders = format!(
+        "application_name LIKE 'qsem h %' AND query LIKE '%/*qsem {} %'",
+        id.bytes().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let n = c.sql(&format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {holders}"
+    ));
+    std::thread::sleep(Duration::from_millis(800));
+    let ran_meanwhile = ran.exists();
+    kill(pid, libc::SIGCONT);
+    assert_eq!(n, "1");
+    assert!(
+        !ran_meanwhile,
+        "the waiter took the terminated holder's slot"
+    );
+    // The holder takes its slot back; the waiter runs after its job.
+    assert!(eventually(SOON, || c.sql(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE {holders}"
+    )) == "1"));
+    assert!(!ran.exists());
+    let results = finish(&env, vec![holder]);
+    let (code, err) = &results[0];
+    assert_eq!(*code, 0, "{err}");
+    assert!(err.contains("took slot 1 back"), "{err}");
+    let out = waiter.0.take().unwrap().wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(ran.exists());
+}
+
+#[test]
 fn on_lost_kill_stops_the_job_when_the_slot_cannot_be_taken_back() {
     let Some((env, c)) = setup() else { return };
     c.sql("CREATE ROLE qsem_killed LOGIN SUPERUSER PASSWORD 'killed-pw'");
@@ -210,12 +266,41 @@ fn on_lost_kill_stops_the_job_when_the_slot_cannot_be_taken_back() {
         .unwrap();
     assert!(wait_for_file(&started, SOON));
     assert!(eventually(SOON, || held(&env, c, "killed") == 1));
+    // A waiter on another host, which leaves the slot to its holder for a
+    // while, and then takes it: the holder's job has been stopped by then.
+    let elsewhere = Env::new();
+    let next = elsewhere.path("next");
+    let mut waiter = Job(Some(
+        qsem(&elsewhere, c)
+            .args(["--id", "killed", "--", "sh", "-c"])
+            .arg(format!("date +%s%N > {}", next.display()))
+            .spawn()
+            .unwrap(),
+    ));
+    assert!(eventually(SOON, || {
+        let (_, json, _) = run(qsem(&env, c).args(["--status", "--id", "killed", "--json"]));
+        json.contains("\"waiting\":1")
+    }));
     // The role may no longer log in: the holder cannot come back.
     let t = Instant::now();
     c.sql("ALTER ROLE qsem_killed NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'qsem_killed'");
     let out = holder.wait_with_output().unwrap();
+    let ended = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(122), "{err}");
+    assert!(waiter.0.take().unwrap().wait().unwrap().success());
+    let next: u128 = std::fs::read_to_string(&next)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        next > ended,
+        "the waiter ran before the holder's job was stopped"
+    );
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "took {:?}",

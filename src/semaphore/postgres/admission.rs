@@ -17,11 +17,16 @@
 //! after a restart held a reclaiming holder's slot so). `LIMIT 1` keeps it
 //! to one slot.
 //! No lock is held between round trips and none is waited for.
+//!
+//! A head also remembers what its last look saw ([`Seen`]), so that it
+//! leaves a slot to a holder whose session an operator ended.
 
 use super::keys::{Keys, SLOT_MASK};
 use super::record::Record;
+use super::seen::Seen;
 use super::session::{Session, lit, value};
 use anyhow::{Context, Result};
+use std::time::Instant;
 
 /// What one admission attempt came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,23 +60,25 @@ pub enum Asker {
 /// A session not yet set up sends its set-up in the same message, and one
 /// that is to wait for a NOTIFY on `listen` and does not yet LISTEN starts
 /// to, in a transaction of its own that commits before the look, so that no
-/// release after the look goes unheard.
+/// release after the look goes unheard. A head passes what it saw at its
+/// last look (see [`Seen`]).
 pub async fn attempt(
     s: &mut Session,
     keys: &Keys,
     rec: &Record,
     asker: Asker,
     listen: bool,
+    mut seen: Option<&mut Seen>,
 ) -> Result<Attempt> {
     let fresh = s.pid == 0 && !s.wants_facts();
-    let got = once(s, keys, rec, asker, listen).await?;
+    let got = once(s, keys, rec, asker, listen, seen.as_deref_mut()).await?;
     // A head that is to wait looks again at once, in full and after its
     // LISTEN, so that no release after the look goes unheard; the look after
     // a release then also runs on caches that the full look has filled (the
     // first look does not), and the handoff does not pay for them (1.5-2 ms
     // with 30 waiters, bench/RESULTS.md).
     if fresh && listen && matches!(got, Attempt::Wait { .. }) {
-        return once(s, keys, rec, asker, listen).await;
+        return once(s, keys, rec, asker, listen, seen).await;
     }
     Ok(got)
 }
@@ -83,6 +90,7 @@ async fn once(
     rec: &Record,
     asker: Asker,
     listen: bool,
+    seen: Option<&mut Seen>,
 ) -> Result<Attempt> {
     let jobs = rec.jobs;
     let facts = s.wants_facts();
@@ -95,7 +103,7 @@ async fn once(
     } else {
         String::new()
     };
-    let look = Look::new(s, keys, rec, asker)?;
+    let look = Look::new(s, keys, rec, asker, seen.as_deref())?;
     // The record opens every message: `pg_stat_activity` shows the last
     // one, which says who runs it for `--status` (a new holder's, until its
     // first heartbeat).
@@ -119,6 +127,13 @@ async fn once(
     let took: Option<u32> = col(0).and_then(|v| v.parse().ok());
     let pid: i32 = col(2).and_then(|v| v.parse().ok()).unwrap_or(0);
     let now_ms: u64 = col(4).and_then(|v| v.parse().ok()).unwrap_or(0);
+    if let Some(seen) = seen
+        && !fresh
+    {
+        let held = col(5).unwrap_or_default();
+        let held = held.split(',').filter_map(|v| v.parse().ok()).collect();
+        seen.saw(held, col(6).and_then(|v| v.parse().ok()), Instant::now());
+    }
     let count = res[at + 1].first();
     let after: u32 = count
         .and_then(|r| r.first().cloned().flatten())
@@ -170,10 +185,21 @@ struct Look {
     base: i64,
     keys: Keys,
     db: String,
+    /// The count of sessions ended by an operator, in SQL (`NULL` before
+    /// PostgreSQL 14), and the condition that keeps slots left to their
+    /// holders from being tried (see [`Seen`]).
+    killed: String,
+    keep_off: String,
 }
 
 impl Look {
-    fn new(s: &Session, keys: &Keys, rec: &Record, asker: Asker) -> Result<Look> {
+    fn new(
+        s: &Session,
+        keys: &Keys,
+        rec: &Record,
+        asker: Asker,
+        seen: Option<&Seen>,
+    ) -> Result<Look> {
         let (from, to, grace) = match asker {
             Asker::Reclaim(slot) => (slot, slot, String::new()),
             Asker::Waiter | Asker::Once | Asker::Lost => {
@@ -194,7 +220,13 @@ impl Look {
         };
         let holder = keys.holder_name(0, rec);
         let (pre, post) = holder.split_once(" 0 ").context("holder name")?;
+        let killed = match s.major {
+            14.. => format!("pg_stat_get_db_sessions_killed({})", s.db()),
+            _ => "NULL::int8".into(),
+        };
         Ok(Look {
+            keep_off: seen.map_or(String::new(), |seen| seen.keep_off(&killed)),
+            killed,
             from,
             to,
             guard: format!(
@@ -213,8 +245,8 @@ impl Look {
 
     /// The look's answer: the slot taken (or NULL), the session's name
     /// set to match, the server process, `held` (the slots held before, or
-    /// NULL), and the server's clock in ms.
-    fn select(&self, held: &str, refuse_if: &str) -> String {
+    /// NULL), the server's clock in ms, and `seen` (what [`Seen`] learns).
+    fn select(&self, held: &str, refuse_if: &str, seen: &str) -> String {
         let Look {
             from,
             to,
@@ -229,7 +261,7 @@ impl Look {
             "SELECT x.s::text, set_config('application_name', CASE WHEN x.s IS NULL \
              THEN {refused} ELSE {pre} || ' ' || x.s || ' ' || {post} END, false), \
              pg_backend_pid()::text, {held}, \
-             (extract(epoch FROM clock_timestamp()) * 1000)::int8::text \
+             (extract(epoch FROM clock_timestamp()) * 1000)::int8::text, {seen} \
              FROM (SELECT (SELECT g FROM generate_series({from}, {to}) g \
              WHERE CASE WHEN false {guard}{refuse_if}THEN false \
              ELSE pg_try_advisory_lock({base}::int8 + g) END LIMIT 1) AS s) x"
@@ -244,7 +276,14 @@ impl Look {
         let (jobs, cond) = (self.jobs, self.keys.locks_of(&self.db));
         let select = self.select(
             "(SELECT count(*) FROM held)::text",
-            &format!("OR (SELECT count(*) FROM held) >= {jobs} OR g IN (SELECT s FROM held) "),
+            &format!(
+                "OR (SELECT count(*) FROM held) >= {jobs} OR g IN (SELECT s FROM held) {}",
+                self.keep_off
+            ),
+            &format!(
+                "(SELECT string_agg(s::text, ',') FROM held), {}::text",
+                self.killed
+            ),
         );
         format!(
             "WITH held AS (SELECT DISTINCT (objid::int8 & {SLOT_MASK})::int AS s \
@@ -270,7 +309,7 @@ impl Look {
              me AS (SELECT database FROM l WHERE pid = pg_backend_pid() LIMIT 1) \
              SELECT count(DISTINCT objid)::text, (SELECT database FROM me)::text FROM l \
              WHERE database = coalesce((SELECT database FROM me), database)",
-            self.select("NULL", "")
+            self.select("NULL", "", "NULL, NULL")
         )
     }
 }

@@ -12,8 +12,10 @@
 //!
 //! A session that ends (a restart, `pg_terminate_backend`) is opened again
 //! at once and the holder takes its own slot back, ahead of newcomers, who
-//! wait `RECLAIM_GRACE` after a server start. It must be back within
-//! `RECLAIM_GRACE - 2s` (and `F/2`), or it reports the slot lost; after that
+//! wait `RECLAIM_GRACE` after a server start, and ahead of the heads, which
+//! leave the slot of a session an operator ended to its holder (see
+//! `admission::Seen`). It must be back within `TAKE_BACK` (and `F/2`), or
+//! it reports the slot lost; after that
 //! it tries, by the ordinary rule, to take a slot again and says so. Until
 //! then it keeps a session named `qsem l …`, so that `--status` shows its
 //! job running without a slot for as long as the server can be reached.

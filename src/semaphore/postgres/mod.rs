@@ -44,7 +44,11 @@
 //!   a new one at once and takes its own slot back. After a server start,
 //!   newcomers are admitted only once [`RECLAIM_GRACE`] has passed since
 //!   `pg_postmaster_start_time()`, so that running jobs get their slots
-//!   back first; a holder that cannot within `RECLAIM_GRACE - 2s` of losing
+//!   back first. A session an operator ended (`pg_terminate_backend`) frees
+//!   its slot as a crash does, but the heads, which see the database's
+//!   count of such sessions change, leave that slot alone for the same
+//!   grace or until its holder has it again ([`seen`]). A holder that
+//!   cannot take its slot back within [`TAKE_BACK`] of losing
 //!   its session reports the slot lost (so that `--on-lost=kill` has stopped
 //!   the job before a newcomer can come in), and then tries, by the ordinary
 //!   rule, to take one again; meanwhile `--status` shows its job running
@@ -73,6 +77,7 @@ mod queue;
 mod record;
 mod recover;
 mod secrets;
+mod seen;
 mod session;
 mod status;
 mod waiting;
@@ -88,9 +93,17 @@ use std::time::Duration;
 
 pub use secrets::scrub_password;
 
+/// How long a holder whose session ended tries to take its slot back
+/// before it reports the slot lost (`recover`).
+pub const TAKE_BACK: Duration = Duration::from_secs(4);
+
 /// How long after a server start newcomers wait, so that the jobs still
-/// running reclaim their slots first.
-pub const RECLAIM_GRACE: Duration = Duration::from_secs(6);
+/// running reclaim their slots first, and how long a head leaves the slot
+/// of a holder whose session an operator ended to that holder
+/// (`seen::Seen`): [`TAKE_BACK`] and two seconds more, for a holder that
+/// has reported its slot lost to have stopped its job under
+/// `--on-lost=kill`.
+pub const RECLAIM_GRACE: Duration = Duration::from_secs(TAKE_BACK.as_secs() + 2);
 
 /// The SQL condition "the server started less than [`RECLAIM_GRACE`]
 /// ago": newcomers are not admitted then, and no id is idle.

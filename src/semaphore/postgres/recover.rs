@@ -4,7 +4,7 @@
 //! again by the ordinary rule. The holder's task (`holder.rs`) calls these
 //! from its loop; each returns the holder's next [`State`].
 
-use super::RECLAIM_GRACE;
+use super::TAKE_BACK;
 use super::admission::{Asker, Attempt, Beat, attempt, heartbeat};
 use super::holder::{Holding, State};
 use super::session::Session;
@@ -20,7 +20,7 @@ impl Holding {
     /// heartbeat sent at `confirmed`.
     pub(super) fn reclaiming(&self, why: String, confirmed: Instant) -> State {
         let fenced = confirmed + self.bound() / 2;
-        let grace = Instant::now() + RECLAIM_GRACE.saturating_sub(Duration::from_secs(2));
+        let grace = Instant::now() + TAKE_BACK;
         State::Reclaiming {
             why,
             until: fenced.min(grace),
@@ -53,7 +53,15 @@ impl Holding {
         }
         let back = async {
             let mut s = self.c.connect().await?;
-            let got = attempt(&mut s, &self.keys, &self.rec, Asker::Reclaim(slot), false).await?;
+            let got = attempt(
+                &mut s,
+                &self.keys,
+                &self.rec,
+                Asker::Reclaim(slot),
+                false,
+                None,
+            )
+            .await?;
             anyhow::Ok((s, got))
         };
         match tokio::time::timeout(left, back).await {
@@ -90,7 +98,7 @@ impl Holding {
             },
         };
         let once = async {
-            match attempt(&mut s, &self.keys, &self.rec, Asker::Lost, false).await? {
+            match attempt(&mut s, &self.keys, &self.rec, Asker::Lost, false, None).await? {
                 Attempt::Took(k, _) => match heartbeat(&s, &self.keys, k, &self.rec).await? {
                     Beat::Held => Ok(Some(k)),
                     _ => bail!("slot {k} taken but not kept"),

@@ -57,6 +57,8 @@ pub struct Session {
     pub database: u32,
     /// Whether the session LISTENs on the channel of the id it waits for.
     pub listening: bool,
+    /// The server's major version, as it reported at connection (0 if not).
+    pub major: u32,
 }
 
 /// The rows of each statement of a simple query, as text.
@@ -122,6 +124,23 @@ where
     Ok(true)
 }
 
+/// The server's major version from its `server_version` ("15.4 (Debian
+/// 15.4-1)" is 15), or 0 if it did not report one.
+fn major<S, T>(conn: &tokio_postgres::Connection<S, T>) -> u32
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    conn.parameter("server_version").map_or(0, major_of)
+}
+
+fn major_of(version: &str) -> u32 {
+    let digits = version
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(version.len());
+    version[..digits].parse().unwrap_or(0)
+}
+
 impl Session {
     /// A session connected but not yet set up: its first query must begin
     /// with [`Session::take_setup`]'s statements and hand their answer to
@@ -134,15 +153,15 @@ impl Session {
         ka: &Keepalive,
     ) -> Result<Session> {
         let failed = || format!("cannot connect to PostgreSQL at {target}");
-        let (client, news, reported) = match tls {
+        let (client, news, (reported, major)) = match tls {
             Some(tls) => {
                 let (client, conn) = pg.connect(tls.clone()).await.with_context(failed)?;
-                let known = reported(&conn, target)?;
+                let known = (reported(&conn, target)?, major(&conn));
                 (client, drive(conn), known)
             }
             None => {
                 let (client, conn) = pg.connect(NoTls).await.with_context(failed)?;
-                let known = reported(&conn, target)?;
+                let known = (reported(&conn, target)?, major(&conn));
                 (client, drive(conn), known)
             }
         };
@@ -155,6 +174,7 @@ impl Session {
             pid: 0,
             database: 0,
             listening: false,
+            major,
         })
     }
 
@@ -371,5 +391,13 @@ mod tests {
     fn literals() {
         assert_eq!(lit("it's"), "'it''s'");
         assert_eq!(cut("héllo", 2), "h");
+    }
+
+    #[test]
+    fn major_versions() {
+        assert_eq!(major_of("15.4 (Debian 15.4-1.pgdg120+1)"), 15);
+        assert_eq!(major_of("9.6.24"), 9);
+        assert_eq!(major_of("17devel"), 17);
+        assert_eq!(major_of(""), 0);
     }
 }

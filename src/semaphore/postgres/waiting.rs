@@ -16,6 +16,7 @@ use super::keys::Keys;
 use super::pooler::{self, no_session_locks};
 use super::queue;
 use super::record::Record;
+use super::seen::Seen;
 use super::session::{News, Refused, Session, broken};
 use super::{Postgres, runtime};
 use crate::id::Id;
@@ -159,13 +160,19 @@ async fn on_server(head: HeadWait) -> Result<Ended> {
     let mut s = Some(s);
     let mut since = None;
     let mut until = first;
+    // What the last look saw, across reconnections too (see `Seen`).
+    let mut seen = Seen::default();
     loop {
         let Some(sess) = s.as_mut() else {
             s = Some(settle!(reconnect(c, verbose, id, deadline)));
             continue;
         };
         // Listens before looking (see `attempt`).
-        let outcome = settle!(race(attempt(sess, keys, rec, asker, may_wait), until, None));
+        let outcome = settle!(race(
+            attempt(sess, keys, rec, asker, may_wait, Some(&mut seen)),
+            until,
+            None
+        ));
         until = deadline;
         match outcome {
             Ok(Attempt::Took(slot, now)) => {
