@@ -251,3 +251,35 @@ fn wait_all_waits_for_a_job_running_without_its_slot() {
         run(qsem(&env, c).args(["--id", id, "--wait-all", "--wait", "20s", "-E", "9"]));
     assert_eq!(code, 0, "{err}");
 }
+
+#[test]
+fn wait_all_waits_for_a_holder_whose_session_an_operator_ended() {
+    let Some((env, c)) = setup() else { return };
+    let id = "pgterminated";
+    let holder = hold(&env, c, &["--id", id], "holder");
+    let mut barrier = qsem(&env, c)
+        .args(["--id", id, "--wait-all", "--wait", "60s", "-E", "9"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(eventually(SOON, || barrier_sleeps(c, id)));
+    // The holder's qsem is stopped when its session is ended: for a while
+    // its job runs with neither a lock nor a session on the server.
+    let pid = holder.0.as_ref().unwrap().id();
+    kill(pid, libc::SIGSTOP);
+    let holders = format!("application_name LIKE 'qsem h {} %'", key_hex(id));
+    let n = c.sql(&format!(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE {holders}"
+    ));
+    std::thread::sleep(Duration::from_millis(800));
+    let returned = barrier.try_wait().unwrap();
+    kill(pid, libc::SIGCONT);
+    assert_eq!(n, "1");
+    assert_eq!(returned, None, "--wait-all returned while the job ran");
+    assert!(eventually(SOON, || held(&env, c, id) == 1));
+    assert_eq!(barrier.try_wait().unwrap(), None);
+    let results = finish(&env, vec![holder]);
+    assert_eq!(results[0].0, 0, "{}", results[0].1);
+    let out = barrier.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}

@@ -23,7 +23,7 @@
 
 use super::keys::{Keys, SLOT_MASK};
 use super::record::Record;
-use super::seen::Seen;
+use super::seen::{Seen, killed_sql};
 use super::session::{Session, lit, value};
 use anyhow::{Context, Result};
 use std::time::Instant;
@@ -220,10 +220,7 @@ impl Look {
         };
         let holder = keys.holder_name(0, rec);
         let (pre, post) = holder.split_once(" 0 ").context("holder name")?;
-        let killed = match s.major {
-            14.. => format!("pg_stat_get_db_sessions_killed({})", s.db()),
-            _ => "NULL::int8".into(),
-        };
+        let killed = killed_sql(s);
         Ok(Look {
             keep_off: seen.map_or(String::new(), |seen| seen.keep_off(&killed)),
             killed,

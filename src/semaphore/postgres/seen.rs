@@ -2,7 +2,17 @@
 //! whose session an operator ended (see [`Seen`]).
 
 use super::RECLAIM_GRACE;
+use super::session::Session;
 use std::time::Instant;
+
+/// The database's count of sessions ended by an operator, in SQL, for
+/// [`Seen::saw`]: `NULL` on a server before PostgreSQL 14, which keeps none.
+pub fn killed_sql(s: &Session) -> String {
+    match s.major {
+        14.. => format!("pg_stat_get_db_sessions_killed({})", s.db()),
+        _ => "NULL::int8".into(),
+    }
+}
 
 /// What a head saw at its last full look, so that it leaves a slot to a
 /// holder whose session an operator ended (`pg_terminate_backend`): the
@@ -49,7 +59,14 @@ impl Seen {
         cond
     }
 
-    /// Learns from a full look's answer, given at `now`.
+    /// Whether a slot is being left to its holder: `--wait-all` does not
+    /// call the id idle meanwhile.
+    pub(super) fn leaves_any(&self, now: Instant) -> bool {
+        self.left.iter().any(|&(_, until)| until > now)
+    }
+
+    /// Learns from a full look's answer, given at `now`: the slots held
+    /// then and the count of sessions ended by an operator.
     pub(super) fn saw(&mut self, held: Vec<u32>, killed: Option<i64>, now: Instant) {
         if let (Some(before), Some(after)) = (self.killed, killed)
             && before != after

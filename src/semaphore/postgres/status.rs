@@ -15,9 +15,10 @@
 //! are not on the server: neither counted nor listed.
 
 use super::connect::Connector;
-use super::keys::{Keys, slot_of};
+use super::keys::{Keys, SLOT_MASK, slot_of};
 use super::queue::local_id;
 use super::record::Record;
+use super::seen::{Seen, killed_sql};
 use super::session::lit;
 use super::waiting::{Woke, sleep};
 use super::{Postgres, runtime};
@@ -248,8 +249,9 @@ fn unknown(k: u64) -> Id {
 /// seen twice rather than missed. Within [`RECLAIM_GRACE`](super::RECLAIM_GRACE) of a server
 /// start the jobs that ran before it may still be on their way back to
 /// their slots, holding nothing yet: the id counts as busy until the
-/// grace has passed, as it does for newcomers.
-async fn busy(s: &super::session::Session, keys: &Keys) -> Result<Busy> {
+/// grace has passed, as it does for newcomers. So it does while a slot
+/// whose session an operator ended is left to its holder (see [`Seen`]).
+async fn busy(s: &super::session::Session, keys: &Keys, seen: &mut Seen) -> Result<Busy> {
     let named = |kind| {
         format!(
             "SELECT count(*)::text FROM pg_stat_activity WHERE application_name LIKE {} \
@@ -258,19 +260,27 @@ async fn busy(s: &super::session::Session, keys: &Keys) -> Result<Busy> {
         )
     };
     let sql = format!(
-        "{}; {}; SELECT count(DISTINCT objid)::text FROM pg_locks WHERE {}; \
-         SELECT ({})::text",
+        "{}; {}; SELECT count(DISTINCT objid)::text, \
+         string_agg(DISTINCT (objid::int8 & {SLOT_MASK})::text, ','), {}::text \
+         FROM pg_locks WHERE {}; SELECT ({})::text",
         named('w'),
         named('l'),
+        killed_sql(s),
         keys.locks_of(&s.db()),
         super::in_reclaim_grace(),
     );
     let res = s.query(&sql).await?;
     let number = |i| super::session::number(&res, i);
+    let locks = res.get(2).and_then(|rows| rows.first());
+    let col = |i: usize| locks.and_then(|r| r.get(i).cloned().flatten());
+    let held = col(1).unwrap_or_default();
+    let held = held.split(',').filter_map(|v| v.parse().ok()).collect();
+    let now = Instant::now();
+    seen.saw(held, col(2).and_then(|v| v.parse().ok()), now);
     Ok(Busy {
         running: number(1)? + number(2)?,
         waiting: number(0)?,
-        reclaiming: super::session::value(&res, 3) == Some("true"),
+        reclaiming: super::session::value(&res, 3) == Some("true") || seen.leaves_any(now),
     })
 }
 
@@ -279,7 +289,8 @@ async fn busy(s: &super::session::Session, keys: &Keys) -> Result<Busy> {
 struct Busy {
     running: u32,
     waiting: u32,
-    /// The server started less than [`RECLAIM_GRACE`](super::RECLAIM_GRACE) ago.
+    /// The server started less than [`RECLAIM_GRACE`](super::RECLAIM_GRACE)
+    /// ago, or a slot is left to a holder whose session an operator ended.
     reclaiming: bool,
 }
 
@@ -297,8 +308,9 @@ pub fn wait_idle(
         // the sleep goes unheard.
         s.query(&format!("LISTEN {}", keys.channel())).await?;
         let mut told = None;
+        let mut seen = Seen::default();
         loop {
-            let now = busy(&s, &keys).await?;
+            let now = busy(&s, &keys, &mut seen).await?;
             if now.running == 0 && now.waiting == 0 && !now.reclaiming {
                 return Ok(Idle::Reached);
             }
@@ -306,7 +318,8 @@ pub fn wait_idle(
                 told = Some(now);
                 let (held, waiting) = (now.running, now.waiting);
                 let grace = if now.reclaiming {
-                    " (the server has just started: jobs may still be reclaiming their slots)"
+                    " (the server has just started, or an operator ended a session: \
+                     jobs may still be taking their slots back)"
                 } else {
                     ""
                 };
