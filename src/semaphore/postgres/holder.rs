@@ -177,16 +177,7 @@ impl Holding {
         // When the job's first heartbeat is due, once it has started.
         let mut first: Option<Instant> = None;
         loop {
-            let pace = match state {
-                State::Held(..) => first.map_or(every, |t| {
-                    t.saturating_duration_since(Instant::now()).min(every)
-                }),
-                State::Lost(Some(_)) => every,
-                // Soon, so that `--status` shows the job without a slot.
-                State::Lost(None) => every.min(LOST_RETRY),
-                State::Reclaiming { .. } => Duration::ZERO,
-                State::Refused => Duration::MAX,
-            };
+            let pace = pace(&state, first, every);
             let news = async {
                 match &mut state {
                     State::Held(s, _) => s.news.recv().await,
@@ -199,26 +190,12 @@ impl Holding {
                         self.rec.pid = pid;
                         first = Some(Instant::now() + FIRST_BEAT);
                     }
-                    Some(Command::Release) | None => {
-                        if let State::Held(s, _) = state {
-                            let sql = format!(
-                                "SELECT pg_advisory_unlock({}); NOTIFY {}",
-                                self.keys.lock(slot),
-                                self.keys.channel()
-                            );
-                            let _ = tokio::time::timeout(RELEASE_TIMEOUT, s.query(&sql)).await;
-                        }
-                        return;
-                    }
+                    Some(Command::Release) | None => return self.release(state, slot).await,
                 },
                 news = news => {
                     if let State::Held(_, confirmed) = state
-                        && !matches!(news, Some(News::Notified))
+                        && let Some(why) = ended(news)
                     {
-                        let why = match news {
-                            Some(News::Closed(why)) => format!("the server ended the session ({why})"),
-                            _ => "the session ended".into(),
-                        };
                         state = self.reclaiming(why, confirmed);
                     }
                 },
@@ -227,23 +204,23 @@ impl Holding {
                     state = match state {
                         State::Held(..) => self.beat(state, slot).await,
                         State::Reclaiming { why, until } => self.reclaim(slot, why, until).await,
-                        State::Lost(kept) => match self.retake(kept).await {
-                            Ok((s, k)) => {
-                                let note = if k == slot {
-                                    String::new()
-                                } else {
-                                    format!(" (the command's QSEM_SLOT still says {slot})")
-                                };
-                                self.tell(SlotEvent::Regained(format!("took slot {k} again{note}")));
-                                slot = k;
-                                State::Held(Box::new(s), Instant::now())
-                            }
-                            Err(kept) => State::Lost(kept),
-                        },
+                        State::Lost(kept) => self.again(kept, &mut slot).await,
                         State::Refused => State::Refused,
                     };
                 },
             }
+        }
+    }
+
+    /// Gives the slot back, if it is still held, and wakes the waiters.
+    async fn release(&self, state: State, slot: u32) {
+        if let State::Held(s, _) = state {
+            let sql = format!(
+                "SELECT pg_advisory_unlock({}); NOTIFY {}",
+                self.keys.lock(slot),
+                self.keys.channel()
+            );
+            let _ = tokio::time::timeout(RELEASE_TIMEOUT, s.query(&sql)).await;
         }
     }
 
@@ -278,6 +255,31 @@ impl Holding {
                 ),
             ),
         }
+    }
+}
+
+/// How long the holder's task sleeps before its next step in `state`:
+/// the heartbeat's period (the job's first one `first`, once it has
+/// started), at once when taking the slot back, never when refused.
+fn pace(state: &State, first: Option<Instant>, every: Duration) -> Duration {
+    match state {
+        State::Held(..) => first.map_or(every, |t| {
+            t.saturating_duration_since(Instant::now()).min(every)
+        }),
+        State::Lost(Some(_)) => every,
+        // Soon, so that `--status` shows the job without a slot.
+        State::Lost(None) => every.min(LOST_RETRY),
+        State::Reclaiming { .. } => Duration::ZERO,
+        State::Refused => Duration::MAX,
+    }
+}
+
+/// Why a held session ended, if the news says it did (a NOTIFY does not).
+fn ended(news: Option<News>) -> Option<String> {
+    match news {
+        Some(News::Notified) => None,
+        Some(News::Closed(why)) => Some(format!("the server ended the session ({why})")),
+        None => Some("the session ended".into()),
     }
 }
 

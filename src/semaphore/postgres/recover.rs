@@ -1,6 +1,6 @@
 //! A holder's way back after its session ended (a restart,
-//! `pg_terminate_backend`, a cut): taking its own slot back within the
-//! reclaim grace, reporting it lost when it cannot, and then taking one
+//! `pg_terminate_backend`, a cut): taking its own slot back within
+//! [`TAKE_BACK`], reporting it lost when it cannot, and then taking one
 //! again by the ordinary rule. The holder's task (`holder.rs`) calls these
 //! from its loop; each returns the holder's next [`State`].
 
@@ -80,6 +80,24 @@ impl Holding {
                 State::Reclaiming { why, until }
             }
             Err(_) => State::Reclaiming { why, until },
+        }
+    }
+
+    /// The state after one try to take a slot again by the ordinary rule
+    /// (see [`Holding::retake`]); `slot` becomes the one taken.
+    pub(super) async fn again(&self, kept: Option<Box<Session>>, slot: &mut u32) -> State {
+        match self.retake(kept).await {
+            Ok((s, k)) => {
+                let note = if k == *slot {
+                    String::new()
+                } else {
+                    format!(" (the command's QSEM_SLOT still says {slot})")
+                };
+                self.tell(SlotEvent::Regained(format!("took slot {k} again{note}")));
+                *slot = k;
+                State::Held(Box::new(s), Instant::now())
+            }
+            Err(kept) => State::Lost(kept),
         }
     }
 
