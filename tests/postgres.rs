@@ -633,3 +633,82 @@ fn a_full_backlog_gives_up_at_once() {
     finish(&env, vec![holder]);
     assert!(waiter.wait().unwrap().success());
 }
+
+#[test]
+fn the_heads_of_many_hosts_take_turns() {
+    let Some((env, c)) = setup() else { return };
+    // A database of its own, whose statements (a look is one) the server
+    // logs: this test's alone.
+    c.sql("DROP DATABASE IF EXISTS qsem_turns");
+    c.sql("CREATE DATABASE qsem_turns");
+    c.sql("ALTER DATABASE qsem_turns SET log_statement = 'all'");
+    let log = c.dir.join("log");
+    let statements_since = |at: u64| {
+        use std::io::{Read, Seek};
+        let mut f = std::fs::File::open(&log).unwrap();
+        f.seek(std::io::SeekFrom::Start(at)).unwrap();
+        let mut text = String::new();
+        f.read_to_string(&mut text).unwrap();
+        text.matches("LOG:  statement: ").count()
+    };
+    let url = format!(
+        "postgres://postgres:{PASSWORD}@127.0.0.1:{}/qsem_turns",
+        c.port
+    );
+    let on = |env: &Env| {
+        let mut cmd = env.qsem();
+        cmd.args(["--backend", &url, "--id", "turns"]);
+        cmd
+    };
+    let holder = common::postgres::started(
+        &env,
+        on(&env)
+            .args([
+                "--",
+                "sh",
+                "-c",
+                &common::postgres::hold_script(&env, "turns"),
+            ])
+            .spawn()
+            .unwrap(),
+        "turns",
+    );
+    // Twenty waiters, each on a host of its own: twenty heads on the server.
+    let order = env.path("order");
+    let hosts: Vec<Env> = (0..20).map(|_| Env::new()).collect();
+    let waiters: Vec<Job> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let job = format!("echo {i} >> {}", order.display());
+            let child = on(host).args(["--", "sh", "-c", &job]).spawn().unwrap();
+            // Arrival order on the server is the order of the turns.
+            std::thread::sleep(Duration::from_millis(100));
+            Job(Some(child))
+        })
+        .collect();
+    assert!(eventually(SOON, || {
+        let (_, json, _) = run(on(&env).args(["--status", "--json"]));
+        json.contains("\"waiting\":20")
+    }));
+    // Three seconds idle, then twenty handoffs.
+    let before = std::fs::metadata(&log).unwrap().len();
+    std::thread::sleep(Duration::from_secs(3));
+    let results = finish(&env, vec![holder]);
+    assert_eq!(results[0].0, 0, "{}", results[0].1);
+    for mut w in waiters {
+        assert!(w.0.take().unwrap().wait().unwrap().success());
+    }
+    let ran: Vec<String> = std::fs::read_to_string(&order)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(ran.len(), 20);
+    let looks = statements_since(before);
+    // Each head looking every 100 ms, and every release waking every head,
+    // made about 1,000 messages here; taking turns, about 150: the fleet's
+    // poll every 100 ms, and for each handoff the release, the look of the
+    // head whose turn it is, and the new holder's first steps.
+    assert!(looks < 400, "{looks} messages");
+}

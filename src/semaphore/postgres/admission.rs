@@ -25,6 +25,7 @@ use super::keys::{Keys, SLOT_MASK};
 use super::record::Record;
 use super::seen::{Seen, killed_sql};
 use super::session::{Session, lit, value};
+use super::turns::Turns;
 use anyhow::{Context, Result};
 use std::time::Instant;
 
@@ -133,6 +134,8 @@ async fn once(
         let held = col(5).unwrap_or_default();
         let held = held.split(',').filter_map(|v| v.parse().ok()).collect();
         seen.saw(held, col(6).and_then(|v| v.parse().ok()), Instant::now());
+        let number = |i| col(i).and_then(|v| v.parse().ok());
+        seen.turns.looked(number(7), number(8));
     }
     let count = res[at + 1].first();
     let after: u32 = count
@@ -190,6 +193,9 @@ struct Look {
     /// holders from being tried (see [`Seen`]).
     killed: String,
     keep_off: String,
+    /// The heads and the older heads of this N, for [`Turns`] (`NULL`s
+    /// for a look without [`Seen`]).
+    turns: String,
 }
 
 impl Look {
@@ -223,6 +229,10 @@ impl Look {
         let killed = killed_sql(s);
         Ok(Look {
             keep_off: seen.map_or(String::new(), |seen| seen.keep_off(&killed)),
+            turns: match seen {
+                Some(_) => Turns::sql(keys, rec.jobs, &s.db()),
+                None => "NULL, NULL".into(),
+            },
             killed,
             from,
             to,
@@ -278,8 +288,8 @@ impl Look {
                 self.keep_off
             ),
             &format!(
-                "(SELECT string_agg(s::text, ',') FROM held), {}::text",
-                self.killed
+                "(SELECT string_agg(s::text, ',') FROM held), {}::text, {}",
+                self.killed, self.turns
             ),
         );
         format!(
@@ -306,7 +316,7 @@ impl Look {
              me AS (SELECT database FROM l WHERE pid = pg_backend_pid() LIMIT 1) \
              SELECT count(DISTINCT objid)::text, (SELECT database FROM me)::text FROM l \
              WHERE database = coalesce((SELECT database FROM me), database)",
-            self.select("NULL", "", "NULL, NULL")
+            self.select("NULL", "", "NULL, NULL, NULL, NULL")
         )
     }
 }

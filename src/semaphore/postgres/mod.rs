@@ -80,6 +80,7 @@ mod secrets;
 mod seen;
 mod session;
 mod status;
+mod turns;
 mod waiting;
 
 use super::{Acquired, IdStatus, Idle, Request, Semaphore};

@@ -3,6 +3,7 @@
 
 use super::RECLAIM_GRACE;
 use super::session::Session;
+use super::turns::Turns;
 use std::time::Instant;
 
 /// The database's count of sessions ended by an operator, in SQL, for
@@ -14,7 +15,8 @@ pub fn killed_sql(s: &Session) -> String {
     }
 }
 
-/// What a head saw at its last full look, so that it leaves a slot to a
+/// What a head saw at its last full look: the other heads, whose turns it
+/// keeps ([`Turns`]), and what it needs so that it leaves a slot to a
 /// holder whose session an operator ended (`pg_terminate_backend`): the
 /// server frees that slot at once, as it frees a crashed holder's, while
 /// the holder, alive, connects again to take it back (`recover`). On the
@@ -35,6 +37,8 @@ pub struct Seen {
     held: Vec<u32>,
     /// The slots left to their holders, each until when.
     left: Vec<(u32, Instant)>,
+    /// The heads of the id, and this one's place among them.
+    pub turns: Turns,
 }
 
 impl Seen {

@@ -328,7 +328,7 @@ pub fn wait_idle(
                     &format!("waiting for {held} held slot(s) and {waiting} waiter(s){grace}"),
                 );
             }
-            match sleep(&mut s, deadline, Some(&mut *signals)).await? {
+            match sleep(&mut s, deadline, Some(&mut *signals), None).await? {
                 Woke::Look => {}
                 Woke::Broken(why) => {
                     anyhow::bail!("lost the connection to PostgreSQL at {}: {why}", c.target)

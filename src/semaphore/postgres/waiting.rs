@@ -3,8 +3,9 @@
 //! started (or it gives up), and the next in line becomes head.
 //!
 //! The head on the server: LISTEN on the id's channel and try, in one round
-//! trip (see `admission`), sleep until a NOTIFY, a short poll ([`POLL`]: a holder
-//! that crashed sends no NOTIFY), the deadline or a stop signal; every query
+//! trip (see `admission`), sleep until its turn to answer a NOTIFY or its
+//! share of the fleet's poll (see `turns`: a holder that crashed sends no
+//! NOTIFY), the deadline or a stop signal; every query
 //! races the deadline and the signals too, so a server that stops answering
 //! cannot hold a waiter past its `--wait`. A connection that breaks while
 //! waiting is opened again, for as long as the deadline lasts.
@@ -18,6 +19,7 @@ use super::queue;
 use super::record::Record;
 use super::seen::Seen;
 use super::session::{News, Refused, Session, broken};
+use super::turns::{POLL, Turns};
 use super::{Postgres, runtime};
 use crate::id::Id;
 use crate::report;
@@ -30,9 +32,6 @@ use std::time::{Duration, Instant};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-/// How often the head looks again unasked: a holder that crashed sends no
-/// NOTIFY, and this bounds how late its slot is seen free.
-pub const POLL: Duration = Duration::from_millis(100);
 /// How long the first look may take even past an earlier deadline: `--wait
 /// 0` means one look, which must have time to connect. Nothing another
 /// client does can slow a look (no lock is waited for), only the server.
@@ -207,7 +206,7 @@ async fn on_server(head: HeadWait) -> Result<Ended> {
                 return Err(e.context(format!("cannot take a slot on PostgreSQL at {}", c.target)));
             }
         }
-        match sleep(sess, deadline, None).await? {
+        match sleep(sess, deadline, None, Some(&mut seen.turns)).await? {
             Woke::Look => {}
             Woke::Broken(why) => {
                 say(&format!(
@@ -320,23 +319,36 @@ pub enum Woke {
 }
 
 /// The one way a waiter sleeps on the server: until a NOTIFY on the
-/// channels its session listens to, the poll, the deadline, or a stop signal.
+/// channels its session listens to, the poll, the deadline, or a stop
+/// signal. A head passes its [`Turns`]: it looks on a NOTIFY only when its
+/// turn has come, and polls at the fleet's shared pace.
 pub async fn sleep(
     s: &mut Session,
     deadline: Option<Instant>,
     signals: Option<&mut Signals>,
+    mut turns: Option<&mut Turns>,
 ) -> Result<Woke> {
+    let poll = turns.as_deref_mut().map_or(POLL, Turns::poll);
     let news = async {
-        tokio::select! {
-            news = s.news.recv() => match news {
-                Some(News::Notified) => {
-                    while let Ok(News::Notified) = s.news.try_recv() {}
-                    Woke::Look
-                }
-                Some(News::Closed(why)) => Woke::Broken(why),
-                None => Woke::Broken("the connection ended".into()),
-            },
-            _ = tokio::time::sleep(POLL) => Woke::Look,
+        let poll = tokio::time::sleep(poll);
+        tokio::pin!(poll);
+        loop {
+            tokio::select! {
+                news = s.news.recv() => match news {
+                    Some(News::Notified) => {
+                        let mut heard = 1;
+                        while let Ok(News::Notified) = s.news.try_recv() {
+                            heard += 1;
+                        }
+                        if turns.as_deref_mut().is_none_or(|t| t.heard(heard)) {
+                            return Woke::Look;
+                        }
+                    }
+                    Some(News::Closed(why)) => return Woke::Broken(why),
+                    None => return Woke::Broken("the connection ended".into()),
+                },
+                _ = &mut poll => return Woke::Look,
+            }
         }
     };
     Ok(match race(news, deadline, signals).await? {

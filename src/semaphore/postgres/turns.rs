@@ -1,0 +1,152 @@
+//! The heads of one id on many hosts take turns, so that what the server
+//! spends on them does not grow with the fleet (bench/RESULTS.md: 100
+//! heads each looking every 100 ms cost it 1.2 cores, and every release
+//! woke all of them to look at once).
+//!
+//! - **The poll** that finds a crashed holder's slot (a crash sends no
+//!   NOTIFY) is shared: a head looks again unasked every [`POLL`] times
+//!   the number of heads (at most [`MAX_POLL`], each period drawn a
+//!   quarter either way), so the fleet looks about every `POLL` whatever
+//!   its size.
+//! - **A release's NOTIFY** is answered by the oldest head of each limit
+//!   N (the order of their sessions' start: their arrival on the server):
+//!   a head looks once it has heard more NOTIFYs since its last look than
+//!   there are older heads of its N, so a second release wakes the
+//!   second, and so on. A head whose turn it was and that could not take
+//!   the slot (stopped, gone, or hostile) holds nobody up for longer than
+//!   the shared poll.
+//!
+//! Heads are counted by their sessions' `application_name` (`qsem w <key>
+//! <jobs> …`), which any role could imitate: that paces the looks but never
+//! admits anyone (see `admission`), so an imitation can slow a handoff to
+//! the poll's pace, no more. Sessions of other roles whose start the
+//! server does not show (without `pg_read_all_stats`) count as heads but
+//! never as older ones.
+
+use super::keys::Keys;
+use super::session::lit;
+use std::time::{Duration, SystemTime};
+
+/// How often the fleet's heads of an id look again unasked, together.
+pub const POLL: Duration = Duration::from_millis(100);
+/// The longest a head waits between its own looks.
+const MAX_POLL: Duration = Duration::from_secs(2);
+
+/// The heads of the id, and this head's place among them, as of its last
+/// look, and the NOTIFYs heard since.
+#[derive(Debug, Clone)]
+pub struct Turns {
+    /// Heads of the id on every host, this one included.
+    heads: u32,
+    /// Heads of the same N whose sessions started before this one's.
+    older: u32,
+    heard: u32,
+    /// The state of the period's jitter.
+    seed: u64,
+}
+
+impl Default for Turns {
+    fn default() -> Turns {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        Turns {
+            heads: 1,
+            older: 0,
+            heard: 0,
+            seed: u64::from(std::process::id()) << 32 | u64::from(nanos) | 1,
+        }
+    }
+}
+
+impl Turns {
+    /// The SQL of a look's two columns that [`Turns::looked`] reads: the
+    /// heads of the id and the older heads of this N, this session's
+    /// server process excluded (it may not be named a head yet).
+    pub fn sql(keys: &Keys, jobs: u32, db: &str) -> String {
+        let heads = lit(&format!("qsem w {} %", keys.hex()));
+        let mine = lit(&format!("qsem w {} {jobs} %", keys.hex()));
+        format!(
+            "(SELECT (count(*) + 1)::text FROM pg_stat_get_activity(NULL) a \
+             WHERE a.datid = {db} AND a.application_name LIKE {heads} \
+             AND a.pid <> pg_backend_pid()), \
+             (SELECT count(*)::text FROM pg_stat_get_activity(NULL) a \
+             WHERE a.datid = {db} AND a.application_name LIKE {mine} \
+             AND a.pid <> pg_backend_pid() AND a.backend_start < \
+             (SELECT backend_start FROM pg_stat_get_activity(pg_backend_pid())))"
+        )
+    }
+
+    /// Learns the heads and this head's place from a look's answer.
+    pub fn looked(&mut self, heads: Option<u32>, older: Option<u32>) {
+        self.heads = heads.unwrap_or(1).max(1);
+        self.older = older.unwrap_or(0);
+        self.heard = 0;
+    }
+
+    /// Whether `n` more NOTIFYs make it this head's turn to look.
+    pub fn heard(&mut self, n: u32) -> bool {
+        self.heard = self.heard.saturating_add(n);
+        self.heard > self.older
+    }
+
+    /// How long to wait before looking again unasked.
+    pub fn poll(&mut self) -> Duration {
+        let base = (POLL * self.heads).min(MAX_POLL);
+        // xorshift64: a quarter either way, so that heads that looked
+        // together drift apart.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let quarter = base.as_micros() as u64 / 4;
+        let micros = base.as_micros() as u64 - quarter + self.seed % (2 * quarter + 1);
+        Duration::from_micros(micros).max(POLL * 3 / 4)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_head_polls_every_poll_and_answers_every_notify() {
+        let mut t = Turns::default();
+        t.looked(Some(1), Some(0));
+        for _ in 0..100 {
+            let p = t.poll();
+            assert!(p >= POLL * 3 / 4 && p <= POLL * 5 / 4, "{p:?}");
+        }
+        assert!(t.heard(1));
+    }
+
+    #[test]
+    fn many_heads_share_the_poll() {
+        let mut t = Turns::default();
+        t.looked(Some(10), Some(3));
+        let mean = (0..1000).map(|_| t.poll()).sum::<Duration>() / 1000;
+        assert!(mean > POLL * 9 && mean < POLL * 11, "{mean:?}");
+        t.looked(Some(1000), Some(3));
+        assert!((0..100).all(|_| t.poll() <= MAX_POLL * 5 / 4));
+    }
+
+    #[test]
+    fn the_older_heads_answer_first() {
+        let mut t = Turns::default();
+        t.looked(Some(3), Some(2));
+        assert!(!t.heard(1));
+        assert!(!t.heard(1));
+        assert!(t.heard(1));
+        // A look starts the count again.
+        t.looked(Some(2), Some(1));
+        assert!(!t.heard(1));
+        assert!(t.heard(2));
+    }
+
+    #[test]
+    fn an_answer_without_the_counts_is_a_lone_head() {
+        let mut t = Turns::default();
+        t.looked(None, None);
+        assert!(t.heard(1));
+        assert!(t.poll() <= POLL * 5 / 4);
+    }
+}
