@@ -179,8 +179,11 @@ fn a_terminated_session_is_taken_back_and_the_job_runs_on() {
     let (code, err) = &results[0];
     // Not killed, although --on-lost=kill: the slot was never lost.
     assert_eq!(*code, 0, "{err}");
+    // The holder hears of the end from the server, or from its heartbeat
+    // if one was on its way then (the first goes 50 ms after the start).
     assert!(
-        err.contains("terminating connection") && err.contains("took slot 1 back"),
+        (err.contains("terminating connection") || err.contains("connection closed"))
+            && err.contains("took slot 1 back"),
         "{err}"
     );
     assert!(!err.contains("lost slot"), "{err}");

@@ -25,7 +25,6 @@ use super::keys::{Keys, SLOT_MASK};
 use super::record::Record;
 use super::seen::{Seen, killed_sql};
 use super::session::{Session, lit, value};
-use super::turns::Turns;
 use anyhow::{Context, Result};
 use std::time::Instant;
 
@@ -134,8 +133,7 @@ async fn once(
         let held = col(5).unwrap_or_default();
         let held = held.split(',').filter_map(|v| v.parse().ok()).collect();
         seen.saw(held, col(6).and_then(|v| v.parse().ok()), Instant::now());
-        let number = |i| col(i).and_then(|v| v.parse().ok());
-        seen.turns.looked(number(7), number(8));
+        seen.turns.looked(col(7).as_deref());
     }
     let count = res[at + 1].first();
     let after: u32 = count
@@ -193,8 +191,8 @@ struct Look {
     /// holders from being tried (see [`Seen`]).
     killed: String,
     keep_off: String,
-    /// The heads and the older heads of this N, for [`Turns`] (`NULL`s
-    /// for a look without [`Seen`]).
+    /// The heads and the older heads of this N, for
+    /// [`Turns`](super::turns::Turns) (`NULL` if not counted).
     turns: String,
 }
 
@@ -230,8 +228,8 @@ impl Look {
         Ok(Look {
             keep_off: seen.map_or(String::new(), |seen| seen.keep_off(&killed)),
             turns: match seen {
-                Some(_) => Turns::sql(keys, rec.jobs, &s.db()),
-                None => "NULL, NULL".into(),
+                Some(seen) => seen.turns.sql(keys, rec.jobs, &s.db()),
+                None => "NULL".into(),
             },
             killed,
             from,
@@ -316,7 +314,7 @@ impl Look {
              me AS (SELECT database FROM l WHERE pid = pg_backend_pid() LIMIT 1) \
              SELECT count(DISTINCT objid)::text, (SELECT database FROM me)::text FROM l \
              WHERE database = coalesce((SELECT database FROM me), database)",
-            self.select("NULL", "", "NULL, NULL, NULL, NULL")
+            self.select("NULL", "", "NULL, NULL, NULL")
         )
     }
 }

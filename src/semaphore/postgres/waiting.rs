@@ -347,7 +347,12 @@ pub async fn sleep(
                     Some(News::Closed(why)) => return Woke::Broken(why),
                     None => return Woke::Broken("the connection ended".into()),
                 },
-                _ = &mut poll => return Woke::Look,
+                _ = &mut poll => {
+                    if let Some(t) = turns.as_deref_mut() {
+                        t.polled();
+                    }
+                    return Woke::Look;
+                }
             }
         }
     };
