@@ -14,11 +14,16 @@ it compares them:
             `SELECT 1` on a new connection each time, wall and server CPU
             per connection, with scram-sha-256 and with trust (a role that
             the throwaway cluster lets in without a password)
-  idle      server CPU of 100 idle waiters over 10 s, in cores
+  idle      server CPU of 100 idle waiters over 10 s, in cores: on one host
+            (one head on the server), and on 100 hosts (100 heads, each with
+            a lock directory of its own)
   busy      how busy 3 slots are with 60 waiters running 0.3 s jobs (-j3)
 
-Usage: bench/postgres.py QSEM [--quick]   (as root: the server runs as
-`postgres`). Prints a Markdown report on stdout, progress on stderr.
+Usage: bench/postgres.py QSEM [--quick] [--trust] [--handoff]   (as root:
+the server runs as `postgres`). Prints a Markdown report on stdout,
+progress on stderr. `--trust` runs qsem as the role that logs in without a
+password (no SCRAM exchange: what peer or certificate authentication
+costs), `--handoff` measures the handoffs only.
 
        bench/postgres.py QSEM --versus OTHER [--runs N]
 times only the uncontended job, N (200) times each, QSEM and OTHER taking
@@ -38,6 +43,8 @@ import time
 
 QSEM = os.path.abspath(sys.argv[1])
 QUICK = "--quick" in sys.argv
+TRUST = "--trust" in sys.argv
+HANDOFF_ONLY = "--handoff" in sys.argv
 
 
 def option(name, default):
@@ -206,8 +213,7 @@ def floor(port, postmaster, n):
     script = os.path.join(WORK, "select1.sql")
     with open(script, "w") as f:
         f.write("SELECT 1;\n")
-    as_postgres(f"{BIN}/psql", "-h", WORK, "-p", str(port), "-U", "postgres", "-qc",
-                f"CREATE ROLE {TRUSTED} LOGIN")
+    trusted_role(port)
     out = {}
     for user in ["postgres", TRUSTED]:
         env = dict(os.environ, PGPASSWORD=PASSWORD)
@@ -222,13 +228,24 @@ def floor(port, postmaster, n):
     return out["postgres"], out[TRUSTED]
 
 
-def idle(url, postmaster, n, secs):
+def trusted_role(port):
+    """The role that logs in without a password, once."""
+    as_postgres(f"{BIN}/psql", "-h", WORK, "-p", str(port), "-U", "postgres", "-qc",
+                f"DO $$BEGIN CREATE ROLE {TRUSTED} LOGIN; "
+                "EXCEPTION WHEN duplicate_object THEN NULL; END$$")
+
+
+def idle(url, postmaster, n, secs, hosts=1):
     d = tempfile.mkdtemp(dir=WORK)
     env = engine_env("postgres", os.path.join(d, "locks"), url)
     holder = subprocess.Popen([QSEM, "--id", "idle", "--", "sh", "-c",
                                f"touch {d}/go; sleep 600"], env=env)
     wait_until(lambda: os.path.exists(f"{d}/go"))
-    waiters = [subprocess.Popen([QSEM, "--id", "idle", "--", "true"], env=env) for _ in range(n)]
+    # Waiter i runs on "host" i % hosts: a lock directory of its own.
+    waiters = [subprocess.Popen([QSEM, "--id", "idle", "--", "true"],
+                                env=engine_env("postgres", os.path.join(d, f"host{i % hosts}"),
+                                               url))
+               for i in range(n)]
     time.sleep(3)
     cpu0 = server_cpu(postmaster)
     time.sleep(secs)
@@ -263,6 +280,9 @@ def p50(xs):
 def main():
     data, port, postmaster = start_cluster()
     url = f"postgres://postgres:{PASSWORD}@127.0.0.1:{port}/postgres"
+    if TRUST:
+        trusted_role(port)
+        url = f"postgres://{TRUSTED}@127.0.0.1:{port}/postgres"
     say("cluster up; waiting out qsem's grace after a server start")
     time.sleep(7)
     rounds = 3 if QUICK else 10
@@ -276,6 +296,8 @@ def main():
                 fl += handoffs("files", url, w, 1)
             print(f"| handoff p50, {w} waiter(s) ({len(pg)} samples) | {p50(pg):.2f} ms "
                   f"| {p50(fl):.2f} ms | {p50(pg) / p50(fl):.2f}x |")
+        if HANDOFF_ONLY:
+            return
         k = kill9(url, rounds)
         print(f"| handoff after kill -9 of the holder, p50 ({len(k)} samples) | "
               f"{p50(k):.0f} ms | | |")
@@ -287,8 +309,11 @@ def main():
             for (wall, cpu), auth in zip(fl, ["scram-sha-256", "trust"]):
                 print(f"| floor: new connection + `SELECT 1` ({auth}), wall | {wall:.2f} ms "
                       f"| | server CPU {cpu:.2f} ms |")
-        cores = idle(url, postmaster, 100, 5 if QUICK else 10)
-        print(f"| server CPU of 100 idle waiters | {cores:.4f} cores | | |")
+        secs = 5 if QUICK else 10
+        cores = idle(url, postmaster, 100, secs)
+        print(f"| server CPU of 100 idle waiters on one host | {cores:.4f} cores | | |")
+        cores = idle(url, postmaster, 100, secs, hosts=100)
+        print(f"| server CPU of 100 idle waiters on 100 hosts | {cores:.4f} cores | | |")
         b_pg = busy("postgres", url, 60, 3, 0.3)
         b_fl = busy("files", url, 60, 3, 0.3)
         print(f"| slots busy, 60 waiters, -j3, 0.3 s jobs | {b_pg * 100:.1f}% "
