@@ -9,9 +9,10 @@
 //!   quarter either way), so the fleet looks about every `POLL` up to 100
 //!   heads, and 10 times a second per 100 heads beyond. A head counts the
 //!   heads in its first look and then in a look it makes unasked, at most
-//!   every [`COUNT_EVERY`] and every other period, never in one a NOTIFY
+//!   every [`COUNT_EVERY`] and every fourth period, never in one a NOTIFY
 //!   calls for (reading the server's table of sessions costs in proportion
-//!   to its connections, and would slow a handoff).
+//!   to its connections, and would slow a handoff); in between, each
+//!   release it hears counts as one head fewer (a release admits one).
 //! - **A release's NOTIFY** is answered by the oldest head of each limit
 //!   N (the order of their sessions' start: their arrival on the server):
 //!   a head looks once it has heard more NOTIFYs since its last look than
@@ -49,6 +50,8 @@ pub struct Turns {
     /// Heads of the same N whose sessions started before this one's.
     older: u32,
     heard: u32,
+    /// NOTIFYs heard since the heads were last counted.
+    released: u32,
     /// Whether the next look counts the heads.
     count: bool,
     /// When a look last counted them.
@@ -66,6 +69,7 @@ impl Default for Turns {
             heads: 1,
             older: 0,
             heard: 0,
+            released: 0,
             count: true,
             counted: None,
             seed: u64::from(std::process::id()) << 32 | u64::from(nanos) | 1,
@@ -104,6 +108,7 @@ impl Turns {
         ) {
             self.heads = heads.max(1);
             self.older = older;
+            self.released = 0;
             self.counted = Some(Instant::now());
         }
         self.heard = 0;
@@ -113,19 +118,21 @@ impl Turns {
     /// Whether `n` more NOTIFYs make it this head's turn to look.
     pub fn heard(&mut self, n: u32) -> bool {
         self.heard = self.heard.saturating_add(n);
+        self.released = self.released.saturating_add(n);
         self.heard > self.older
     }
 
     /// The head looks again unasked: that look counts the heads if the
-    /// last count is [`COUNT_EVERY`] and two periods old.
+    /// last count is [`COUNT_EVERY`] and four periods old.
     pub fn polled(&mut self) {
-        let every = COUNT_EVERY.max(self.period() * 2);
+        let every = COUNT_EVERY.max(self.period() * 4);
         self.count = self.counted.is_none_or(|t| t.elapsed() >= every * 7 / 8);
     }
 
-    /// The poll's period before its jitter.
+    /// The poll's period before its jitter: for the heads last counted,
+    /// less those that releases since have admitted.
     fn period(&self) -> Duration {
-        (POLL * self.heads).min(MAX_POLL)
+        (POLL * self.heads.saturating_sub(self.released).max(1)).min(MAX_POLL)
     }
 
     /// How long to wait before looking again unasked.
@@ -168,6 +175,20 @@ mod tests {
     }
 
     #[test]
+    fn each_release_heard_is_one_head_fewer_until_the_next_count() {
+        let mut t = Turns::default();
+        t.looked(Some("10 0"));
+        assert_eq!(t.period(), POLL * 10);
+        t.heard(3);
+        t.looked(None);
+        assert_eq!(t.period(), POLL * 7);
+        t.heard(20);
+        assert_eq!(t.period(), POLL);
+        t.looked(Some("4 0"));
+        assert_eq!(t.period(), POLL * 4);
+    }
+
+    #[test]
     fn the_older_heads_answer_first() {
         let mut t = Turns::default();
         t.looked(Some("3 2"));
@@ -193,7 +214,7 @@ mod tests {
         assert!(t.poll() > POLL * 2);
         t.polled();
         assert_eq!(t.sql(&keys, 2, "1"), "NULL", "counted a moment ago");
-        t.counted = Some(Instant::now() - COUNT_EVERY);
+        t.counted = Some(Instant::now() - MAX_POLL * 4);
         t.polled();
         assert!(t.sql(&keys, 2, "1").contains("qsem w "));
     }
