@@ -715,3 +715,61 @@ fn the_heads_of_many_hosts_take_turns() {
     // head whose turn it is, and the new holder's first steps.
     assert!(looks < 400, "{looks} messages");
 }
+
+#[test]
+fn a_head_that_gives_up_passes_its_turn_on() {
+    let Some((env, c)) = setup() else { return };
+    let id = "passed";
+    let holder = hold(&env, c, &["--id", id], "holder");
+    // Twenty-four heads on hosts of their own, which give up after 5 s,
+    // and behind them one that waits for as long as it takes.
+    let hosts: Vec<Env> = (0..25).map(|_| Env::new()).collect();
+    let mut early: Vec<Job> = hosts[..24]
+        .iter()
+        .map(|host| {
+            let child = qsem(host, c)
+                .args(["--id", id, "--wait", "5s", "-E", "75", "--", "true"])
+                .spawn()
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            Job(Some(child))
+        })
+        .collect();
+    let waiting = |n: usize| {
+        let (_, json, _) = run(qsem(&env, c).args(["--status", "--id", id, "--json"]));
+        json.contains(&format!("\"waiting\":{n}"))
+    };
+    assert!(eventually(SOON, || waiting(24)));
+    let ran = hosts[24].path("ran");
+    let mut last = Job(Some(
+        qsem(&hosts[24], c)
+            .args(["--id", id, "--", "sh", "-c"])
+            .arg(format!("date +%s%N > {}", ran.display()))
+            .spawn()
+            .unwrap(),
+    ));
+    assert!(eventually(SOON, || waiting(25)));
+    for j in &mut early {
+        assert_eq!(j.0.take().unwrap().wait().unwrap().code(), Some(75));
+    }
+    // The last head counted the others as older, and polls only every
+    // 2.5 s or so, counting again every 10 s; their NOTIFYs as they gave
+    // up moved it up, so the release is its turn at once.
+    let released = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let results = finish(&env, vec![holder]);
+    assert_eq!(results[0].0, 0, "{}", results[0].1);
+    assert!(last.0.take().unwrap().wait().unwrap().success());
+    let started: u128 = std::fs::read_to_string(&ran)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let after = Duration::from_nanos((started - released) as u64);
+    assert!(
+        after < Duration::from_secs(1),
+        "ran {after:?} after the release"
+    );
+}

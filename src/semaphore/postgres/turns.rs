@@ -17,9 +17,10 @@
 //!   N (the order of their sessions' start: their arrival on the server):
 //!   a head looks once it has heard more NOTIFYs since its last look than
 //!   there are older heads of its N, so a second release wakes the
-//!   second, and so on. A head whose turn it was and that could not take
-//!   the slot (stopped, gone, or hostile) holds nobody up for longer than
-//!   the shared poll.
+//!   second, and so on. A head that gives up at its deadline sends a
+//!   NOTIFY too, so that the heads behind it move up. A head whose turn it
+//!   was and that could not take the slot (stopped, killed, or hostile)
+//!   holds nobody up for longer than the shared poll.
 //!
 //! Heads are counted by their sessions' `application_name` (`qsem w <key>
 //! <jobs> …`), which any role could imitate: that paces the looks but never

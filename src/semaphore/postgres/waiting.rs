@@ -36,6 +36,8 @@ use tokio::io::unix::AsyncFd;
 /// 0` means one look, which must have time to connect. Nothing another
 /// client does can slow a look (no lock is waited for), only the server.
 const FIRST_LOOK: Duration = Duration::from_secs(2);
+/// How long a head that gives up may take to pass its turn on.
+const PASS_TIMEOUT: Duration = Duration::from_millis(50);
 /// How long a waiter whose connection broke waits before connecting again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
@@ -216,6 +218,9 @@ async fn on_server(head: HeadWait) -> Result<Ended> {
                 s = None;
             }
             Woke::Expired => {
+                // A head that gives up passes its turn on (see `turns`).
+                let pass = format!("NOTIFY {}", keys.channel());
+                let _ = tokio::time::timeout(PASS_TIMEOUT, sess.query(&pass)).await;
                 let waited = since.map_or(0.0, |t| t.elapsed().as_secs_f64());
                 say(&format!("no slot within {waited:.3}s; giving up"));
                 return Ok(Ended::TimedOut);
