@@ -26,7 +26,6 @@ use super::record::Record;
 use super::seen::{Seen, killed_sql};
 use super::session::{Session, lit, value};
 use anyhow::{Context, Result};
-use std::time::Instant;
 
 /// What one admission attempt came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,9 +129,7 @@ async fn once(
     if let Some(seen) = seen
         && !fresh
     {
-        let held = col(5).unwrap_or_default();
-        let held = held.split(',').filter_map(|v| v.parse().ok()).collect();
-        seen.saw(held, col(6).and_then(|v| v.parse().ok()), Instant::now());
+        seen.read(col(5).as_deref(), col(6).as_deref());
         seen.turns.looked(col(7).as_deref());
     }
     let count = res[at + 1].first();
@@ -224,7 +221,11 @@ impl Look {
         };
         let holder = keys.holder_name(0, rec);
         let (pre, post) = holder.split_once(" 0 ").context("holder name")?;
-        let killed = killed_sql(s);
+        // Only a look with a memory of the last one reads the count.
+        let killed = match seen {
+            Some(_) => killed_sql(s),
+            None => "NULL".into(),
+        };
         Ok(Look {
             keep_off: seen.map_or(String::new(), |seen| seen.keep_off(&killed)),
             turns: match seen {

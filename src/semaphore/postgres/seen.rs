@@ -69,9 +69,17 @@ impl Seen {
         self.left.iter().any(|&(_, until)| until > now)
     }
 
+    /// Learns from an answer's two columns, as text: the slots held ("1,3",
+    /// or `NULL` for none) and the count of sessions ended by an operator.
+    pub(super) fn read(&mut self, held: Option<&str>, killed: Option<&str>) {
+        let held = held.into_iter().flat_map(|l| l.split(','));
+        let held = held.filter_map(|v| v.parse().ok()).collect();
+        self.saw(held, killed.and_then(|v| v.parse().ok()), Instant::now());
+    }
+
     /// Learns from a full look's answer, given at `now`: the slots held
     /// then and the count of sessions ended by an operator.
-    pub(super) fn saw(&mut self, held: Vec<u32>, killed: Option<i64>, now: Instant) {
+    fn saw(&mut self, held: Vec<u32>, killed: Option<i64>, now: Instant) {
         if let (Some(before), Some(after)) = (self.killed, killed)
             && before != after
         {
@@ -90,6 +98,15 @@ impl Seen {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn an_answer_is_read_as_text() {
+        let mut seen = Seen::default();
+        seen.read(Some("1,3"), Some("7"));
+        assert_eq!((seen.held.clone(), seen.killed), (vec![1, 3], Some(7)));
+        seen.read(None, None);
+        assert_eq!((seen.held, seen.killed), (vec![], None));
+    }
 
     #[test]
     fn nothing_is_kept_off_before_a_look() {

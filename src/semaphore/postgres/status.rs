@@ -273,14 +273,12 @@ async fn busy(s: &super::session::Session, keys: &Keys, seen: &mut Seen) -> Resu
     let number = |i| super::session::number(&res, i);
     let locks = res.get(2).and_then(|rows| rows.first());
     let col = |i: usize| locks.and_then(|r| r.get(i).cloned().flatten());
-    let held = col(1).unwrap_or_default();
-    let held = held.split(',').filter_map(|v| v.parse().ok()).collect();
-    let now = Instant::now();
-    seen.saw(held, col(2).and_then(|v| v.parse().ok()), now);
+    seen.read(col(1).as_deref(), col(2).as_deref());
     Ok(Busy {
         running: number(1)? + number(2)?,
         waiting: number(0)?,
-        reclaiming: super::session::value(&res, 3) == Some("true") || seen.leaves_any(now),
+        reclaiming: super::session::value(&res, 3) == Some("true")
+            || seen.leaves_any(Instant::now()),
     })
 }
 
