@@ -157,7 +157,7 @@ async fn once(
             // first look does not read): let go, and wake the waiters that
             // our lock may have turned away meanwhile.
             s.query(&format!(
-                "SELECT pg_advisory_unlock({}); NOTIFY {}",
+                "SELECT pg_advisory_unlock({}); NOTIFY {}, '{slot}'",
                 keys.lock(slot),
                 keys.channel()
             ))

@@ -216,7 +216,7 @@ impl Holding {
     async fn release(&self, state: State, slot: u32) {
         if let State::Held(s, _) = state {
             let sql = format!(
-                "SELECT pg_advisory_unlock({}); NOTIFY {}",
+                "SELECT pg_advisory_unlock({}); NOTIFY {}, '{slot}'",
                 self.keys.lock(slot),
                 self.keys.channel()
             );
@@ -277,7 +277,7 @@ fn pace(state: &State, first: Option<Instant>, every: Duration) -> Duration {
 /// Why a held session ended, if the news says it did (a NOTIFY does not).
 fn ended(news: Option<News>) -> Option<String> {
     match news {
-        Some(News::Notified) => None,
+        Some(News::Notified(_)) => None,
         Some(News::Closed(why)) => Some(format!("the server ended the session ({why})")),
         None => Some("the session ended".into()),
     }

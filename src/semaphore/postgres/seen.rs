@@ -37,6 +37,9 @@ pub struct Seen {
     held: Vec<u32>,
     /// The slots left to their holders, each until when.
     left: Vec<(u32, Instant)>,
+    /// The slots that releases gave back since the last look (their
+    /// NOTIFYs name them): free, but not because a session was ended.
+    released: Vec<u32>,
     /// The heads of the id, and this one's place among them.
     pub turns: Turns,
 }
@@ -69,6 +72,11 @@ impl Seen {
         self.left.iter().any(|&(_, until)| until > now)
     }
 
+    /// Notes the slots that releases gave back, as their NOTIFYs say.
+    pub(super) fn released(&mut self, slots: impl Iterator<Item = u32>) {
+        self.released.extend(slots);
+    }
+
     /// Learns from an answer's two columns, as text: the slots held ("1,3",
     /// or `NULL` for none) and the count of sessions ended by an operator.
     pub(super) fn read(&mut self, held: Option<&str>, killed: Option<&str>) {
@@ -83,10 +91,12 @@ impl Seen {
         if let (Some(before), Some(after)) = (self.killed, killed)
             && before != after
         {
-            for &slot in self.held.iter().filter(|s| !held.contains(s)) {
+            let freed = self.held.iter().filter(|s| !held.contains(s));
+            for &slot in freed.filter(|s| !self.released.contains(s)) {
                 self.left.push((slot, now + RECLAIM_GRACE));
             }
         }
+        self.released.clear();
         self.left
             .retain(|&(slot, until)| until > now && !held.contains(&slot));
         self.held = held;
@@ -145,6 +155,18 @@ mod tests {
             t + RECLAIM_GRACE + Duration::from_millis(1),
         );
         assert_eq!(seen.left, vec![]);
+    }
+
+    #[test]
+    fn a_slot_a_release_gave_back_is_not_left_alone() {
+        let t = Instant::now();
+        let mut seen = Seen::default();
+        seen.saw(vec![1, 2], Some(7), t);
+        // Slot 2 was released (its NOTIFY named it) while another session
+        // of the database was ended: only slot 1 could be the ended one's.
+        seen.released([2].into_iter());
+        seen.saw(vec![], Some(8), t);
+        assert_eq!(seen.left, vec![(1, t + RECLAIM_GRACE)]);
     }
 
     #[test]

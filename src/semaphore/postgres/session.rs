@@ -33,7 +33,8 @@ const IDLE_IN_TRANSACTION_MS: u32 = 2000;
 
 /// What the task that drives a connection tells its session.
 pub enum News {
-    Notified,
+    /// A NOTIFY, with its payload: the slot a release gave back, if any.
+    Notified(Option<u32>),
     Closed(String),
 }
 
@@ -280,8 +281,8 @@ where
         loop {
             let msg = std::future::poll_fn(|cx| conn.poll_message(cx)).await;
             let closed = match msg {
-                Some(Ok(AsyncMessage::Notification(_))) => {
-                    let _ = tx.send(News::Notified);
+                Some(Ok(AsyncMessage::Notification(n))) => {
+                    let _ = tx.send(News::Notified(n.payload().parse().ok()));
                     continue;
                 }
                 Some(Ok(_)) => continue,

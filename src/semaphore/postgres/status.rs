@@ -326,7 +326,7 @@ pub fn wait_idle(
                     &format!("waiting for {held} held slot(s) and {waiting} waiter(s){grace}"),
                 );
             }
-            match sleep(&mut s, deadline, Some(&mut *signals), None).await? {
+            match sleep(&mut s, deadline, Some(&mut *signals), Some(&mut seen)).await? {
                 Woke::Look => {}
                 Woke::Broken(why) => {
                     anyhow::bail!("lost the connection to PostgreSQL at {}: {why}", c.target)

@@ -19,7 +19,7 @@ use super::queue;
 use super::record::Record;
 use super::seen::Seen;
 use super::session::{News, Refused, Session, broken};
-use super::turns::{POLL, Turns};
+use super::turns::POLL;
 use super::{Postgres, runtime};
 use crate::id::Id;
 use crate::report;
@@ -37,7 +37,7 @@ use tokio::io::unix::AsyncFd;
 /// client does can slow a look (no lock is waited for), only the server.
 const FIRST_LOOK: Duration = Duration::from_secs(2);
 /// How long a head that gives up may take to pass its turn on.
-const PASS_TIMEOUT: Duration = Duration::from_millis(50);
+const PASS_TIMEOUT: Duration = Duration::from_millis(250);
 /// How long a waiter whose connection broke waits before connecting again.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(200);
 
@@ -169,11 +169,15 @@ async fn on_server(head: HeadWait) -> Result<Ended> {
             continue;
         };
         // Listens before looking (see `attempt`).
-        let outcome = settle!(race(
-            attempt(sess, keys, rec, asker, may_wait, Some(&mut seen)),
-            until,
-            None
-        ));
+        let look = attempt(sess, keys, rec, asker, may_wait, Some(&mut seen));
+        let outcome = match race(look, until, None).await? {
+            Race::Done(done) => done,
+            Race::Expired => {
+                pass_turn(sess, keys).await;
+                return Ok(Ended::TimedOut);
+            }
+            Race::Signal(r) => return Ok(Ended::Interrupted(r)),
+        };
         until = deadline;
         match outcome {
             Ok(Attempt::Took(slot, now)) => {
@@ -208,7 +212,7 @@ async fn on_server(head: HeadWait) -> Result<Ended> {
                 return Err(e.context(format!("cannot take a slot on PostgreSQL at {}", c.target)));
             }
         }
-        match sleep(sess, deadline, None, Some(&mut seen.turns)).await? {
+        match sleep(sess, deadline, None, Some(&mut seen)).await? {
             Woke::Look => {}
             Woke::Broken(why) => {
                 say(&format!(
@@ -218,15 +222,22 @@ async fn on_server(head: HeadWait) -> Result<Ended> {
                 s = None;
             }
             Woke::Expired => {
-                // A head that gives up passes its turn on (see `turns`).
-                let pass = format!("NOTIFY {}", keys.channel());
-                let _ = tokio::time::timeout(PASS_TIMEOUT, sess.query(&pass)).await;
+                pass_turn(sess, keys).await;
                 let waited = since.map_or(0.0, |t| t.elapsed().as_secs_f64());
                 say(&format!("no slot within {waited:.3}s; giving up"));
                 return Ok(Ended::TimedOut);
             }
             Woke::Signal(r) => return Ok(Ended::Interrupted(r)),
         }
+    }
+}
+
+/// A head that gives up passes its turn on (see `turns`), once a look has
+/// named it a waiter: the heads behind it each count a NOTIFY heard.
+async fn pass_turn(s: &Session, keys: &Keys) {
+    if s.pid != 0 {
+        let pass = format!("NOTIFY {}", keys.channel());
+        let _ = tokio::time::timeout(PASS_TIMEOUT, s.query(&pass)).await;
     }
 }
 
@@ -325,27 +336,32 @@ pub enum Woke {
 
 /// The one way a waiter sleeps on the server: until a NOTIFY on the
 /// channels its session listens to, the poll, the deadline, or a stop
-/// signal. A head passes its [`Turns`]: it looks on a NOTIFY only when its
-/// turn has come, and polls at the fleet's shared pace.
+/// signal. A head passes what it saw ([`Seen`]): it looks on a NOTIFY only
+/// when its turn has come ([`Turns`]), polls at the fleet's shared pace,
+/// and notes the slots that releases gave back.
 pub async fn sleep(
     s: &mut Session,
     deadline: Option<Instant>,
     signals: Option<&mut Signals>,
-    mut turns: Option<&mut Turns>,
+    mut seen: Option<&mut Seen>,
 ) -> Result<Woke> {
-    let poll = turns.as_deref_mut().map_or(POLL, Turns::poll);
+    let poll = seen.as_deref_mut().map_or(POLL, |s| s.turns.poll());
     let news = async {
         let poll = tokio::time::sleep(poll);
         tokio::pin!(poll);
         loop {
             tokio::select! {
                 news = s.news.recv() => match news {
-                    Some(News::Notified) => {
-                        let mut heard = 1;
-                        while let Ok(News::Notified) = s.news.try_recv() {
-                            heard += 1;
+                    Some(News::Notified(slot)) => {
+                        let mut slots = vec![slot];
+                        while let Ok(News::Notified(slot)) = s.news.try_recv() {
+                            slots.push(slot);
                         }
-                        if turns.as_deref_mut().is_none_or(|t| t.heard(heard)) {
+                        let Some(seen) = seen.as_deref_mut() else {
+                            return Woke::Look;
+                        };
+                        seen.released(slots.iter().flatten().copied());
+                        if seen.turns.heard(slots.len() as u32) {
                             return Woke::Look;
                         }
                     }
@@ -353,8 +369,8 @@ pub async fn sleep(
                     None => return Woke::Broken("the connection ended".into()),
                 },
                 _ = &mut poll => {
-                    if let Some(t) = turns.as_deref_mut() {
-                        t.polled();
+                    if let Some(seen) = seen.as_deref_mut() {
+                        seen.turns.polled();
                     }
                     return Woke::Look;
                 }
