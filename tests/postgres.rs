@@ -7,7 +7,9 @@
 
 mod common;
 use common::postgres::{Cluster, Job, PASSWORD, finish, free_port, held, hold, qsem, shared};
-use common::{Env, SOON, eventually, full_backlog_refuses, kill, run, wait_for_file};
+use common::{
+    Env, SOON, epoch_ns, eventually, full_backlog_refuses, kill, run, wait_for_file, written_ns,
+};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -288,18 +290,11 @@ fn on_lost_kill_stops_the_job_when_the_slot_cannot_be_taken_back() {
     let t = Instant::now();
     c.sql("ALTER ROLE qsem_killed NOLOGIN; SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'qsem_killed'");
     let out = holder.wait_with_output().unwrap();
-    let ended = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
+    let ended = epoch_ns();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(122), "{err}");
     assert!(waiter.0.take().unwrap().wait().unwrap().success());
-    let next: u128 = std::fs::read_to_string(&next)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let next: u128 = written_ns(&next);
     assert!(
         next > ended,
         "the waiter ran before the holder's job was stopped"
@@ -755,18 +750,11 @@ fn a_head_that_gives_up_passes_its_turn_on() {
     // The last head counted the others as older, and polls only every
     // 2.5 s or so, counting again every 10 s; their NOTIFYs as they gave
     // up moved it up, so the release is its turn at once.
-    let released = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
+    let released = epoch_ns();
     let results = finish(&env, vec![holder]);
     assert_eq!(results[0].0, 0, "{}", results[0].1);
     assert!(last.0.take().unwrap().wait().unwrap().success());
-    let started: u128 = std::fs::read_to_string(&ran)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let started: u128 = written_ns(&ran);
     let after = Duration::from_nanos((started - released) as u64);
     assert!(
         after < Duration::from_secs(1),

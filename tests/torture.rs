@@ -222,14 +222,7 @@ struct Figures {
 fn torture() {
     let secs = env_num("QSEM_TORTURE_SECS", 10);
     let par = env_num("QSEM_TORTURE_PAR", 32) as usize;
-    let seed = env_num(
-        "QSEM_TORTURE_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-            | 1,
-    );
+    let seed = env_num("QSEM_TORTURE_SEED", common::epoch_ns() as u64 | 1);
     let env = Env::new();
     let work = env.path("work");
     for (id, _) in IDS {

@@ -101,6 +101,23 @@ pub fn wait_for_file(path: &Path, limit: Duration) -> bool {
     eventually(limit, || path.exists())
 }
 
+/// The clock now, in ns since the epoch: what `date +%s%N` in a job writes.
+pub fn epoch_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// The time a job wrote with `date +%s%N > path`.
+pub fn written_ns(path: &Path) -> u128 {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Sends a signal to a process.
 pub fn kill(pid: u32, signal: i32) {
     // SAFETY: no memory is passed.
